@@ -1,0 +1,213 @@
+"""Backbone protocol: the one calling convention every model family is adapted to.
+
+Only modules under ``retouch.backbones`` know diffusers model internals. Algorithms see a
+:class:`Backbone`: prompts -> :class:`~retouch.types.Conditioning`, pixels <-> latents, a raw prediction for
+``(x, timestep, cond)``, grids for each solver, and a table of attention layers described by
+:class:`LayerInfo` so that editors select layers by predicate, never by counting calls.
+"""
+
+from __future__ import annotations
+
+import abc
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from retouch import schedules
+from retouch.types import Conditioning, NoiseGrid, Prediction
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """One attention layer of a denoiser.
+
+    Attributes:
+        name: module path inside the denoiser (the key of ``attn_processors`` without ``.processor``).
+        kind: ``"self"`` (image tokens only), ``"cross"`` (image queries, text keys), ``"joint"``
+            (concatenated image + text tokens with separate projections: SD3 / Flux double-stream) or
+            ``"single"`` (Flux single-stream: one projection over an already concatenated text + image
+            sequence).
+        depth: position of the layer's transformer block in execution order (0 = first block run).
+        place: ``"down" | "mid" | "up"`` (UNet), ``"dit"`` (PixArt), ``"joint"`` (SD3), ``"double" | "single"``
+            (Flux).
+        downsample: image-token grid stride relative to the latent (1 for DiTs of patch 1, 2 for patch 2 ...).
+        text_first: in joint / single layers, whether text tokens precede image tokens in the sequence.
+    """
+
+    name: str
+    kind: str
+    depth: int
+    place: str
+    downsample: int
+    text_first: bool = False
+
+    def resolution(self, latent_hw: tuple[int, int]) -> tuple[int, int]:
+        """Image-token grid ``(h, w)`` at this layer for a latent of spatial size ``latent_hw``."""
+        h, w = latent_hw
+        d = self.downsample
+        return (h + d - 1) // d, (w + d - 1) // d
+
+
+@dataclass(frozen=True)
+class SizePolicy:
+    """Which image sizes a backbone takes: both sides a multiple of ``multiple`` pixels, within bounds."""
+
+    multiple: int
+    min_side: int
+    max_side: int
+    native: tuple[int, int]
+
+    def check(self, height: int, width: int) -> None:
+        bad = [s for s in (height, width) if s % self.multiple or not self.min_side <= s <= self.max_side]
+        if bad:
+            raise ValueError(
+                f"image size {width}x{height} is not supported: both sides must be multiples of {self.multiple} "
+                f"between {self.min_side} and {self.max_side} pixels (native {self.native[1]}x{self.native[0]})"
+            )
+
+    def fit(self, height: int, width: int) -> tuple[int, int]:
+        """The size an image is resized to: each side rounded to the nearest multiple, clamped to bounds."""
+
+        def r(s: int) -> int:
+            s = max(self.min_side, min(self.max_side, s))
+            return max(self.multiple, int(round(s / self.multiple)) * self.multiple)
+
+        return r(height), r(width)
+
+
+class Backbone(abc.ABC):
+    """A text-to-image model adapted to retouch's calling convention.
+
+    Subclasses set ``family``, ``prediction``, ``uses_cfg`` and implement the abstract methods.
+    """
+
+    family: str
+    prediction: Prediction
+    uses_cfg: bool = True
+    default_solver: str = "ddim"
+    default_guidance: float = 7.5
+    default_steps: int = 50
+
+    def __init__(self, pipe: Any, *, name: str | None = None) -> None:
+        self.pipe = pipe
+        self.name = name or getattr(getattr(pipe, "config", None), "_name_or_path", None) or self.family
+
+    # --- components -----------------------------------------------------------------------------------
+    @property
+    @abc.abstractmethod
+    def denoiser(self) -> nn.Module:
+        """The UNet / transformer whose attention processors editors replace."""
+
+    @property
+    def vae(self) -> nn.Module:
+        return self.pipe.vae
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.denoiser.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.denoiser.parameters()).dtype
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def latent_channels(self) -> int:
+        return int(self.vae.config.latent_channels)
+
+    @property
+    @abc.abstractmethod
+    def size_policy(self) -> SizePolicy: ...
+
+    @property
+    @abc.abstractmethod
+    def tokenizer(self) -> Any:
+        """The tokenizer whose tokens the editors' word alignment refers to (the one feeding cross-attention)."""
+
+    @property
+    def max_prompt_tokens(self) -> int:
+        return int(self.tokenizer.model_max_length)
+
+    # --- conditioning ---------------------------------------------------------------------------------
+    @abc.abstractmethod
+    def encode_prompt(self, prompts: Sequence[str], *, guidance: float | None = None) -> Conditioning:
+        """Encode prompts (one row each). ``guidance`` is used by guidance-distilled models (Flux)."""
+
+    def check_prompts(self, prompts: Sequence[str], *, allow_empty: bool = False) -> None:
+        for p in prompts:
+            if not isinstance(p, str):
+                raise TypeError(f"prompts must be strings, got {type(p).__name__}")
+            if not allow_empty and not p.strip():
+                raise ValueError("prompt is empty: describe the image (source) and the wanted edit (target)")
+            ids = self.tokenizer(p, add_special_tokens=True)["input_ids"]
+            if len(ids) > self.max_prompt_tokens:
+                raise ValueError(
+                    f"prompt is too long: {len(ids)} tokens, the {self.family} text encoder takes "
+                    f"{self.max_prompt_tokens}: {p[:60]!r}..."
+                )
+
+    # --- latents --------------------------------------------------------------------------------------
+    @abc.abstractmethod
+    def encode_image(self, pixels: Tensor) -> Tensor:
+        """``[B,3,H,W]`` in [-1, 1] -> model latent ``[B,C,h,w]`` (posterior mean, scaled)."""
+
+    @abc.abstractmethod
+    def decode(self, latents: Tensor) -> Tensor:
+        """Model latent -> ``[B,3,H,W]`` in [-1, 1]."""
+
+    # --- denoising ------------------------------------------------------------------------------------
+    @abc.abstractmethod
+    def predict(self, x: Tensor, timestep: Tensor, cond: Conditioning) -> Tensor:
+        """Raw model output for latents ``x`` (``[B,C,h,w]``) at scheduler timestep ``timestep`` (scalar)."""
+
+    @property
+    def scheduler_config(self) -> Mapping[str, Any]:
+        return dict(self.pipe.scheduler.config)
+
+    def grid(self, kind: str, num_steps: int, latent_hw: tuple[int, int]) -> NoiseGrid:
+        """The grid of ``kind`` (``"ddim" | "dpm" | "flow"``) for ``num_steps`` at this latent size."""
+        schedules.check_steps(num_steps)
+        cfg = self.scheduler_config
+        if self.prediction is Prediction.FLOW:
+            return schedules.flow_grid(cfg, num_steps, image_seq_len=self.image_seq_len(latent_hw))
+        if kind == "ddim":
+            return schedules.ddim_grid(cfg, num_steps)
+        if kind == "dpm":
+            return schedules.dpm_grid(cfg, num_steps)
+        raise ValueError(f"{self.family} is not a flow model: solver grid {kind!r} does not apply")
+
+    def image_seq_len(self, latent_hw: tuple[int, int]) -> int:
+        return latent_hw[0] * latent_hw[1]
+
+    # --- attention ------------------------------------------------------------------------------------
+    @abc.abstractmethod
+    def attention_layers(self) -> dict[str, LayerInfo]:
+        """All attention layers, keyed by module path, in execution order."""
+
+    @abc.abstractmethod
+    def make_processor(self, layer: LayerInfo, attend: Callable[..., Tensor]) -> Any:
+        """A diffusers attention processor for ``layer`` that routes attention through ``attend``."""
+
+    def describe(self) -> dict[str, Any]:
+        layers = self.attention_layers()
+        kinds: dict[str, int] = {}
+        for info in layers.values():
+            kinds[info.kind] = kinds.get(info.kind, 0) + 1
+        return {
+            "family": self.family,
+            "name": self.name,
+            "prediction": self.prediction.value,
+            "uses_cfg": self.uses_cfg,
+            "attention_layers": kinds,
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "device": str(self.device),
+        }

@@ -1,0 +1,132 @@
+"""Flux (FluxTransformer2DModel): packed 2x2 latents, image ids, guidance embedding, no CFG batch."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from retouch.backbones.base import Backbone, LayerInfo, SizePolicy
+from retouch.backbones.processors import FluxProcessor
+from retouch.types import Conditioning, Prediction
+
+_NAME = re.compile(r"^(transformer_blocks|single_transformer_blocks)\.(\d+)\.attn$")
+
+
+def pack(latents: Tensor) -> Tensor:
+    """``[B, C, h, w] -> [B, (h/2)(w/2), 4C]`` (Flux's 2x2 patch packing)."""
+    b, c, h, w = latents.shape
+    x = latents.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
+    return x.reshape(b, (h // 2) * (w // 2), c * 4)
+
+
+def unpack(tokens: Tensor, h: int, w: int) -> Tensor:
+    """Inverse of :func:`pack` for a latent of spatial size ``(h, w)``."""
+    b, _, c4 = tokens.shape
+    x = tokens.view(b, h // 2, w // 2, c4 // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
+    return x.reshape(b, c4 // 4, h, w)
+
+
+def image_ids(h: int, w: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """Position ids ``(0, row, col)`` of the packed ``(h/2) x (w/2)`` token grid, ``[N, 3]``."""
+    ids = torch.zeros(h // 2, w // 2, 3)
+    ids[..., 1] = torch.arange(h // 2)[:, None]
+    ids[..., 2] = torch.arange(w // 2)[None, :]
+    return ids.reshape(-1, 3).to(device=device, dtype=dtype)
+
+
+class FluxBackbone(Backbone):
+    family = "flux"
+    prediction = Prediction.FLOW
+    uses_cfg = False
+    default_solver = "flow_euler"
+    default_guidance = 3.5
+    default_steps = 28
+
+    def __init__(self, pipe: Any, *, name: str | None = None) -> None:
+        super().__init__(pipe, name=name)
+        self._num_text = 0
+
+    @property
+    def denoiser(self) -> nn.Module:
+        return self.pipe.transformer
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.pipe.tokenizer_2  # T5: its tokens are the text part of the joint sequence
+
+    @property
+    def max_sequence_length(self) -> int:
+        return min(512, int(self.pipe.tokenizer_2.model_max_length))
+
+    @property
+    def max_prompt_tokens(self) -> int:
+        return self.max_sequence_length
+
+    @property
+    def size_policy(self) -> SizePolicy:
+        mult = self.vae_scale_factor * 2
+        native = int(getattr(self.pipe, "default_sample_size", 128)) * self.vae_scale_factor
+        return SizePolicy(multiple=mult, min_side=mult, max_side=4096, native=(native, native))
+
+    def encode_prompt(
+        self, prompts: Sequence[str], *, image_size: tuple[int, int] | None = None, guidance: float | None = None
+    ) -> Conditioning:
+        emb, pooled, text_ids = self.pipe.encode_prompt(
+            prompt=list(prompts), prompt_2=None, device=self.device, max_sequence_length=self.max_sequence_length
+        )
+        tensors = {"encoder_hidden_states": emb, "pooled_projections": pooled}
+        if self.pipe.transformer.config.guidance_embeds:
+            g = self.default_guidance if guidance is None else guidance
+            tensors["guidance"] = torch.full((emb.shape[0],), float(g), device=emb.device, dtype=torch.float32)
+        return Conditioning(tensors, static={"txt_ids": text_ids})
+
+    def encode_image(self, pixels: Tensor) -> Tensor:
+        vae = self.vae
+        lat = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.mean
+        return ((lat - (vae.config.shift_factor or 0.0)) * vae.config.scaling_factor).to(self.dtype)
+
+    def decode(self, latents: Tensor) -> Tensor:
+        vae = self.vae
+        return vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor + (vae.config.shift_factor or 0.0)).sample
+
+    def image_seq_len(self, latent_hw: tuple[int, int]) -> int:
+        return (latent_hw[0] // 2) * (latent_hw[1] // 2)
+
+    def predict(self, x: Tensor, timestep: Tensor, cond: Conditioning) -> Tensor:
+        b, _, h, w = x.shape
+        emb = cond.tensors["encoder_hidden_states"]
+        self._num_text = emb.shape[1]
+        t = (timestep.to(x.device, torch.float32) / 1000).reshape(1).expand(b).to(self.dtype)
+        out = self.pipe.transformer(
+            hidden_states=pack(x.to(self.dtype)),
+            timestep=t,
+            guidance=cond.tensors.get("guidance"),
+            pooled_projections=cond.tensors["pooled_projections"],
+            encoder_hidden_states=emb,
+            txt_ids=cond.static["txt_ids"],
+            img_ids=image_ids(h, w, x.device, self.dtype),
+            return_dict=False,
+        )[0]
+        return unpack(out, h, w)
+
+    def attention_layers(self) -> dict[str, LayerInfo]:
+        entries = []
+        for key in self.pipe.transformer.attn_processors:
+            name = key.removesuffix(".processor")
+            m = _NAME.match(name)
+            if m is None:
+                raise RuntimeError(f"unexpected attention module path in the Flux transformer: {name}")
+            entries.append((0 if m.group(1) == "transformer_blocks" else 1, int(m.group(2)), name))
+        entries.sort()
+        out: dict[str, LayerInfo] = {}
+        for depth, (stream, _, name) in enumerate(entries):
+            kind, place = ("joint", "double") if stream == 0 else ("single", "single")
+            out[name] = LayerInfo(name=name, kind=kind, depth=depth, place=place, downsample=2, text_first=True)
+        return out
+
+    def make_processor(self, layer: LayerInfo, attend) -> Any:
+        return FluxProcessor(layer, attend, lambda: self._num_text)

@@ -1,0 +1,115 @@
+"""Stable Diffusion (UNet2DConditionModel): SD 1.x / 2.x (eps or v-prediction) and SDXL."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from retouch.backbones.base import Backbone, LayerInfo, SizePolicy
+from retouch.backbones.processors import StandardProcessor
+from retouch.types import Conditioning, Prediction
+
+_PLACE_ORDER = {"down": 0, "mid": 1, "up": 2}
+_NAME = re.compile(r"^(down_blocks|mid_block|up_blocks)\.?(\d*)\.attentions\.(\d+)\.transformer_blocks\.(\d+)\.(attn\d)$")
+
+
+class SDBackbone(Backbone):
+    family = "sd"
+    default_solver = "ddim"
+    default_guidance = 7.5
+    default_steps = 50
+
+    def __init__(self, pipe: Any, *, name: str | None = None) -> None:
+        super().__init__(pipe, name=name)
+        self.xl = getattr(pipe, "text_encoder_2", None) is not None
+        pred = pipe.scheduler.config.get("prediction_type", "epsilon")
+        if pred not in ("epsilon", "v_prediction"):
+            raise ValueError(f"unsupported SD prediction type {pred!r}")
+        self.prediction = Prediction(pred)
+
+    @property
+    def denoiser(self) -> nn.Module:
+        return self.pipe.unet
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.pipe.tokenizer
+
+    @property
+    def size_policy(self) -> SizePolicy:
+        n_down = len(self.pipe.unet.config.down_block_types)
+        mult = self.vae_scale_factor * 2 ** (n_down - 1)
+        native = int(self.pipe.unet.config.sample_size) * self.vae_scale_factor
+        return SizePolicy(multiple=mult, min_side=mult, max_side=max(4 * native, 2048), native=(native, native))
+
+    def encode_prompt(
+        self, prompts: Sequence[str], *, image_size: tuple[int, int] | None = None, guidance: float | None = None
+    ) -> Conditioning:
+        prompts = list(prompts)
+        device = self.device
+        if not self.xl:
+            emb = self.pipe.encode_prompt(prompts, device, 1, False)[0]
+            return Conditioning({"encoder_hidden_states": emb})
+        if self.pipe.config.get("force_zeros_for_empty_prompt", False) and all(not p for p in prompts):
+            ref = self.encode_prompt(["x"], image_size=image_size)
+            zeros = {k: torch.zeros_like(v).repeat(len(prompts), *([1] * (v.ndim - 1))) for k, v in ref.tensors.items()}
+            zeros["time_ids"] = ref.tensors["time_ids"].repeat(len(prompts), 1)
+            return Conditioning(zeros)
+        emb, _, pooled, _ = self.pipe.encode_prompt(
+            prompt=prompts, device=device, num_images_per_prompt=1, do_classifier_free_guidance=False
+        )
+        h, w = image_size or (self.size_policy.native)
+        time_ids = torch.tensor([[h, w, 0, 0, h, w]], dtype=emb.dtype, device=device).repeat(len(prompts), 1)
+        return Conditioning({"encoder_hidden_states": emb, "text_embeds": pooled, "time_ids": time_ids})
+
+    def encode_image(self, pixels: Tensor) -> Tensor:
+        vae = self.vae
+        lat = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.mean
+        return lat.to(self.dtype) * vae.config.scaling_factor
+
+    def decode(self, latents: Tensor) -> Tensor:
+        vae = self.vae
+        return vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample
+
+    def predict(self, x: Tensor, timestep: Tensor, cond: Conditioning) -> Tensor:
+        t = timestep.to(x.device).reshape(())
+        kw: dict[str, Any] = {}
+        if self.xl:
+            kw["added_cond_kwargs"] = {"text_embeds": cond.tensors["text_embeds"], "time_ids": cond.tensors["time_ids"]}
+        return self.pipe.unet(
+            x.to(self.dtype), t, encoder_hidden_states=cond.tensors["encoder_hidden_states"], return_dict=False, **kw
+        )[0]
+
+    def attention_layers(self) -> dict[str, LayerInfo]:
+        unet = self.pipe.unet
+        n_down = len(unet.config.down_block_types)
+        n_up = len(unet.config.up_block_types)
+        parsed = []
+        for key in unet.attn_processors:
+            name = key.removesuffix(".processor")
+            m = _NAME.match(name)
+            if m is None:
+                raise RuntimeError(f"unexpected attention module path in the UNet: {name}")
+            group, bi, ai, ti, which = m.groups()
+            place = {"down_blocks": "down", "mid_block": "mid", "up_blocks": "up"}[group]
+            b = int(bi) if bi else 0
+            ds = {"down": 2**b, "mid": 2 ** (n_down - 1), "up": 2 ** (n_up - 1 - b)}[place]
+            parsed.append(((_PLACE_ORDER[place], b, int(ai), int(ti), which), name, place, ds, which))
+        parsed.sort()
+        out: dict[str, LayerInfo] = {}
+        depth = -1
+        last_block = None
+        for order, name, place, ds, which in parsed:
+            if order[:4] != last_block:
+                depth += 1
+                last_block = order[:4]
+            kind = "self" if which == "attn1" else "cross"
+            out[name] = LayerInfo(name=name, kind=kind, depth=depth, place=place, downsample=ds)
+        return out
+
+    def make_processor(self, layer: LayerInfo, attend) -> Any:
+        return StandardProcessor(layer, attend)

@@ -1,0 +1,102 @@
+"""Stable Diffusion 3 (SD3Transformer2DModel): joint attention over [image; text], three text encoders."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from typing import Any
+
+from torch import Tensor, nn
+
+from retouch.backbones.base import Backbone, LayerInfo, SizePolicy
+from retouch.backbones.processors import JointProcessor
+from retouch.types import Conditioning, Prediction
+
+_NAME = re.compile(r"^transformer_blocks\.(\d+)\.(attn2?)$")
+
+
+class SD3Backbone(Backbone):
+    family = "sd3"
+    prediction = Prediction.FLOW
+    default_solver = "flow_euler"
+    default_guidance = 7.0
+    default_steps = 28
+    max_sequence_length = 256
+
+    @property
+    def denoiser(self) -> nn.Module:
+        return self.pipe.transformer
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.pipe.tokenizer  # CLIP-L: the 77 CLIP tokens lead SD3's text sequence
+
+    @property
+    def patch_size(self) -> int:
+        return int(self.pipe.transformer.config.patch_size)
+
+    @property
+    def size_policy(self) -> SizePolicy:
+        cfg = self.pipe.transformer.config
+        mult = self.vae_scale_factor * self.patch_size
+        native = int(cfg.sample_size) * self.vae_scale_factor
+        max_side = int(cfg.pos_embed_max_size or cfg.sample_size) * self.vae_scale_factor
+        return SizePolicy(multiple=mult, min_side=mult, max_side=max_side, native=(native, native))
+
+    def encode_prompt(
+        self, prompts: Sequence[str], *, image_size: tuple[int, int] | None = None, guidance: float | None = None
+    ) -> Conditioning:
+        prompts = list(prompts)
+        t5 = getattr(self.pipe, "tokenizer_3", None)
+        max_len = min(self.max_sequence_length, int(t5.model_max_length)) if t5 is not None else 77
+        emb, _, pooled, _ = self.pipe.encode_prompt(
+            prompt=prompts,
+            prompt_2=None,
+            prompt_3=None,
+            device=self.device,
+            do_classifier_free_guidance=False,
+            max_sequence_length=max_len,
+        )
+        return Conditioning({"encoder_hidden_states": emb, "pooled_projections": pooled})
+
+    def encode_image(self, pixels: Tensor) -> Tensor:
+        vae = self.vae
+        lat = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.mean
+        shift = vae.config.shift_factor or 0.0
+        return ((lat - shift) * vae.config.scaling_factor).to(self.dtype)
+
+    def decode(self, latents: Tensor) -> Tensor:
+        vae = self.vae
+        shift = vae.config.shift_factor or 0.0
+        return vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor + shift).sample
+
+    def image_seq_len(self, latent_hw: tuple[int, int]) -> int:
+        return (latent_hw[0] // self.patch_size) * (latent_hw[1] // self.patch_size)
+
+    def predict(self, x: Tensor, timestep: Tensor, cond: Conditioning) -> Tensor:
+        t = timestep.to(x.device).reshape(1).expand(x.shape[0])
+        return self.pipe.transformer(
+            hidden_states=x.to(self.dtype),
+            timestep=t,
+            encoder_hidden_states=cond.tensors["encoder_hidden_states"],
+            pooled_projections=cond.tensors["pooled_projections"],
+            return_dict=False,
+        )[0]
+
+    def attention_layers(self) -> dict[str, LayerInfo]:
+        out: dict[str, LayerInfo] = {}
+        names = []
+        for key in self.pipe.transformer.attn_processors:
+            name = key.removesuffix(".processor")
+            m = _NAME.match(name)
+            if m is None:
+                raise RuntimeError(f"unexpected attention module path in the SD3 transformer: {name}")
+            names.append((int(m.group(1)), m.group(2), name))
+        for depth, which, name in sorted(names):
+            # attn2 (SD3.5 "dual attention" blocks) is image-only self-attention
+            kind = "joint" if which == "attn" else "self"
+            out[name] = LayerInfo(name=name, kind=kind, depth=depth, place="joint", downsample=self.patch_size)
+        return out
+
+    def make_processor(self, layer: LayerInfo, attend) -> Any:
+        return JointProcessor(layer, attend)

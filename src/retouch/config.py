@@ -1,0 +1,77 @@
+"""Frozen configuration dataclasses, one per concern. The CLI's flags are built from their fields and the
+resolved config is written next to every output."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+from retouch.io import SIZE_POLICIES
+
+
+@dataclass(frozen=True)
+class InversionConfig:
+    """How the source image is inverted.
+
+    ``name``: registry name (``ddim``, ``dpmpp``, ``flow_euler``...); ``guidance``: CFG scale during inversion
+    (1 = conditional prediction only, the usual choice); ``iterations``/``sweeps``/``eta``: fixed-point
+    settings of corrected inversions (``dpmpp``).
+    """
+
+    name: str | None = None
+    guidance: float = 1.0
+    iterations: int = 6
+    sweeps: int = 1
+    eta: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not math.isfinite(self.guidance) or self.guidance < 0:
+            raise ValueError(f"inversion guidance must be a finite number >= 0, got {self.guidance}")
+        if self.iterations < 0 or self.sweeps < 1:
+            raise ValueError("inversion iterations must be >= 0 and sweeps >= 1")
+        if not 0 < self.eta <= 1:
+            raise ValueError(f"inversion eta must be in (0, 1], got {self.eta}")
+
+
+@dataclass(frozen=True)
+class EditConfig:
+    """One edit. ``None`` fields take the backbone's defaults when the config is resolved."""
+
+    source_prompt: str
+    target_prompt: str
+    method: str = "identity"
+    solver: str | None = None
+    num_steps: int | None = None
+    guidance: float | None = None
+    seed: int = 0
+    size_policy: str = "resize"
+    height: int | None = None
+    width: int | None = None
+    inversion: InversionConfig = field(default_factory=InversionConfig)
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for label, p in (("source", self.source_prompt), ("target", self.target_prompt)):
+            if not isinstance(p, str):
+                raise TypeError(f"{label} prompt must be a string")
+        if self.num_steps is not None and not (isinstance(self.num_steps, int) and 1 <= self.num_steps <= 1000):
+            raise ValueError(f"num_steps must be an integer in [1, 1000], got {self.num_steps!r}")
+        if self.guidance is not None and (not math.isfinite(self.guidance) or self.guidance < 0):
+            raise ValueError(f"guidance must be a finite number >= 0, got {self.guidance}")
+        if not isinstance(self.seed, int) or self.seed < 0:
+            raise ValueError(f"seed must be a non-negative integer, got {self.seed!r}")
+        if self.size_policy not in SIZE_POLICIES:
+            raise ValueError(f"unknown size policy {self.size_policy!r}; choose one of {SIZE_POLICIES}")
+        for label, v in (("height", self.height), ("width", self.width)):
+            if v is not None and (not isinstance(v, int) or v <= 0):
+                raise ValueError(f"{label} must be a positive integer, got {v!r}")
+
+    def with_(self, **changes: Any) -> EditConfig:
+        return replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["options"] = dict(self.options)
+        return d

@@ -1,0 +1,100 @@
+"""What an attention editor is told at every call, and the editor protocol."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+from torch import Tensor
+
+from retouch.backbones.base import LayerInfo
+
+
+@dataclass(frozen=True)
+class BatchLayout:
+    """How the model batch is laid out: ``[uncond x branches, cond x branches]`` with CFG, else
+    ``[cond x branches]``. Branch 0 is the source, branches 1.. are targets."""
+
+    branches: int
+    cfg: bool
+
+    @property
+    def halves(self) -> int:
+        return 2 if self.cfg else 1
+
+    @property
+    def size(self) -> int:
+        return self.halves * self.branches
+
+    def row(self, branch: int, cond: bool = True) -> int:
+        if not self.cfg:
+            return branch
+        return (self.branches if cond else 0) + branch
+
+    def split(self, t: Tensor) -> Tensor:
+        """``[halves*branches, ...] -> [halves, branches, ...]``."""
+        return t.view(self.halves, self.branches, *t.shape[1:])
+
+
+@dataclass(frozen=True)
+class AttnContext:
+    """Where an attention call happens: which layer, which step, which rows are which branch."""
+
+    layer: LayerInfo
+    step: int  # sampling step index (0 = noisiest); -1 outside a sampling loop
+    num_steps: int
+    phase: str  # "invert" | "sample" | "other"
+    layout: BatchLayout
+    latent_hw: tuple[int, int]
+    num_text: int = 0  # text tokens in a joint / single sequence
+
+    @property
+    def image_hw(self) -> tuple[int, int]:
+        return self.layer.resolution(self.latent_hw)
+
+    def text_slice(self, seq_len: int) -> slice:
+        if self.layer.kind not in ("joint", "single"):
+            raise ValueError("only joint attention has a text span in its sequence")
+        return slice(0, self.num_text) if self.layer.text_first else slice(seq_len - self.num_text, seq_len)
+
+    def image_slice(self, seq_len: int) -> slice:
+        if self.layer.kind not in ("joint", "single"):
+            return slice(0, seq_len)
+        return slice(self.num_text, seq_len) if self.layer.text_first else slice(0, seq_len - self.num_text)
+
+
+@runtime_checkable
+class AttentionEditor(Protocol):
+    """A policy over attention. It never installs itself; :func:`attention_editing` does.
+
+    ``applies(ctx)`` says whether the editor touches this call at all; when it does not, the fused
+    ``scaled_dot_product_attention`` runs unchanged. ``needs_probs(ctx)`` asks for the softmax
+    probabilities to be materialised (only then is ``edit_probs`` called).
+    """
+
+    def applies(self, ctx: AttnContext) -> bool: ...
+
+    def needs_probs(self, ctx: AttnContext) -> bool: ...
+
+    def edit_qkv(self, q: Tensor, k: Tensor, v: Tensor, ctx: AttnContext) -> tuple[Tensor, Tensor, Tensor]: ...
+
+    def edit_probs(self, probs: Tensor, ctx: AttnContext) -> Tensor: ...
+
+
+class IdentityEditor:
+    """Changes nothing. With ``materialize=True`` it still forces the explicit softmax path (for tests)."""
+
+    def __init__(self, materialize: bool = False) -> None:
+        self.materialize = materialize
+
+    def applies(self, ctx: AttnContext) -> bool:
+        return True
+
+    def needs_probs(self, ctx: AttnContext) -> bool:
+        return self.materialize
+
+    def edit_qkv(self, q: Tensor, k: Tensor, v: Tensor, ctx: AttnContext) -> tuple[Tensor, Tensor, Tensor]:
+        return q, k, v
+
+    def edit_probs(self, probs: Tensor, ctx: AttnContext) -> Tensor:
+        return probs

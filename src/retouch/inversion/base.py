@@ -1,0 +1,53 @@
+"""The inversion registry."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from torch import Tensor
+
+from retouch.solvers import ModelFn
+from retouch.types import NoiseGrid, Trajectory
+
+Inverter = Callable[..., Trajectory]
+
+
+@dataclass(frozen=True)
+class Inversion:
+    name: str
+    invert: Inverter
+    solver: str  # the sampler whose steps this inversion undoes
+    families: tuple[str, ...]
+    description: str
+
+
+def check_start(z0: Tensor, grid: NoiseGrid) -> None:
+    if grid.num_steps < 1:
+        raise ValueError("an inversion needs at least one step")
+    if not z0.is_floating_point():
+        raise TypeError("the latent to invert must be a floating-point tensor")
+
+
+def _registry() -> dict[str, Inversion]:
+    from retouch.inversion import dpm, naive
+
+    items = (
+        Inversion("ddim", naive.ddim_inversion, "ddim", ("sd", "pixart", "sd3", "flux"),
+                  "DDIM inversion: eps at the noisier timestep applied to the cleaner latent"),
+        Inversion("dpmpp", dpm.dpmpp_inversion, "dpmpp", ("sd", "pixart", "sd3", "flux"),
+                  "DPM-Solver++(2M) inversion with the fixed-point correction of Hong et al. (2024)"),
+        Inversion("flow_euler", naive.flow_euler_inversion, "flow_euler", ("sd3", "flux"),
+                  "plain rectified-flow inversion: explicit Euler from the clean latent to noise"),
+    )
+    return {i.name: i for i in items}
+
+
+INVERSIONS: dict[str, Inversion] = _registry()
+
+
+def get_inversion(name: str) -> Inversion:
+    try:
+        return INVERSIONS[name]
+    except KeyError:
+        raise ValueError(f"unknown inversion {name!r}; choose one of {sorted(INVERSIONS)}") from None

@@ -1,0 +1,46 @@
+"""First-order inversions: DDIM inversion and plain rectified-flow (Euler) inversion."""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from retouch.inversion.base import check_start
+from retouch.solvers import ModelFn
+from retouch.types import NoiseGrid, Trajectory
+
+
+def ddim_inversion(model_fn: ModelFn, z0: Tensor, grid: NoiseGrid) -> Trajectory:
+    """DDIM inversion (Song et al. 2021; Dhariwal & Nichol 2021, appendix F; as in Mokady et al. 2023).
+
+    Step ``j -> j-1`` (towards noise) evaluates the model on the *cleaner* latent ``x_j`` at the *noisier*
+    point ``j-1`` and applies DDIM with the roles of the endpoints swapped:
+    ``x0 = (x_j - s_j eps) / a_j``, ``x_{j-1} = a_{j-1} x0 + s_{j-1} eps``.
+    """
+    check_start(z0, grid)
+    n = grid.num_steps
+    latents: list[Tensor] = [z0]
+    x = z0
+    for j in range(n, 0, -1):
+        eps = model_fn(x, j - 1).eps
+        x0 = (x - grid.sigmas[j] * eps) / grid.alphas[j]
+        x = grid.alphas[j - 1] * x0 + grid.sigmas[j - 1] * eps
+        latents.append(x)
+    return Trajectory(latents=tuple(reversed(latents)), grid=grid, nfe=n)
+
+
+def flow_euler_inversion(model_fn: ModelFn, z0: Tensor, grid: NoiseGrid) -> Trajectory:
+    """Rectified-flow inversion by explicit Euler from data to noise: ``x_{j-1} = x_j + (s_{j-1}-s_j) u(x_j, s_j)``.
+
+    The velocity is evaluated at the current (cleaner) point, so the first evaluation is at ``sigma = 0``.
+    """
+    check_start(z0, grid)
+    if grid.kind != "flow":
+        raise ValueError("flow_euler inversion needs a flow grid; use ddim inversion on a VP model")
+    n = grid.num_steps
+    latents: list[Tensor] = [z0]
+    x = z0
+    for j in range(n, 0, -1):
+        u = model_fn(x, j).velocity
+        x = x + (grid.sigmas[j - 1] - grid.sigmas[j]) * u
+        latents.append(x)
+    return Trajectory(latents=tuple(reversed(latents)), grid=grid, nfe=n)
