@@ -1,0 +1,297 @@
+"""The ``retouch`` command: thin layer from flags to configs to :mod:`retouch.editing`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("retouch")
+
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+
+
+class CliError(Exception):
+    """A user-facing error: printed as one line, exit status 1."""
+
+
+def _parse_options(items: Sequence[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise CliError(f"--option expects KEY=VALUE, got {item!r}")
+        key, value = item.split("=", 1)
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+def _default_model() -> str:
+    from retouch.models import registry
+
+    names = registry.embedded_names()
+    if registry.DEFAULT_MODEL in names:
+        return registry.DEFAULT_MODEL
+    if names:
+        return names[0]
+    raise CliError("no embedded model is installed; pass --model with a local diffusers folder or a hub id")
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", "-m", help="embedded model name, local diffusers folder or hub id (default: shapes-sd)")
+    p.add_argument("--device", default=None, help="torch device, e.g. cpu, cuda, cuda:1 (default: cpu)")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"], help="model precision")
+    p.add_argument("--offload", action="store_true", help="CPU offload of model components (needs --device)")
+
+
+def _add_run_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("image", help="input image file")
+    p.add_argument("-o", "--output", help="output image path (a JSON sidecar is written at OUTPUT.json)")
+    p.add_argument("--steps", type=int, default=None, help="number of sampling steps (default: model's)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--solver", default=None, help="sampler: ddim, dpmpp, flow_euler, ... (default: model's)")
+    p.add_argument("--inversion", default=None, help="inversion: ddim, dpmpp, flow_euler, ... (default: solver's)")
+    p.add_argument("--guidance", type=float, default=None, help="guidance scale while sampling")
+    p.add_argument("--inversion-guidance", type=float, default=1.0, help="guidance scale while inverting")
+    p.add_argument("--inversion-iterations", type=int, default=6, help="fixed-point iterations (dpmpp inversion)")
+    p.add_argument("--size-policy", default="resize", choices=["resize", "crop", "strict"],
+                   help="how an image the model cannot take is brought to a valid size")
+    p.add_argument("--height", type=int, default=None, help="process at this height (pixels)")
+    p.add_argument("--width", type=int, default=None, help="process at this width (pixels)")
+    p.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _add_model_args(p)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="retouch", description="Training-free text-guided image editing with diffusion and flow models."
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log details")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("edit", help="edit an image from a source prompt to a target prompt")
+    _add_run_args(p)
+    p.add_argument("--source", "-s", required=True, help="prompt describing the input image")
+    p.add_argument("--target", "-t", required=True, help="prompt describing the wanted edit")
+    p.add_argument("--method", default="identity", help="editing method (see `retouch methods`)")
+    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                   help="method option, e.g. --option cross_replace=0.4 (repeatable)")
+
+    p = sub.add_parser("invert", help="invert an image and regenerate it; prints the reconstruction PSNR")
+    _add_run_args(p)
+    p.add_argument("--prompt", "-p", required=True, help="prompt describing the input image")
+
+    p = sub.add_parser("models", help="list model families and embedded models")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("methods", help="list inversions, solvers and editing methods with their families")
+    p.add_argument("--json", action="store_true")
+    return parser
+
+
+# --- listing commands ------------------------------------------------------------------------------------
+def models_info() -> dict[str, Any]:
+    from retouch.backbones import FAMILIES
+    from retouch.models import registry
+
+    return {
+        "families": {k: dict(v) for k, v in FAMILIES.items()},
+        "embedded": registry.embedded_info(),
+        "default": registry.DEFAULT_MODEL,
+    }
+
+
+def methods_info() -> dict[str, Any]:
+    from retouch.control.editors import EDITORS
+    from retouch.inversion import INVERSIONS
+    from retouch.solvers import SOLVERS
+
+    return {
+        "inversions": [
+            {"name": i.name, "families": list(i.families), "solver": i.solver, "description": i.description}
+            for i in INVERSIONS.values()
+        ],
+        "solvers": [
+            {"name": s.name, "families": list(s.families), "order": s.order, "nfe_per_step": s.nfe_per_step,
+             "description": s.description}
+            for s in SOLVERS.values()
+        ],
+        "editors": [
+            {"name": e.name, "families": list(e.families), "description": e.description} for e in EDITORS.values()
+        ],
+    }
+
+
+def _print_table(rows: list[tuple[str, ...]]) -> None:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    info = models_info()
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    print("families:")
+    _print_table([(f"  {k}", v["description"]) for k, v in info["families"].items()])
+    print("embedded models:")
+    if info["embedded"]:
+        _print_table([(f"  {m['name']}", m["pipeline"] or "") for m in info["embedded"]])
+    else:
+        print("  (none installed)")
+    return 0
+
+
+def cmd_methods(args: argparse.Namespace) -> int:
+    info = methods_info()
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    for section in ("inversions", "solvers", "editors"):
+        print(f"{section}:")
+        _print_table([(f"  {m['name']}", ",".join(m["families"]), m["description"]) for m in info[section]])
+    return 0
+
+
+# --- running commands ------------------------------------------------------------------------------------
+def _output_path(args: argparse.Namespace, suffix: str) -> Path:
+    from PIL import Image
+
+    out = Path(args.output) if args.output else Path(f"{Path(args.image).stem}_{suffix}.png")
+    if out.suffix.lower() not in Image.registered_extensions():
+        raise CliError(f"unknown image extension for --output {out}; use .png, .jpg or .webp")
+    if out.exists() and out.is_dir():
+        raise CliError(f"--output {out} is a directory; give a file name")
+    return out
+
+
+def _progress(disabled: bool):
+    if disabled:
+        return None
+    from tqdm.auto import tqdm
+
+    bars: dict[str, Any] = {}
+
+    def update(phase: str, done: int, total: int) -> None:
+        bar = bars.get(phase)
+        if bar is None:
+            bar = bars[phase] = tqdm(total=total, desc=phase, leave=False, file=sys.stderr, unit="step")
+        bar.n = done
+        bar.refresh()
+        if done >= total:
+            bar.close()
+
+    return update
+
+
+def _run(args: argparse.Namespace, source: str, target: str, method: str, options: dict[str, Any], suffix: str):
+    from retouch import io
+    from retouch.backbones import load_backbone
+    from retouch.config import EditConfig, InversionConfig
+    from retouch.control.editors import get_editor
+    from retouch.editing import edit
+
+    out = _output_path(args, suffix)
+    image = io.load_image(args.image)  # fails before any model is loaded
+    get_editor(method)
+    cfg = EditConfig(
+        source_prompt=source,
+        target_prompt=target,
+        method=method,
+        solver=args.solver,
+        num_steps=args.steps,
+        guidance=args.guidance,
+        seed=args.seed,
+        size_policy=args.size_policy,
+        height=args.height,
+        width=args.width,
+        inversion=InversionConfig(
+            name=args.inversion, guidance=args.inversion_guidance, iterations=args.inversion_iterations
+        ),
+        options=options,
+    )
+    model = args.model or _default_model()
+    backbone = load_backbone(model, device=args.device, dtype=args.dtype, offload=args.offload)
+    result = edit(backbone, image, cfg, progress=_progress(args.no_progress))
+    return image, out, result
+
+
+def _write_outputs(out: Path, image, report: dict[str, Any]) -> None:
+    from retouch import io
+
+    sidecar = Path(str(out) + ".json")
+    io.save_json(report, sidecar.with_name(sidecar.name + ".partial"))
+    try:
+        io.save_image(image, out)
+    except BaseException:
+        sidecar.with_name(sidecar.name + ".partial").unlink(missing_ok=True)
+        raise
+    os.replace(sidecar.with_name(sidecar.name + ".partial"), sidecar)
+
+
+def cmd_edit(args: argparse.Namespace) -> int:
+    options = _parse_options(args.option)
+    _, out, result = _run(args, args.source, args.target, args.method, options, "edited")
+    report = {**result.report, "input": str(args.image), "output": str(out)}
+    _write_outputs(out, result.image, report)
+    if args.json:
+        print(json.dumps(report, indent=2, default=str))
+    else:
+        print(f"edited image written to {out} ({report['nfe']['total']} NFE, {report['timings']['total']:.1f} s)")
+    return 0
+
+
+def cmd_invert(args: argparse.Namespace) -> int:
+    from retouch import io
+
+    image, out, result = _run(args, args.prompt, args.prompt, "identity", {}, "reconstruction")
+    size = result.reconstruction.size
+    reference = io.fit_size(image, (size[1], size[0]), args.size_policy)[0]
+    value = io.psnr(reference, result.reconstruction)
+    report = {**result.report, "input": str(args.image), "output": str(out), "psnr": value}
+    _write_outputs(out, result.reconstruction, report)
+    if args.json:
+        print(json.dumps(report, indent=2, default=str))
+    else:
+        print(f"reconstruction written to {out}")
+        print(f"PSNR {value:.2f} dB")
+    return 0
+
+
+COMMANDS = {"edit": cmd_edit, "invert": cmd_invert, "models": cmd_models, "methods": cmd_methods}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if not args.verbose:
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    try:
+        return COMMANDS[args.command](args)
+    except CliError as exc:
+        print(f"retouch: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except (ValueError, TypeError, OSError) as exc:
+        if args.verbose:
+            log.exception("failed")
+        print(f"retouch: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print("retouch: interrupted; no output written", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
