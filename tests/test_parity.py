@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import FAMILIES, tiny_backbone
 
 from retouch import solvers
 from retouch.control import IdentityEditor, attention_editing
 from retouch.editing import GuidedModel
+
+from conftest import FAMILIES, tiny_backbone
 
 PROMPT = "a red circle on a blue background"
 HW = {"sd": (32, 32), "pixart": (32, 32), "sd3": (32, 32), "flux": (32, 32)}
@@ -29,8 +30,13 @@ def _pipeline_latents(bb, x_t, steps, guidance, hw):
     h, w = hw
     kw = dict(num_inference_steps=steps, output_type="latent", height=h, width=w, return_dict=False)
     if bb.family == "flux":
-        out = bb.pipe(PROMPT, latents=pack(x_t), guidance_scale=guidance, max_sequence_length=bb.max_sequence_length,
-                      **kw)[0]
+        out = bb.pipe(
+            PROMPT,
+            latents=pack(x_t),
+            guidance_scale=guidance,
+            max_sequence_length=bb.max_sequence_length,
+            **kw,
+        )[0]
         return unpack(out, x_t.shape[-2], x_t.shape[-1])
     if bb.family == "pixart":
         kw.update(use_resolution_binning=False, clean_caption=False, max_sequence_length=bb.max_sequence_length)
@@ -124,7 +130,8 @@ def test_processors_restored_after_exception(backbone):
 
 
 def test_layer_selector_matching_nothing_is_an_error(backbone):
-    with pytest.raises(ValueError, match="matched none"), attention_editing(
-        backbone, IdentityEditor(), layers=lambda info: info.kind == "nonexistent"
+    with (
+        pytest.raises(ValueError, match="matched none"),
+        attention_editing(backbone, IdentityEditor(), layers=lambda info: info.kind == "nonexistent"),
     ):
         pass

@@ -6,19 +6,40 @@ import math
 
 import pytest
 import torch
-from analytic import GaussianOracle, as_double
 
 from retouch import schedules, solvers
 from retouch.inversion import get_inversion
 from retouch.types import Prediction
 
-SD = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-          steps_offset=1, timestep_spacing="leading", set_alpha_to_one=False)
-PIXART = dict(num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear",
-              timestep_spacing="linspace", final_sigmas_type="zero", lower_order_final=True)
+from analytic import GaussianOracle, as_double
+
+SD = dict(
+    num_train_timesteps=1000,
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    steps_offset=1,
+    timestep_spacing="leading",
+    set_alpha_to_one=False,
+)
+PIXART = dict(
+    num_train_timesteps=1000,
+    beta_start=0.0001,
+    beta_end=0.02,
+    beta_schedule="linear",
+    timestep_spacing="linspace",
+    final_sigmas_type="zero",
+    lower_order_final=True,
+)
 SD3 = dict(num_train_timesteps=1000, shift=3.0)
-FLUX = dict(num_train_timesteps=1000, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
-            base_image_seq_len=256, max_image_seq_len=4096)
+FLUX = dict(
+    num_train_timesteps=1000,
+    use_dynamic_shifting=True,
+    base_shift=0.5,
+    max_shift=1.15,
+    base_image_seq_len=256,
+    max_image_seq_len=4096,
+)
 
 GRIDS = {
     "ddim": (lambda n: schedules.ddim_grid(SD, n), Prediction.EPSILON),
@@ -72,7 +93,11 @@ def test_sampling_converges_at_expected_order(grid_name, solver, order):
 
 @pytest.mark.parametrize(
     ("grid_name", "inversion", "solver", "order"),
-    [("ddim", "ddim", "ddim", 1), ("sd3", "flow_euler", "flow_euler", 1), ("flux", "flow_euler", "flow_euler", 1)],
+    [
+        ("ddim", "ddim", "ddim", 1),
+        ("sd3", "flow_euler", "flow_euler", 1),
+        ("flux", "flow_euler", "flow_euler", 1),
+    ],
 )
 def test_inversion_round_trip_converges(grid_name, inversion, solver, order):
     make, kind = GRIDS[grid_name]
@@ -100,8 +125,11 @@ def test_corrected_dpmpp_inversion_beats_naive():
         fn = oracle.model_fn(g, kind)
         z = oracle.sample_data(128)
         errs = {}
-        for label, kw in {"naive": {"iterations": 0}, "hong": {"iterations": 8, "tol": 1e-12},
-                          "sweeps": {"iterations": 8, "tol": 1e-12, "sweeps": 3}}.items():
+        for label, kw in {
+            "naive": {"iterations": 0},
+            "hong": {"iterations": 8, "tol": 1e-12},
+            "sweeps": {"iterations": 8, "tol": 1e-12, "sweeps": 3},
+        }.items():
             traj = get_inversion("dpmpp").invert(fn, z, g, **kw)
             rec = solvers.sample(fn, traj.noise, g, "dpmpp")
             errs[label] = float((rec - z).norm() / z.norm())

@@ -62,8 +62,12 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--guidance", type=float, default=None, help="guidance scale while sampling")
     p.add_argument("--inversion-guidance", type=float, default=1.0, help="guidance scale while inverting")
     p.add_argument("--inversion-iterations", type=int, default=6, help="fixed-point iterations (dpmpp inversion)")
-    p.add_argument("--size-policy", default="resize", choices=["resize", "crop", "strict"],
-                   help="how an image the model cannot take is brought to a valid size")
+    p.add_argument(
+        "--size-policy",
+        default="resize",
+        choices=["resize", "crop", "strict"],
+        help="how an image the model cannot take is brought to a valid size",
+    )
     p.add_argument("--height", type=int, default=None, help="process at this height (pixels)")
     p.add_argument("--width", type=int, default=None, help="process at this width (pixels)")
     p.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
@@ -83,8 +87,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--source", "-s", required=True, help="prompt describing the input image")
     p.add_argument("--target", "-t", required=True, help="prompt describing the wanted edit")
     p.add_argument("--method", default="identity", help="editing method (see `retouch methods`)")
-    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
-                   help="method option, e.g. --option cross_replace=0.4 (repeatable)")
+    p.add_argument(
+        "--option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="method option, e.g. --option cross_replace=0.4 (repeatable)",
+    )
 
     p = sub.add_parser("invert", help="invert an image and regenerate it; prints the reconstruction PSNR")
     _add_run_args(p)
@@ -121,8 +130,13 @@ def methods_info() -> dict[str, Any]:
             for i in INVERSIONS.values()
         ],
         "solvers": [
-            {"name": s.name, "families": list(s.families), "order": s.order, "nfe_per_step": s.nfe_per_step,
-             "description": s.description}
+            {
+                "name": s.name,
+                "families": list(s.families),
+                "order": s.order,
+                "nfe_per_step": s.nfe_per_step,
+                "description": s.description,
+            }
             for s in SOLVERS.values()
         ],
         "editors": [
@@ -274,7 +288,9 @@ COMMANDS = {"edit": cmd_edit, "invert": cmd_invert, "models": cmd_models, "metho
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
     if not args.verbose:
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
         os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")

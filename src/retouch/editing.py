@@ -1,10 +1,10 @@
 """The one composition point: backbone + inversion + editor + solver -> EditResult.
 
-    encode (image -> latent, prompts -> conditioning)
-      -> invert (latent -> trajectory)
-      -> install the editor (reversible)
-      -> solve source and target branches in one batch with classifier-free guidance
-      -> decode and report (timings, NFE, config, seed)
+encode (image -> latent, prompts -> conditioning)
+  -> invert (latent -> trajectory)
+  -> install the editor (reversible)
+  -> solve source and target branches in one batch with classifier-free guidance
+  -> decode and report (timings, NFE, config, seed)
 """
 
 from __future__ import annotations
@@ -133,7 +133,9 @@ def resolve(backbone: Backbone, cfg: EditConfig) -> Resolved:
     steps = cfg.num_steps or backbone.default_steps
     guidance = backbone.default_guidance if cfg.guidance is None else cfg.guidance
     full = cfg.with_(
-        solver=solver.name, num_steps=steps, guidance=guidance,
+        solver=solver.name,
+        num_steps=steps,
+        guidance=guidance,
         inversion=InversionConfig(**{**cfg.inversion.__dict__, "name": inv_name}),
     )
     return Resolved(config=full, solver=solver, inversion=inv_name, num_steps=steps, guidance=guidance)
@@ -215,8 +217,12 @@ def edit(
             with _timed(timings, "invert"):
                 state.phase = "invert"
                 inv_model = GuidedModel(
-                    backbone, grid, inv_cond, uncond.select([0]) if uncond is not None else None,
-                    cfg.inversion.guidance, state,
+                    backbone,
+                    grid,
+                    inv_cond,
+                    uncond.select([0]) if uncond is not None else None,
+                    cfg.inversion.guidance,
+                    state,
                 )
                 traj = run_inversion(backbone, z0, grid, inv_model, cfg.inversion)
             if progress:

@@ -65,9 +65,7 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img
 
 
-def fit_size(
-    img: Image.Image, target_hw: tuple[int, int], policy: str
-) -> tuple[Image.Image, dict[str, Any]]:
+def fit_size(img: Image.Image, target_hw: tuple[int, int], policy: str) -> tuple[Image.Image, dict[str, Any]]:
     """Bring ``img`` to ``target_hw`` by ``policy``: "resize" (bicubic, aspect may change slightly),
     "crop" (scale to cover, centre-crop), or "strict" (refuse any change). Returns the image and a note."""
     if policy not in SIZE_POLICIES:

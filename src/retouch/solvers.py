@@ -36,9 +36,7 @@ def ddim_step(model_fn: ModelFn, x: Tensor, grid: NoiseGrid, i: int, state: Muta
     return grid.alphas[i + 1] * p.x0 + grid.sigmas[i + 1] * p.eps
 
 
-def euler_flow_step(
-    model_fn: ModelFn, x: Tensor, grid: NoiseGrid, i: int, state: MutableMapping[str, Any]
-) -> Tensor:
+def euler_flow_step(model_fn: ModelFn, x: Tensor, grid: NoiseGrid, i: int, state: MutableMapping[str, Any]) -> Tensor:
     """Euler step of the rectified-flow ODE ``dx/dsigma = u`` (Liu et al. 2023): ``x' = x + (s' - s) u``."""
     if grid.kind != "flow":
         raise ValueError("flow_euler needs a flow grid (alpha = 1 - sigma); use ddim on a VP grid")
@@ -69,9 +67,7 @@ def dpmpp_2m_coeffs(grid: NoiseGrid, i: int) -> tuple[float, float] | None:
     return 1.0 + 0.5 / r0, -0.5 / r0
 
 
-def dpmpp_2m_step(
-    model_fn: ModelFn, x: Tensor, grid: NoiseGrid, i: int, state: MutableMapping[str, Any]
-) -> Tensor:
+def dpmpp_2m_step(model_fn: ModelFn, x: Tensor, grid: NoiseGrid, i: int, state: MutableMapping[str, Any]) -> Tensor:
     """Multistep DPM-Solver++(2M) in data prediction (Lu et al. 2022b, Alg. 2), diffusers' midpoint variant.
 
     ``state['x0_prev']`` keeps the previous data prediction; it is per batch row, so a two-branch batch keeps
@@ -95,9 +91,7 @@ def midpoint_flow_step(
     return x + (s_next - s) * v2
 
 
-def fireflow_step(
-    model_fn: ModelFn, x: Tensor, grid: NoiseGrid, i: int, state: MutableMapping[str, Any]
-) -> Tensor:
+def fireflow_step(model_fn: ModelFn, x: Tensor, grid: NoiseGrid, i: int, state: MutableMapping[str, Any]) -> Tensor:
     """FireFlow (Deng et al. 2024): midpoint step reusing the previous midpoint velocity, ~1 NFE per step."""
     s, s_next = grid.sigmas[i], grid.sigmas[i + 1]
     v = state.get("v_mid")
@@ -133,15 +127,43 @@ class Solver:
 SOLVERS: dict[str, Solver] = {
     s.name: s
     for s in (
-        Solver("ddim", ddim_step, 1, 1, "ddim", ("sd", "pixart", "sd3", "flux"),
-               "deterministic DDIM (Euler in the flow parameterisation)"),
-        Solver("dpmpp", dpmpp_2m_step, 2, 1, "dpm", ("sd", "pixart", "sd3", "flux"),
-               "multistep DPM-Solver++(2M), data prediction"),
+        Solver(
+            "ddim",
+            ddim_step,
+            1,
+            1,
+            "ddim",
+            ("sd", "pixart", "sd3", "flux"),
+            "deterministic DDIM (Euler in the flow parameterisation)",
+        ),
+        Solver(
+            "dpmpp",
+            dpmpp_2m_step,
+            2,
+            1,
+            "dpm",
+            ("sd", "pixart", "sd3", "flux"),
+            "multistep DPM-Solver++(2M), data prediction",
+        ),
         Solver("flow_euler", euler_flow_step, 1, 1, "flow", ("sd3", "flux"), "Euler on the rectified-flow ODE"),
-        Solver("rf_solver", midpoint_flow_step, 2, 2, "flow", ("sd3", "flux"),
-               "RF-Solver: second-order midpoint on the flow ODE"),
-        Solver("fireflow", fireflow_step, 2, 1, "flow", ("sd3", "flux"),
-               "FireFlow: midpoint with reused velocity, ~1 NFE per step"),
+        Solver(
+            "rf_solver",
+            midpoint_flow_step,
+            2,
+            2,
+            "flow",
+            ("sd3", "flux"),
+            "RF-Solver: second-order midpoint on the flow ODE",
+        ),
+        Solver(
+            "fireflow",
+            fireflow_step,
+            2,
+            1,
+            "flow",
+            ("sd3", "flux"),
+            "FireFlow: midpoint with reused velocity, ~1 NFE per step",
+        ),
     )
 }
 

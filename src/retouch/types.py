@@ -109,9 +109,7 @@ class Conditioning:
 
     def repeat(self, n: int) -> Conditioning:
         """Repeat the batch ``n`` times (``[a, b] -> [a, b, a, b]`` for n=2)."""
-        return Conditioning(
-            {k: v.repeat(n, *([1] * (v.ndim - 1))) for k, v in self.tensors.items()}, self.static
-        )
+        return Conditioning({k: v.repeat(n, *([1] * (v.ndim - 1))) for k, v in self.tensors.items()}, self.static)
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Conditioning:
         out = {}

@@ -118,15 +118,21 @@ def load_backbone(
         config = DiffusionPipeline.load_config(str(path))
     except Exception as exc:  # noqa: BLE001 - diffusers raises several types here
         local = Path(str(path)).exists()
-        hint = "is not a diffusers pipeline folder (no model_index.json)" if local else (
-            "is neither an embedded model, a local folder nor a reachable hub id "
-            f"(embedded: {', '.join(registry.embedded_names()) or 'none installed'})"
+        hint = (
+            "is not a diffusers pipeline folder (no model_index.json)"
+            if local
+            else (
+                "is neither an embedded model, a local folder nor a reachable hub id "
+                f"(embedded: {', '.join(registry.embedded_names()) or 'none installed'})"
+            )
         )
         raise ValueError(f"model {source!r} {hint}: {exc}") from None
     cls_name = config.get("_class_name", "")
     family = PIPELINE_FAMILIES.get(cls_name)
     if family is None:
-        raise ValueError(f"model {source!r} is a {cls_name or 'unknown'} pipeline; retouch supports {sorted(set(PIPELINE_FAMILIES))}")
+        raise ValueError(
+            f"model {source!r} is a {cls_name or 'unknown'} pipeline; retouch supports {sorted(set(PIPELINE_FAMILIES))}"
+        )
     import diffusers
 
     pipe_cls = getattr(diffusers, cls_name)

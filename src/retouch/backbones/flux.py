@@ -73,10 +73,17 @@ class FluxBackbone(Backbone):
         return SizePolicy(multiple=mult, min_side=mult, max_side=4096, native=(native, native))
 
     def encode_prompt(
-        self, prompts: Sequence[str], *, image_size: tuple[int, int] | None = None, guidance: float | None = None
+        self,
+        prompts: Sequence[str],
+        *,
+        image_size: tuple[int, int] | None = None,
+        guidance: float | None = None,
     ) -> Conditioning:
         emb, pooled, text_ids = self.pipe.encode_prompt(
-            prompt=list(prompts), prompt_2=None, device=self.device, max_sequence_length=self.max_sequence_length
+            prompt=list(prompts),
+            prompt_2=None,
+            device=self.device,
+            max_sequence_length=self.max_sequence_length,
         )
         tensors = {"encoder_hidden_states": emb, "pooled_projections": pooled}
         if self.pipe.transformer.config.guidance_embeds:

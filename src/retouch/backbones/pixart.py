@@ -51,7 +51,11 @@ class PixArtBackbone(Backbone):
         return SizePolicy(multiple=mult, min_side=mult, max_side=max(4 * native, 4096), native=(native, native))
 
     def encode_prompt(
-        self, prompts: Sequence[str], *, image_size: tuple[int, int] | None = None, guidance: float | None = None
+        self,
+        prompts: Sequence[str],
+        *,
+        image_size: tuple[int, int] | None = None,
+        guidance: float | None = None,
     ) -> Conditioning:
         emb, mask, _, _ = self.pipe.encode_prompt(
             list(prompts),
@@ -79,7 +83,10 @@ class PixArtBackbone(Backbone):
     def predict(self, x: Tensor, timestep: Tensor, cond: Conditioning) -> Tensor:
         tr = self.pipe.transformer
         t = timestep.to(x.device).reshape(1).expand(x.shape[0])
-        added = {"resolution": cond.tensors.get("resolution"), "aspect_ratio": cond.tensors.get("aspect_ratio")}
+        added = {
+            "resolution": cond.tensors.get("resolution"),
+            "aspect_ratio": cond.tensors.get("aspect_ratio"),
+        }
         out = tr(
             x.to(self.dtype),
             encoder_hidden_states=cond.tensors["encoder_hidden_states"],

@@ -180,14 +180,19 @@ class FluxProcessor:
         num_text = encoder_hidden_states.shape[1] if encoder_hidden_states is not None else self.num_text()
 
         out = self.attend(
-            query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), self.layer,
-            attn_mask=attention_mask, num_text=num_text,
+            query.transpose(1, 2),
+            key.transpose(1, 2),
+            value.transpose(1, 2),
+            self.layer,
+            attn_mask=attention_mask,
+            num_text=num_text,
         )  # [B, h, N, d]
         hidden_states = out.transpose(1, 2).flatten(2, 3).to(query.dtype)
 
         if encoder_hidden_states is not None:
             encoder_hidden_states, hidden_states = hidden_states.split_with_sizes(
-                [encoder_hidden_states.shape[1], hidden_states.shape[1] - encoder_hidden_states.shape[1]], dim=1
+                [encoder_hidden_states.shape[1], hidden_states.shape[1] - encoder_hidden_states.shape[1]],
+                dim=1,
             )
             hidden_states = attn.to_out[0](hidden_states.contiguous())
             hidden_states = attn.to_out[1](hidden_states)

@@ -14,7 +14,9 @@ from retouch.backbones.processors import StandardProcessor
 from retouch.types import Conditioning, Prediction
 
 _PLACE_ORDER = {"down": 0, "mid": 1, "up": 2}
-_NAME = re.compile(r"^(down_blocks|mid_block|up_blocks)\.?(\d*)\.attentions\.(\d+)\.transformer_blocks\.(\d+)\.(attn\d)$")
+_NAME = re.compile(
+    r"^(down_blocks|mid_block|up_blocks)\.?(\d*)\.attentions\.(\d+)\.transformer_blocks\.(\d+)\.(attn\d)$"
+)
 
 
 class SDBackbone(Backbone):
@@ -47,7 +49,11 @@ class SDBackbone(Backbone):
         return SizePolicy(multiple=mult, min_side=mult, max_side=max(4 * native, 2048), native=(native, native))
 
     def encode_prompt(
-        self, prompts: Sequence[str], *, image_size: tuple[int, int] | None = None, guidance: float | None = None
+        self,
+        prompts: Sequence[str],
+        *,
+        image_size: tuple[int, int] | None = None,
+        guidance: float | None = None,
     ) -> Conditioning:
         prompts = list(prompts)
         device = self.device
@@ -79,9 +85,16 @@ class SDBackbone(Backbone):
         t = timestep.to(x.device).reshape(())
         kw: dict[str, Any] = {}
         if self.xl:
-            kw["added_cond_kwargs"] = {"text_embeds": cond.tensors["text_embeds"], "time_ids": cond.tensors["time_ids"]}
+            kw["added_cond_kwargs"] = {
+                "text_embeds": cond.tensors["text_embeds"],
+                "time_ids": cond.tensors["time_ids"],
+            }
         return self.pipe.unet(
-            x.to(self.dtype), t, encoder_hidden_states=cond.tensors["encoder_hidden_states"], return_dict=False, **kw
+            x.to(self.dtype),
+            t,
+            encoder_hidden_states=cond.tensors["encoder_hidden_states"],
+            return_dict=False,
+            **kw,
         )[0]
 
     def attention_layers(self) -> dict[str, LayerInfo]:

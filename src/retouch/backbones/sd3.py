@@ -44,7 +44,11 @@ class SD3Backbone(Backbone):
         return SizePolicy(multiple=mult, min_side=mult, max_side=max_side, native=(native, native))
 
     def encode_prompt(
-        self, prompts: Sequence[str], *, image_size: tuple[int, int] | None = None, guidance: float | None = None
+        self,
+        prompts: Sequence[str],
+        *,
+        image_size: tuple[int, int] | None = None,
+        guidance: float | None = None,
     ) -> Conditioning:
         prompts = list(prompts)
         t5 = getattr(self.pipe, "tokenizer_3", None)

@@ -24,8 +24,12 @@ def _identity(backbone: Any, config: Any, **options: Any) -> AttentionEditor:
 
 
 EDITORS: dict[str, EditorSpec] = {
-    "identity": EditorSpec("identity", _identity, ALL_FAMILIES,
-                           "no attention control: regenerates the inverted latent (reconstruction)"),
+    "identity": EditorSpec(
+        "identity",
+        _identity,
+        ALL_FAMILIES,
+        "no attention control: regenerates the inverted latent (reconstruction)",
+    ),
 }
 
 

@@ -28,11 +28,10 @@ def all_layers(layer: LayerInfo) -> bool:
 def attention_probs(q: Tensor, k: Tensor, attn_mask: Tensor | None = None) -> Tensor:
     """Softmax attention probabilities ``[B, h, Nq, Nk]`` as SDPA computes them (scale 1/sqrt(d))."""
     scores = (q @ k.transpose(-1, -2)) * (1.0 / math.sqrt(q.shape[-1]))
-    if attn_mask is not None:
-        if attn_mask.dtype == torch.bool:
-            scores = scores.masked_fill(~attn_mask, float("-inf"))
-        else:
-            scores = scores + attn_mask
+    if attn_mask is not None and attn_mask.dtype == torch.bool:
+        scores = scores.masked_fill(~attn_mask, float("-inf"))
+    elif attn_mask is not None:
+        scores = scores + attn_mask
     return scores.softmax(dim=-1)
 
 
@@ -50,15 +49,27 @@ class EditState:
     prob_calls: int = 0
 
     def attend(
-        self, q: Tensor, k: Tensor, v: Tensor, layer: LayerInfo, *, attn_mask: Tensor | None = None, num_text: int = 0
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        layer: LayerInfo,
+        *,
+        attn_mask: Tensor | None = None,
+        num_text: int = 0,
     ) -> Tensor:
         self.calls += 1
         editor = self.editor
         if editor is None:
             return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
         ctx = AttnContext(
-            layer=layer, step=self.step, num_steps=self.num_steps, phase=self.phase, layout=self.layout,
-            latent_hw=self.latent_hw, num_text=num_text,
+            layer=layer,
+            step=self.step,
+            num_steps=self.num_steps,
+            phase=self.phase,
+            layout=self.layout,
+            latent_hw=self.latent_hw,
+            num_text=num_text,
         )
         if not editor.applies(ctx):
             return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)

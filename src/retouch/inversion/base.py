@@ -7,7 +7,6 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
-from retouch.solvers import ModelFn
 from retouch.types import NoiseGrid, Trajectory
 
 Inverter = Callable[..., Trajectory]
@@ -33,12 +32,27 @@ def _registry() -> dict[str, Inversion]:
     from retouch.inversion import dpm, naive
 
     items = (
-        Inversion("ddim", naive.ddim_inversion, "ddim", ("sd", "pixart", "sd3", "flux"),
-                  "DDIM inversion: eps at the noisier timestep applied to the cleaner latent"),
-        Inversion("dpmpp", dpm.dpmpp_inversion, "dpmpp", ("sd", "pixart", "sd3", "flux"),
-                  "DPM-Solver++(2M) inversion with the fixed-point correction of Hong et al. (2024)"),
-        Inversion("flow_euler", naive.flow_euler_inversion, "flow_euler", ("sd3", "flux"),
-                  "plain rectified-flow inversion: explicit Euler from the clean latent to noise"),
+        Inversion(
+            "ddim",
+            naive.ddim_inversion,
+            "ddim",
+            ("sd", "pixart", "sd3", "flux"),
+            "DDIM inversion: eps at the noisier timestep applied to the cleaner latent",
+        ),
+        Inversion(
+            "dpmpp",
+            dpm.dpmpp_inversion,
+            "dpmpp",
+            ("sd", "pixart", "sd3", "flux"),
+            "DPM-Solver++(2M) inversion with the fixed-point correction of Hong et al. (2024)",
+        ),
+        Inversion(
+            "flow_euler",
+            naive.flow_euler_inversion,
+            "flow_euler",
+            ("sd3", "flux"),
+            "plain rectified-flow inversion: explicit Euler from the clean latent to noise",
+        ),
     )
     return {i.name: i for i in items}
 

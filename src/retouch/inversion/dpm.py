@@ -101,7 +101,6 @@ def dpmpp_inversion(
     )
 
 
-
 def _fixed_point(
     model_fn: ModelFn,
     x_s: Tensor,

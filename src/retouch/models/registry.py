@@ -25,8 +25,14 @@ def embedded_info() -> list[dict[str, Any]]:
     for name in embedded_names():
         index = json.loads((EMBEDDED_DIR / name / "model_index.json").read_text())
         card = EMBEDDED_DIR / name / "README.md"
-        out.append({"name": name, "pipeline": index.get("_class_name"), "path": str(EMBEDDED_DIR / name),
-                    "card": str(card) if card.exists() else None})
+        out.append(
+            {
+                "name": name,
+                "pipeline": index.get("_class_name"),
+                "path": str(EMBEDDED_DIR / name),
+                "card": str(card) if card.exists() else None,
+            }
+        )
     return out
 
 
