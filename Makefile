@@ -1,0 +1,35 @@
+# retouch — developer commands. `make install` once, then `make test`.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+export HF_HUB_OFFLINE ?= 1
+
+.PHONY: install test lint format demo clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+
+install: $(BIN)/python
+	# CPU build of torch first (a plain `pip install torch` pulls a multi-GB CUDA build)
+	$(BIN)/pip install --quiet "torch==2.13.0"
+	$(BIN)/pip install --quiet -e ".[dev]"
+
+lint:
+	$(BIN)/ruff check src tests
+	$(BIN)/ruff format --check src tests
+
+format:
+	$(BIN)/ruff format src tests
+	$(BIN)/ruff check --fix src tests
+
+test: lint
+	$(BIN)/python -m pytest -q
+
+demo:
+	$(BIN)/retouch edit examples/scene_01.png \
+		--source "$$(cat examples/scene_01.source.txt)" --target "$$(cat examples/scene_01.target.txt)" \
+		--method direct+p2p -o out/scene_01_edited.png
+
+clean:
+	rm -rf .pytest_cache .ruff_cache build dist src/*.egg-info
