@@ -8,9 +8,10 @@ import subprocess
 import sys
 
 import pytest
-from conftest import random_image
 
 from retouch.cli import main
+
+from conftest import random_image
 
 
 @pytest.fixture(scope="module")
