@@ -34,10 +34,12 @@ def test_rgba_greyscale_16bit_and_palette_convert(tmp_path):
     assert out.mode == "RGB" and out.getpixel((0, 0)) == (255, 255, 255)  # transparent -> white
     Image.new("L", (8, 8), 100).save(tmp_path / "g.png")
     assert io.load_image(tmp_path / "g.png").getpixel((1, 1)) == (100, 100, 100)
-    arr = np.full((8, 8), 65535 // 2, dtype=np.uint16)
+    arr = np.zeros((8, 8), dtype=np.uint16)
+    arr[0, 0], arr[0, 1] = 65535, 65535 // 2  # full scale and half scale, not clipped to 255
     Image.fromarray(arr).save(tmp_path / "i16.png")
-    px = io.load_image(tmp_path / "i16.png").getpixel((0, 0))
-    assert px == (128, 128, 128)
+    img16 = io.load_image(tmp_path / "i16.png")
+    assert img16.getpixel((0, 0)) == (255, 255, 255) and img16.getpixel((1, 0)) == (127, 127, 127)
+    assert img16.getpixel((2, 0)) == (0, 0, 0)
     Image.new("P", (8, 8)).save(tmp_path / "p.png")
     assert io.load_image(tmp_path / "p.png").mode == "RGB"
 
@@ -76,4 +78,4 @@ def test_psnr():
     b = a.copy()
     assert io.psnr(a, b) == float("inf")
     b[0, 0, 0] = 255
-    assert 25 < io.psnr(a, b) < 30
+    assert io.psnr(a, b) == pytest.approx(10 * np.log10(48))  # MSE = 255^2 / 48
