@@ -60,7 +60,7 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--solver", default=None, help="sampler: ddim, dpmpp, flow_euler, ... (default: model's)")
     p.add_argument("--inversion", default=None, help="inversion: ddim, dpmpp, flow_euler, ... (default: solver's)")
     p.add_argument("--guidance", type=float, default=None, help="guidance scale while sampling")
-    p.add_argument("--inversion-guidance", type=float, default=1.0, help="guidance scale while inverting")
+    p.add_argument("--inversion-guidance", type=float, default=None, help="guidance scale while inverting (1)")
     p.add_argument("--inversion-iterations", type=int, default=6, help="fixed-point iterations (dpmpp inversion)")
     p.add_argument(
         "--size-policy",
@@ -122,9 +122,28 @@ def models_info() -> dict[str, Any]:
 def methods_info() -> dict[str, Any]:
     from retouch.control.editors import EDITORS
     from retouch.inversion import INVERSIONS
+    from retouch.presets import PRESETS
     from retouch.solvers import SOLVERS
 
+    families = ("sd", "pixart", "sd3", "flux")
+    matrix = {m.name: {f: f in m.families for f in families} for m in (*EDITORS.values(), *PRESETS.values())}
     return {
+        "families": list(families),
+        "presets": [
+            {
+                "name": p.name,
+                "families": list(p.families),
+                "editor": p.editor,
+                "inversion": p.inversion,
+                "solver": p.solver,
+                "num_steps": p.num_steps,
+                "guidance": p.guidance,
+                "options": dict(p.options),
+                "description": p.description,
+            }
+            for p in PRESETS.values()
+        ],
+        "matrix": matrix,
         "inversions": [
             {"name": i.name, "families": list(i.families), "solver": i.solver, "description": i.description}
             for i in INVERSIONS.values()
@@ -171,7 +190,7 @@ def cmd_methods(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
-    for section in ("inversions", "solvers", "editors"):
+    for section in ("presets", "inversions", "solvers", "editors"):
         print(f"{section}:")
         _print_table([(f"  {m['name']}", ",".join(m["families"]), m["description"]) for m in info[section]])
     return 0
@@ -214,10 +233,12 @@ def _run(args: argparse.Namespace, source: str, target: str, method: str, option
     from retouch.config import EditConfig, InversionConfig
     from retouch.control.editors import get_editor
     from retouch.editing import edit
+    from retouch.presets import get_preset
 
     out = _output_path(args, suffix)
     image = io.load_image(args.image)  # fails before any model is loaded
-    get_editor(method)
+    if get_preset(method) is None:
+        get_editor(method)
     cfg = EditConfig(
         source_prompt=source,
         target_prompt=target,

@@ -21,13 +21,15 @@ class InversionConfig:
     """
 
     name: str | None = None
-    guidance: float = 1.0
+    guidance: float | None = None  # None: 1.0 (conditional prediction only) unless a preset says otherwise
     iterations: int = 6
     sweeps: int = 1
     eta: float = 1.0
+    prompt: str | None = None  # None: the source prompt (RF-Inversion and MasaCtrl's PIE runs invert with "")
+    options: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if not math.isfinite(self.guidance) or self.guidance < 0:
+        if self.guidance is not None and (not math.isfinite(self.guidance) or self.guidance < 0):
             raise ValueError(f"inversion guidance must be a finite number >= 0, got {self.guidance}")
         if self.iterations < 0 or self.sweeps < 1:
             raise ValueError("inversion iterations must be >= 0 and sweeps >= 1")
@@ -74,4 +76,5 @@ class EditConfig:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["options"] = dict(self.options)
+        d["inversion"]["options"] = dict(self.inversion.options)
         return d

@@ -26,15 +26,14 @@ from retouch.config import EditConfig, InversionConfig
 from retouch.control import BatchLayout, EditState, attention_editing
 from retouch.control.editors import get_editor
 from retouch.inversion import get_inversion
+from retouch.inversion.direct import base_inversion
+from retouch.presets import get_preset
 from retouch.solvers import Solver, get_solver
 from retouch.types import Conditioning, NoiseGrid, Pred, Trajectory, to_x0_eps
 
 log = logging.getLogger(__name__)
 
 Progress = Callable[[str, int, int], None]
-
-# the sampler each inversion undoes, and the inversion that undoes each sampler
-_NATURAL_INVERSION = {"ddim": "ddim", "dpmpp": "dpmpp", "flow_euler": "flow_euler"}
 
 
 class GuidedModel:
@@ -104,41 +103,75 @@ class Resolved:
     """An EditConfig with every default filled in for one backbone."""
 
     config: EditConfig
+    editor: str
     solver: Solver
     inversion: str
+    base_inversion: str  # the inversion actually run (differs from ``inversion`` for "direct")
+    source_correction: bool
     num_steps: int
     guidance: float
 
 
 def resolve(backbone: Backbone, cfg: EditConfig) -> Resolved:
-    """Fill defaults from the backbone and check that method, solver and inversion fit its family."""
-    get_editor(cfg.method, backbone.family)
+    """Fill defaults (preset, then backbone) and check that method, solver and inversion fit the family."""
+    preset = get_preset(cfg.method)
+    if preset is not None:
+        if backbone.family not in preset.families:
+            raise ValueError(
+                f"method {cfg.method!r} does not support the {backbone.family} family "
+                f"(it supports {', '.join(preset.families)})"
+            )
+        cfg = cfg.with_(
+            solver=cfg.solver or preset.solver,
+            num_steps=cfg.num_steps or preset.num_steps,
+            guidance=preset.guidance if cfg.guidance is None else cfg.guidance,
+            inversion=InversionConfig(
+                **{
+                    **cfg.inversion.__dict__,
+                    "name": cfg.inversion.name or preset.inversion,
+                    "prompt": preset.inversion_prompt if cfg.inversion.prompt is None else cfg.inversion.prompt,
+                    "guidance": preset.inversion_guidance if cfg.inversion.guidance is None else cfg.inversion.guidance,
+                    "options": {**preset.inversion_options, **cfg.inversion.options},
+                }
+            ),
+            options={**preset.options, **cfg.options},
+        )
+        editor = preset.editor
+    else:
+        editor = cfg.method
+    get_editor(editor, backbone.family)
     inv_name = cfg.inversion.name
     if cfg.solver is not None:
         solver = get_solver(cfg.solver)
-    elif inv_name is not None:
+    elif inv_name is not None and get_inversion(inv_name).solver != "*":
         solver = get_solver(get_inversion(inv_name).solver)
     else:
         solver = get_solver(backbone.default_solver)
     if backbone.family not in solver.families:
         raise ValueError(f"solver {solver.name!r} does not apply to {backbone.family} (it supports {solver.families})")
-    inv_name = inv_name or _NATURAL_INVERSION.get(solver.name, "flow_euler")
+    inv_name = inv_name or base_inversion(solver.name)
     inversion = get_inversion(inv_name)
     if backbone.family not in inversion.families:
         raise ValueError(
             f"inversion {inv_name!r} does not apply to {backbone.family} (it supports {', '.join(inversion.families)})"
         )
-    if inversion.solver != solver.name:
-        log.warning("inverting with %s but sampling with %s: reconstruction will not be exact", inv_name, solver.name)
+    base = base_inversion(solver.name) if inversion.source_correction else inv_name
+    if get_inversion(base).solver not in ("*", solver.name):
+        log.warning("inverting with %s but sampling with %s: reconstruction will not be exact", base, solver.name)
     steps = cfg.num_steps or backbone.default_steps
     guidance = backbone.default_guidance if cfg.guidance is None else cfg.guidance
     full = cfg.with_(
         solver=solver.name,
         num_steps=steps,
         guidance=guidance,
-        inversion=InversionConfig(**{**cfg.inversion.__dict__, "name": inv_name}),
+        inversion=InversionConfig(
+            **{**cfg.inversion.__dict__, "name": inv_name, "guidance": cfg.inversion.guidance or 1.0}
+        ),
     )
-    return Resolved(config=full, solver=solver, inversion=inv_name, num_steps=steps, guidance=guidance)
+    return Resolved(
+        config=full, editor=editor, solver=solver, inversion=inv_name, base_inversion=base,
+        source_correction=inversion.source_correction, num_steps=steps, guidance=guidance,
+    )  # fmt: skip
 
 
 def prepare_image(backbone: Backbone, image: Image.Image, cfg: EditConfig) -> tuple[Image.Image, dict[str, Any]]:
@@ -157,13 +190,34 @@ def prepare_image(backbone: Backbone, image: Image.Image, cfg: EditConfig) -> tu
 
 
 def run_inversion(
-    backbone: Backbone, z0: Tensor, grid: NoiseGrid, model: GuidedModel, inv: InversionConfig
+    z0: Tensor, grid: NoiseGrid, model: GuidedModel, inv: InversionConfig, base: str, generator: torch.Generator
 ) -> Trajectory:
-    spec = get_inversion(inv.name or "ddim")
-    kwargs: dict[str, Any] = {}
-    if spec.name == "dpmpp":
-        kwargs = {"iterations": inv.iterations, "sweeps": inv.sweeps, "eta": inv.eta}
-    return spec.invert(model, z0, grid, **kwargs)
+    """Run the inversion ``base`` (for Direct Inversion: the sampler's own) with the configured options."""
+    kwargs: dict[str, Any] = dict(inv.options)
+    if base == "dpmpp":
+        kwargs.update(iterations=inv.iterations, sweeps=inv.sweeps, eta=inv.eta)
+    if base == "rf_inversion":
+        kwargs["generator"] = generator
+    return get_inversion(base).invert(model, z0, grid, **kwargs)
+
+
+class HookedModel:
+    """A model function whose on-grid predictions pass through an editor's ``modify_prediction``."""
+
+    def __init__(self, model: GuidedModel, hook: Callable[..., Pred], num_steps: int) -> None:
+        self.model = model
+        self.hook = hook
+        self.num_steps = num_steps
+
+    @property
+    def nfe(self) -> int:
+        return self.model.nfe
+
+    def __call__(self, x: Tensor, k: int) -> Pred:
+        return self.hook(k, x, self.model(x, k), self.model.grid, self.num_steps)
+
+    def at_sigma(self, x: Tensor, sigma: Tensor, i: int) -> Pred:
+        return self.model.at_sigma(x, sigma, i)
 
 
 @contextmanager
@@ -203,14 +257,16 @@ def edit(
             cond = backbone.encode_prompt([cfg.source_prompt, cfg.target_prompt], image_size=hw, guidance=res.guidance)
             need_uncond = backbone.uses_cfg and (res.guidance != 1.0 or cfg.inversion.guidance != 1.0)
             uncond = backbone.encode_prompt(["", ""], image_size=hw) if need_uncond else None
+            inv_prompt = cfg.source_prompt if cfg.inversion.prompt is None else cfg.inversion.prompt
             inv_cond = cond.select([0])
-            if not backbone.uses_cfg and backbone.family == "flux":
-                inv_cond = backbone.encode_prompt([cfg.source_prompt], image_size=hw, guidance=cfg.inversion.guidance)
+            if inv_prompt != cfg.source_prompt or not backbone.uses_cfg:
+                # guidance-distilled models embed the inversion guidance in the conditioning
+                inv_cond = backbone.encode_prompt([inv_prompt], image_size=hw, guidance=cfg.inversion.guidance)
 
         latent_hw = (z0.shape[-2], z0.shape[-1])
         grid = backbone.grid(res.solver.grid, res.num_steps, latent_hw)
-        editor_spec = get_editor(cfg.method, backbone.family)
-        editor = editor_spec.factory(backbone, cfg, **dict(cfg.options))
+        editor = get_editor(res.editor, backbone.family).build(backbone, cfg, dict(cfg.options))
+        after_step = getattr(editor, "after_step", None)
 
         with attention_editing(backbone, editor) as state:
             state.num_steps = res.num_steps
@@ -224,18 +280,27 @@ def edit(
                     cfg.inversion.guidance,
                     state,
                 )
-                traj = run_inversion(backbone, z0, grid, inv_model, cfg.inversion)
+                traj = run_inversion(z0, grid, inv_model, cfg.inversion, res.base_inversion, generator)
+            if hasattr(editor, "begin"):
+                editor.begin(traj)
             if progress:
                 progress("invert", res.num_steps, res.num_steps)
 
             with _timed(timings, "sample"):
                 state.phase = "sample"
                 model = GuidedModel(backbone, grid, cond, uncond, res.guidance, state)
+                if hasattr(editor, "modify_prediction"):
+                    model = HookedModel(model, editor.modify_prediction, res.num_steps)
                 x = traj.noise.repeat(2, 1, 1, 1)
                 solver_state: dict[str, Any] = {"generator": generator}
                 for i in range(grid.num_steps):
                     state.step = i
                     x = res.solver.step(model, x, grid, i, solver_state)
+                    if res.source_correction:  # Direct Inversion: pin the source branch to z*_{i+1}
+                        x = torch.cat([traj.latents[i + 1], x[1:]])
+                    if after_step is not None:
+                        out = after_step(i, x, state)
+                        x = x if out is None else out
                     if progress:
                         progress("sample", i + 1, grid.num_steps)
                 state.step = -1
@@ -251,6 +316,7 @@ def edit(
         "model": backbone.name,
         "family": backbone.family,
         "method": cfg.method,
+        "editor": res.editor,
         "inversion": res.inversion,
         "solver": res.solver.name,
         "seed": cfg.seed,

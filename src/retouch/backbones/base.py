@@ -55,6 +55,19 @@ class LayerInfo:
 
 
 @dataclass(frozen=True)
+class TextSegment:
+    """A run of text tokens inside the key sequence that image queries attend to.
+
+    ``offset`` is the position of the segment's first token within the text part of the sequence and
+    ``length`` its padded length; ``tokenizer`` produced its tokens (used for word alignment).
+    """
+
+    tokenizer: Any
+    offset: int
+    length: int
+
+
+@dataclass(frozen=True)
 class SizePolicy:
     """Which image sizes a backbone takes: both sides a multiple of ``multiple`` pixels, within bounds."""
 
@@ -136,6 +149,10 @@ class Backbone(abc.ABC):
     @property
     def max_prompt_tokens(self) -> int:
         return int(self.tokenizer.model_max_length)
+
+    def text_segments(self) -> list[TextSegment]:
+        """Where each tokenizer's tokens sit in the text sequence the attention layers see."""
+        return [TextSegment(self.tokenizer, 0, self.max_prompt_tokens)]
 
     # --- conditioning ---------------------------------------------------------------------------------
     @abc.abstractmethod

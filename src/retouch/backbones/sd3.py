@@ -8,7 +8,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from retouch.backbones.base import Backbone, LayerInfo, SizePolicy
+from retouch.backbones.base import Backbone, LayerInfo, SizePolicy, TextSegment
 from retouch.backbones.processors import JointProcessor
 from retouch.types import Conditioning, Prediction
 
@@ -43,6 +43,16 @@ class SD3Backbone(Backbone):
         max_side = int(cfg.pos_embed_max_size or cfg.sample_size) * self.vae_scale_factor
         return SizePolicy(multiple=mult, min_side=mult, max_side=max_side, native=(native, native))
 
+    def t5_length(self) -> int:
+        t5 = getattr(self.pipe, "tokenizer_3", None)
+        return min(self.max_sequence_length, int(t5.model_max_length)) if t5 is not None else 0
+
+    def text_segments(self) -> list[TextSegment]:
+        segs = [TextSegment(self.pipe.tokenizer, 0, 77)]
+        if getattr(self.pipe, "text_encoder_3", None) is not None:
+            segs.append(TextSegment(self.pipe.tokenizer_3, 77, self.t5_length()))
+        return segs
+
     def encode_prompt(
         self,
         prompts: Sequence[str],
@@ -51,8 +61,7 @@ class SD3Backbone(Backbone):
         guidance: float | None = None,
     ) -> Conditioning:
         prompts = list(prompts)
-        t5 = getattr(self.pipe, "tokenizer_3", None)
-        max_len = min(self.max_sequence_length, int(t5.model_max_length)) if t5 is not None else 77
+        max_len = self.t5_length() or 77
         emb, _, pooled, _ = self.pipe.encode_prompt(
             prompt=prompts,
             prompt_2=None,

@@ -1,12 +1,22 @@
-"""Registry of attention editors (policies). Issue-level methods add themselves here."""
+"""Registry of attention editors (policies) and their factories.
+
+A factory builds a configured editor for one run: ``factory(backbone, config, **options)``. Options come
+from presets and from the CLI's ``--option KEY=VALUE``; unknown options are an error.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import inspect
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from retouch.backbones.base import Backbone, LayerInfo
+from retouch.control.compose import ComposedEditor
 from retouch.control.context import AttentionEditor, IdentityEditor
+from retouch.control.masactrl import MutualSelfAttention
+from retouch.control.p2p import LocalBlend, PromptToPrompt, align_prompts, word_positions
+from retouch.inversion.rf import RFReverseControl
 
 ALL_FAMILIES = ("sd", "pixart", "sd3", "flux")
 
@@ -18,26 +28,169 @@ class EditorSpec:
     families: tuple[str, ...]
     description: str
 
+    def build(self, backbone: Backbone, config: Any, options: dict[str, Any]) -> AttentionEditor | None:
+        params = inspect.signature(self.factory).parameters
+        accepts_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+        known = [n for n in params if n not in ("backbone", "config")]
+        unknown = sorted(set(options) - set(known))
+        if unknown and not accepts_any:
+            raise ValueError(f"unknown option(s) {unknown} for method {self.name!r}; it takes {known}")
+        return self.factory(backbone, config, **options)
 
-def _identity(backbone: Any, config: Any, **options: Any) -> AttentionEditor:
-    return IdentityEditor(**options)
+
+def _steps(value: float | int, num_steps: int, label: str) -> int:
+    """An int is a step index; a float in [0, 1) is a fraction of the steps."""
+    if isinstance(value, bool) or value < 0:
+        raise ValueError(f"{label} must be a step index or a fraction in [0, 1), got {value!r}")
+    if isinstance(value, float) and value < 1:
+        return int(round(value * num_steps))
+    return int(value)
+
+
+def _split_words(words: str | Sequence[str] | None) -> list[str]:
+    if words is None:
+        return []
+    return words.split() if isinstance(words, str) else [str(w) for w in words]
+
+
+def _identity(backbone: Backbone, config: Any, materialize: bool = False) -> AttentionEditor:
+    return IdentityEditor(materialize=materialize)
+
+
+def make_p2p(
+    backbone: Backbone,
+    config: Any,
+    mode: str = "auto",
+    cross_steps: float = 0.8,
+    self_steps: float = 0.4,
+    self_max_tokens: int = 32 * 32,
+    blend_words: str | Sequence[Any] | None = None,
+    blend_threshold: float = 0.3,
+    blend_start: float = 0.2,
+    reweight: dict[str, float] | None = None,
+) -> PromptToPrompt:
+    """Prompt-to-Prompt. ``blend_words``: "source_word target_word" (PIE-Bench's blended_word) or
+    ``[[source words], [target words]]`` enables local blend; ``reweight``: {target word: factor}."""
+    segments = backbone.text_segments()
+    src, tgt = config.source_prompt, config.target_prompt
+    alignment = align_prompts(segments, src, tgt, mode=mode, reweight=reweight)
+    blend = None
+    if blend_words:
+        if isinstance(blend_words, str):
+            parts = blend_words.split()
+            if len(parts) != 2:
+                raise ValueError("blend_words as a string is 'source_word target_word'")
+            sw, tw = [parts[0]], [parts[1]]
+        else:
+            sw, tw = _split_words(blend_words[0]), _split_words(blend_words[1])
+        blend = LocalBlend(
+            word_positions(segments, src, sw),
+            word_positions(segments, tgt, tw),
+            threshold=blend_threshold,
+            start=blend_start,
+        )
+    return PromptToPrompt(
+        alignment, cross_steps=cross_steps, self_steps=self_steps, self_max_tokens=self_max_tokens, local_blend=blend
+    )
+
+
+def _attention_kinds(backbone: Backbone) -> tuple[str, ...]:
+    kinds = {i.kind for i in backbone.attention_layers().values()}
+    return (
+        ("self",)
+        if "self" in kinds and "joint" not in kinds
+        else tuple(k for k in ("joint", "single", "self") if k in kinds)
+    )
+
+
+def make_masactrl(
+    backbone: Backbone,
+    config: Any,
+    start_step: float | int = 4,
+    end_step: float | int | None = None,
+    start_layer: float | int | None = None,
+    share: str = "kv",
+) -> MutualSelfAttention:
+    """MasaCtrl mutual self-attention (K/V of the source for the target's queries).
+
+    ``start_layer``: first transformer-block depth (int) or fraction of the depth (float < 1); default
+    MasaCtrl's 10 of 16 on UNets and the deeper half of DiTs (DiT4Edit's "deep layers carry layout")."""
+    layers = backbone.attention_layers()
+    max_depth = max(i.depth for i in layers.values()) + 1
+    if start_layer is None:
+        start_layer = 10 / 16 if backbone.family == "sd" else 0.5
+    first = _steps(start_layer, max_depth, "start_layer")
+    kinds = _attention_kinds(backbone)
+    num_steps = int(config.num_steps)
+
+    def select(info: LayerInfo) -> bool:
+        return info.kind in kinds and info.depth >= first
+
+    if not any(select(i) for i in layers.values()):
+        raise ValueError(f"start_layer={start_layer} selects no layer ({max_depth} blocks)")
+    return MutualSelfAttention(
+        start_step=_steps(start_step, num_steps, "start_step"),
+        end_step=None if end_step is None else _steps(end_step, num_steps, "end_step"),
+        layers=select,
+        share=share,
+    )
+
+
+def make_unified(
+    backbone: Backbone,
+    config: Any,
+    mode: str = "auto",
+    cross_steps: float = 0.4,
+    self_steps: float = 0.0,
+    blend_words: str | Sequence[Any] | None = None,
+    blend_threshold: float = 0.3,
+    blend_start: float = 0.2,
+    reweight: dict[str, float] | None = None,
+    start_step: float | int = 0.1,
+    start_layer: float | int | None = 0.5,
+) -> ComposedEditor:
+    """DiT4Edit's unified attention control: P2P on text attention + mutual self-attention past
+    ``start_step`` on blocks from ``start_layer`` (our reconstruction; the paper's code was not released)."""
+    p2p = make_p2p(backbone, config, mode=mode, cross_steps=cross_steps, self_steps=self_steps,
+                   blend_words=blend_words, blend_threshold=blend_threshold, blend_start=blend_start,
+                   reweight=reweight)  # fmt: skip
+    masa = make_masactrl(backbone, config, start_step=start_step, start_layer=start_layer)
+    return ComposedEditor([p2p, masa])
+
+
+def make_rf_control(
+    backbone: Backbone, config: Any, eta: float = 0.9, start: float = 0.0, stop: float = 0.25
+) -> RFReverseControl:
+    """RF-Inversion's controlled reverse ODE (guidance of the velocity towards the image latent)."""
+    return RFReverseControl(eta=eta, start=start, stop=stop)
 
 
 EDITORS: dict[str, EditorSpec] = {
-    "identity": EditorSpec(
-        "identity",
-        _identity,
-        ALL_FAMILIES,
-        "no attention control: regenerates the inverted latent (reconstruction)",
-    ),
-}
+    s.name: s
+    for s in (
+        EditorSpec("identity", _identity, ALL_FAMILIES,
+                   "no attention control: regenerates the inverted latent (reconstruction)"),
+        EditorSpec("p2p", make_p2p, ALL_FAMILIES,
+                   "Prompt-to-Prompt: replace/refine/reweight of text attention, self-attention injection, "
+                   "local blend (cross-attention on SD/PixArt, image->text block of joint attention on SD3/Flux)"),
+        EditorSpec("masactrl", make_masactrl, ALL_FAMILIES,
+                   "MasaCtrl mutual self-attention (SD/PixArt); source image K/V injection in joint attention "
+                   "(SD3/Flux)"),
+        EditorSpec("rf_control", make_rf_control, ("sd3", "flux"),
+                   "RF-Inversion's controlled reverse ODE: velocity pulled towards the image latent (eta)"),
+        EditorSpec("unified", make_unified, ALL_FAMILIES,
+                   "DiT4Edit unified attention control: P2P + mutual self-attention on deep blocks"),
+    )
+}  # fmt: skip
 
 
 def get_editor(name: str, family: str | None = None) -> EditorSpec:
     try:
         spec = EDITORS[name]
     except KeyError:
-        raise ValueError(f"unknown method {name!r}; choose one of {sorted(EDITORS)}") from None
+        from retouch.presets import PRESETS
+
+        raise ValueError(f"unknown method {name!r}; choose one of {sorted({*EDITORS, *PRESETS})}") from None
     if family is not None and family not in spec.families:
         raise ValueError(
             f"method {name!r} does not support the {family} family (it supports {', '.join(spec.families)})"

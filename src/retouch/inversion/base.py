@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 from torch import Tensor
 
@@ -16,9 +17,10 @@ Inverter = Callable[..., Trajectory]
 class Inversion:
     name: str
     invert: Inverter
-    solver: str  # the sampler whose steps this inversion undoes
+    solver: str  # the sampler whose steps this inversion undoes ("*" = whichever sampler is used)
     families: tuple[str, ...]
     description: str
+    source_correction: bool = False  # the sampling loop pins the source branch to the trajectory
 
 
 def check_start(z0: Tensor, grid: NoiseGrid) -> None:
@@ -29,7 +31,7 @@ def check_start(z0: Tensor, grid: NoiseGrid) -> None:
 
 
 def _registry() -> dict[str, Inversion]:
-    from retouch.inversion import dpm, naive
+    from retouch.inversion import direct, dpm, naive, rf
 
     items = (
         Inversion(
@@ -52,6 +54,36 @@ def _registry() -> dict[str, Inversion]:
             "flow_euler",
             ("sd3", "flux"),
             "plain rectified-flow inversion: explicit Euler from the clean latent to noise",
+        ),
+        Inversion(
+            "rf_inversion",
+            rf.rf_inversion,
+            "flow_euler",
+            ("sd3", "flux"),
+            "RF-Inversion (Rout et al. 2025): controlled forward ODE towards a seeded noise (gamma)",
+        ),
+        Inversion(
+            "rf_solver",
+            naive.flow_midpoint_inversion,
+            "rf_solver",
+            ("sd3", "flux"),
+            "RF-Solver inversion: second-order midpoint steps from data to noise (2 NFE per step)",
+        ),
+        Inversion(
+            "fireflow",
+            partial(naive.flow_midpoint_inversion, reuse_velocity=True),
+            "fireflow",
+            ("sd3", "flux"),
+            "FireFlow inversion: midpoint steps reusing the previous velocity (~1 NFE)",
+        ),
+        Inversion(
+            "direct",
+            direct.direct_inversion,
+            "*",
+            ("sd", "pixart", "sd3", "flux"),
+            "Direct Inversion (Ju et al. 2024): the sampler's own inversion, then the source branch is "
+            "pinned to the inversion trajectory at every step (exact source reconstruction)",
+            source_correction=True,
         ),
     )
     return {i.name: i for i in items}

@@ -1,0 +1,47 @@
+"""Composition of editors: several policies acting on the same run (e.g. DiT4Edit = P2P + mutual self-attention)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from torch import Tensor
+
+from retouch.control.context import AttentionEditor, AttnContext
+
+
+class ComposedEditor:
+    """Applies each editor in turn; probabilities are materialised if any applicable editor needs them."""
+
+    def __init__(self, editors: Sequence[AttentionEditor]) -> None:
+        if not editors:
+            raise ValueError("compose at least one editor")
+        self.editors = list(editors)
+
+    def _active(self, ctx: AttnContext) -> list[AttentionEditor]:
+        return [e for e in self.editors if e.applies(ctx)]
+
+    def applies(self, ctx: AttnContext) -> bool:
+        return bool(self._active(ctx))
+
+    def needs_probs(self, ctx: AttnContext) -> bool:
+        return any(e.needs_probs(ctx) for e in self._active(ctx))
+
+    def edit_qkv(self, q: Tensor, k: Tensor, v: Tensor, ctx: AttnContext) -> tuple[Tensor, Tensor, Tensor]:
+        for e in self._active(ctx):
+            q, k, v = e.edit_qkv(q, k, v, ctx)
+        return q, k, v
+
+    def edit_probs(self, probs: Tensor, ctx: AttnContext) -> Tensor:
+        for e in self._active(ctx):
+            if e.needs_probs(ctx):
+                probs = e.edit_probs(probs, ctx)
+        return probs
+
+    def after_step(self, i: int, x: Tensor, state: Any) -> Tensor:
+        for e in self.editors:
+            hook = getattr(e, "after_step", None)
+            if hook is not None:
+                out = hook(i, x, state)
+                x = x if out is None else out
+        return x

@@ -1,0 +1,249 @@
+"""Prompt-to-Prompt (Hertz et al., ICLR 2023): cross-attention replace / refine / reweight and local blend.
+
+The target branch's image→text attention is rewritten from the source branch's during the first
+``cross_steps`` of sampling; self-attention maps are copied from the source during the first
+``self_steps`` (at layers with at most ``self_max_tokens`` image tokens, as P2P does at 32x32 and below).
+Only the conditional half of a CFG batch is edited. Works on cross-attention (SD, PixArt) and on the
+image-query / text-key block of joint attention (SD3, Flux double and single blocks).
+
+Text positions are aligned per tokenizer segment (CLIP BPE for SD / SD3's first 77 tokens, T5
+SentencePiece for PixArt, Flux and SD3's T5 part) by :mod:`retouch.control.tokens`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from retouch.backbones.base import TextSegment
+from retouch.control import tokens
+from retouch.control.context import AttnContext
+
+log = logging.getLogger(__name__)
+
+MODES = ("auto", "replace", "refine")
+
+
+@dataclass(frozen=True)
+class TextAlignment:
+    """Text-sequence-level alignment of a source and a target prompt (length = total text tokens)."""
+
+    mode: str  # "replace" | "refine"
+    matrix: Tensor | None  # replace: [T, T], A_tgt = A_src @ matrix
+    mapper: Tensor | None  # refine: [T] source position for each target position
+    alphas: Tensor | None  # refine: [T] 1 where the target token is aligned to a source token
+    weights: Tensor  # reweight: [T] multiplier on the target's text columns
+
+
+def align_prompts(
+    segments: Sequence[TextSegment],
+    source: str,
+    target: str,
+    *,
+    mode: str = "auto",
+    reweight: Mapping[str, float] | None = None,
+) -> TextAlignment:
+    """Build the token alignment over all text segments (positions outside segments map to themselves)."""
+    if mode not in MODES:
+        raise ValueError(f"unknown P2P mode {mode!r}; choose one of {MODES}")
+    if mode == "auto":
+        mode = "replace" if len(source.split()) == len(target.split()) else "refine"
+    total = max(s.offset + s.length for s in segments)
+    weights = torch.ones(total)
+    if mode == "replace":
+        matrix = torch.eye(total)
+        for s in segments:
+            m = tokens.replace_mapper(s.tokenizer, source, target, max_length=s.length)
+            matrix[s.offset : s.offset + s.length, s.offset : s.offset + s.length] = m
+        mapper = alphas = None
+    else:
+        matrix = None
+        mapper = torch.arange(total)
+        alphas = torch.ones(total)
+        for s in segments:
+            m, a = tokens.refine_mapper(s.tokenizer, source, target, max_length=s.length)
+            m = m.clone()
+            m[m >= 0] += s.offset
+            m[m < 0] = s.offset  # new tokens: any valid index, their alpha is 0
+            mapper[s.offset : s.offset + s.length] = m
+            alphas[s.offset : s.offset + s.length] = a
+    if reweight:
+        for s in segments:
+            w = tokens.reweight_vector(s.tokenizer, target, dict(reweight), max_length=s.length)
+            weights[s.offset : s.offset + s.length] = w
+    return TextAlignment(mode=mode, matrix=matrix, mapper=mapper, alphas=alphas, weights=weights)
+
+
+def word_positions(segments: Sequence[TextSegment], prompt: str, words: Sequence[str]) -> list[int]:
+    """Text-sequence positions of ``words`` in ``prompt`` over all segments."""
+    out: list[int] = []
+    for s in segments:
+        for w in words:
+            out.extend(s.offset + i for i in tokens.word_token_indices(s.tokenizer, prompt, w, max_length=s.length))
+    if words and not out:
+        raise ValueError(f"none of the words {list(words)} were found in {prompt!r}")
+    return sorted(set(out))
+
+
+class LocalBlend:
+    """P2P's local blend: keep the source latent outside the region the blend words attend to.
+
+    Word maps (image-query attention to the words' tokens, conditional rows, averaged over heads and
+    layers, summed over steps) are resized to ``map_size``, max-pooled 3x3, upsampled to the latent,
+    normalised by their maximum and thresholded; the union of the source-word and target-word masks is
+    the editable region: ``x_tgt <- x_src + mask * (x_tgt - x_src)`` after each step from ``start``.
+    """
+
+    def __init__(
+        self,
+        source_positions: list[int],
+        target_positions: list[int],
+        *,
+        threshold: float = 0.3,
+        start: float = 0.2,
+        map_size: int = 16,
+    ) -> None:
+        self.positions = (source_positions, target_positions)
+        self.threshold = threshold
+        self.start = start
+        self.map_size = map_size
+        self.maps: Tensor | None = None  # [2, S, S] running sum (source words, target words)
+        self.count = 0
+        self.last_mask: Tensor | None = None
+
+    def record(self, probs_img_txt: Tensor, ctx: AttnContext, src_row: int, tgt_row: int) -> None:
+        """``probs_img_txt``: [B, h, N_img, T] image-query / text-key probabilities."""
+        hh, ww = ctx.image_hw
+        maps = []
+        for row, pos in ((src_row, self.positions[0]), (tgt_row, self.positions[1])):
+            m = probs_img_txt[row][..., pos].sum(-1).mean(0).float()  # [N_img]
+            maps.append(m.reshape(1, 1, hh, ww))
+        size = (self.map_size, max(1, round(self.map_size * ww / hh)))
+        grid = torch.cat([F.interpolate(m, size=size, mode="bilinear", align_corners=False) for m in maps])[:, 0]
+        self.maps = grid if self.maps is None else self.maps + grid
+        self.count += 1
+
+    def mask(self, latent_hw: tuple[int, int]) -> Tensor | None:
+        if self.maps is None:
+            return None
+        m = F.max_pool2d(self.maps[:, None], 3, stride=1, padding=1)
+        m = F.interpolate(m, size=latent_hw, mode="nearest")
+        m = m / m.flatten(1).amax(1).clamp_min(1e-12)[:, None, None, None]
+        return (m > self.threshold).any(0).float()  # [1, h, w]
+
+    def apply(self, i: int, x: Tensor, num_steps: int) -> Tensor:
+        if i < int(self.start * num_steps):
+            return x
+        mask = self.mask((x.shape[-2], x.shape[-1]))
+        if mask is None:
+            return x
+        self.last_mask = mask
+        out = x.clone()
+        for b in range(1, x.shape[0]):
+            out[b] = x[0] + mask.to(x.dtype) * (x[b] - x[0])
+        return out
+
+
+class PromptToPrompt:
+    """The P2P attention editor (see module docstring).
+
+    Args:
+        alignment: text alignment of source and target (from :func:`align_prompts`).
+        cross_steps: fraction of steps with cross-attention replacement (P2P default 0.8; PIE-Bench 0.4).
+        self_steps: fraction of steps with self-attention replacement (P2P 0.4; PIE-Bench 0.6).
+        self_max_tokens: self-attention maps are replaced only at layers with at most this many image tokens.
+        local_blend: optional :class:`LocalBlend`.
+    """
+
+    def __init__(
+        self,
+        alignment: TextAlignment,
+        *,
+        cross_steps: float = 0.8,
+        self_steps: float = 0.4,
+        self_max_tokens: int = 32 * 32,
+        local_blend: LocalBlend | None = None,
+    ) -> None:
+        for label, v in (("cross_steps", cross_steps), ("self_steps", self_steps)):
+            if not 0.0 <= v <= 1.0:
+                raise ValueError(f"{label} must be a fraction in [0, 1], got {v}")
+        self.alignment = alignment
+        self.cross_steps = cross_steps
+        self.self_steps = self_steps
+        self.self_max_tokens = self_max_tokens
+        self.local_blend = local_blend
+
+    # --- policy ---------------------------------------------------------------------------------------
+    def _cross_active(self, ctx: AttnContext) -> bool:
+        return ctx.step < int(self.cross_steps * ctx.num_steps)
+
+    def _self_active(self, ctx: AttnContext) -> bool:
+        h, w = ctx.image_hw
+        return ctx.step < int(self.self_steps * ctx.num_steps) and h * w <= self.self_max_tokens
+
+    def applies(self, ctx: AttnContext) -> bool:
+        if ctx.phase != "sample" or ctx.layout.branches < 2:
+            return False
+        kind = ctx.layer.kind
+        if kind == "self":
+            return self._self_active(ctx)
+        return self._cross_active(ctx) or self.local_blend is not None
+
+    def needs_probs(self, ctx: AttnContext) -> bool:
+        return self.applies(ctx)
+
+    def edit_qkv(self, q: Tensor, k: Tensor, v: Tensor, ctx: AttnContext) -> tuple[Tensor, Tensor, Tensor]:
+        return q, k, v
+
+    # --- rules ----------------------------------------------------------------------------------------
+    def _rewrite(self, a_src: Tensor, a_tgt: Tensor) -> Tensor:
+        """P2P's edit of target text maps ``[h, N, T]`` from source ones."""
+        al = self.alignment
+        if al.mode == "replace":
+            new = a_src @ al.matrix.to(a_src.dtype)
+        else:
+            alphas = al.alphas.to(a_src.dtype)
+            new = a_src[..., al.mapper] * alphas + a_tgt * (1 - alphas)
+        return new * al.weights.to(a_src.dtype)
+
+    def edit_probs(self, probs: Tensor, ctx: AttnContext) -> Tensor:
+        layout = ctx.layout
+        src = layout.row(0, cond=True)
+        kind = ctx.layer.kind
+        if kind == "self":
+            probs = probs.clone()
+            for b in range(1, layout.branches):
+                probs[layout.row(b, True)] = probs[src]
+            return probs
+        seq = probs.shape[-1]
+        if kind == "cross":
+            rows, cols = slice(None), slice(None)
+        else:
+            rows, cols = ctx.image_slice(seq), ctx.text_slice(seq)
+        text_len = self.alignment.weights.shape[0]
+        if self.local_blend is not None:
+            img_txt = probs[:, :, rows, cols][..., :text_len]
+            self.local_blend.record(img_txt, ctx, src, layout.row(1, True))
+        if not self._cross_active(ctx):
+            return probs
+        probs = probs.clone()
+        for b in range(1, layout.branches):
+            tgt = layout.row(b, True)
+            block = probs[tgt, :, rows, cols]
+            a_src = probs[src, :, rows, cols]
+            n = min(text_len, block.shape[-1])
+            block = block.clone()
+            block[..., :n] = self._rewrite(a_src[..., :text_len], block[..., :text_len])[..., :n]
+            probs[tgt, :, rows, cols] = block
+        return probs
+
+    def after_step(self, i: int, x: Tensor, state: Any) -> Tensor | None:
+        if self.local_blend is None:
+            return None
+        return self.local_blend.apply(i, x, state.num_steps)

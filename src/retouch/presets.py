@@ -1,0 +1,61 @@
+"""Named presets reproducing the papers' setups. Every field can be overridden (CLI flags, EditConfig)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+ALL = ("sd", "pixart", "sd3", "flux")
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    editor: str
+    inversion: str | None
+    families: tuple[str, ...]
+    description: str
+    solver: str | None = None
+    num_steps: int | None = None
+    guidance: float | None = None
+    options: Mapping[str, Any] = field(default_factory=dict)
+    inversion_prompt: str | None = None
+    inversion_guidance: float | None = None
+    inversion_options: Mapping[str, Any] = field(default_factory=dict)
+
+
+PRESETS: dict[str, Preset] = {
+    p.name: p
+    for p in (
+        Preset("ddim+p2p", "p2p", "ddim", ALL,
+               "Prompt-to-Prompt on plain DDIM inversion (PIE-Bench's DDIM+P2P baseline)", solver="ddim"),
+        Preset("direct+p2p", "p2p", "direct", ALL,
+               "Prompt-to-Prompt with Direct Inversion's source-branch correction (Ju et al.)"),
+        Preset("ddim+masactrl", "masactrl", "ddim", ALL, "MasaCtrl on plain DDIM inversion", solver="ddim"),
+        Preset("direct+masactrl", "masactrl", "direct", ALL, "MasaCtrl with Direct Inversion"),
+        Preset("dit4edit", "unified", "dpmpp", ("pixart",),
+               "DiT4Edit on PixArt: DPM-Solver++ inversion (fixed-point corrected), 30 steps, CFG 4.5, "
+               "unified attention control", solver="dpmpp", num_steps=30, guidance=4.5),
+        Preset("direct+dit4edit", "unified", "direct", ("pixart",),
+               "DiT4Edit's unified control with Direct Inversion's source correction on DPM-Solver++",
+               solver="dpmpp", num_steps=30, guidance=4.5),
+        Preset("rf_inversion", "rf_control", "rf_inversion", ("sd3", "flux"),
+               "RF-Inversion (Rout et al.): controlled forward ODE (gamma 0.5) from an empty-prompt, guidance-0 "
+               "inversion, controlled reverse ODE (eta 0.9 over the first 25% of 28 steps)",
+               solver="flow_euler", num_steps=28, inversion_prompt="", inversion_guidance=0.0,
+               options={"eta": 0.9, "start": 0.0, "stop": 0.25}, inversion_options={"gamma": 0.5}),
+        Preset("rf_solver", "masactrl", "rf_solver", ("sd3", "flux"),
+               "RF-Solver-Edit: second-order midpoint inversion and sampling, source value injection in the "
+               "deeper half of the blocks for the first 20% of the steps",
+               solver="rf_solver", options={"start_step": 0, "end_step": 0.2, "start_layer": 0.5, "share": "v"}),
+        Preset("fireflow", "masactrl", "fireflow", ("sd3", "flux"),
+               "FireFlow: midpoint inversion and sampling reusing velocities (~1 NFE per step), source value "
+               "injection as RF-Solver-Edit", solver="fireflow",
+               options={"start_step": 0, "end_step": 0.2, "start_layer": 0.5, "share": "v"}),
+    )
+}  # fmt: skip
+
+
+def get_preset(name: str) -> Preset | None:
+    return PRESETS.get(name)
