@@ -113,3 +113,19 @@ def test_unknown_option_and_unsupported_family_are_errors():
         _run(tiny_backbone("sd"), "ddim+p2p", options={"frobnicate": 1})
     with pytest.raises(ValueError, match="does not support the sd family"):
         _run(tiny_backbone("sd"), "rf_inversion")
+
+
+def _source_error(res):
+    z0 = res.trajectory.latents[-1][0]
+    return float((res.latents[0] - z0).norm() / z0.norm())
+
+
+def test_null_text_and_negative_prompt_beat_plain_ddim_under_guidance():
+    bb = tiny_backbone("sd")
+    kw = dict(steps=5, guidance=7.5)
+    plain = _source_error(_run(bb, "ddim+p2p", **kw))
+    nti = _run(bb, "null_text+p2p", **kw)
+    npi = _source_error(_run(bb, "negative_prompt+p2p", **kw))
+    assert len(nti.trajectory.extras["uncond_per_step"]) == 5
+    assert _source_error(nti) < plain and npi < plain, (_source_error(nti), npi, plain)
+    assert nti.report["nfe"]["inversion"] > 5  # the optimisation's forward passes are counted

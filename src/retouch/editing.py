@@ -57,6 +57,12 @@ class GuidedModel:
         self.state = state
         self.nfe = 0
 
+    def set_uncond(self, uncond: Conditioning) -> None:
+        """Replace the unconditional conditioning (per-step embeddings of null-text inversion)."""
+        if not self.cfg:
+            return
+        self.batch_cond = Conditioning.cat([uncond, self.cond])
+
     @property
     def layout(self) -> BatchLayout:
         return BatchLayout(branches=self.cond.batch_size, cfg=self.cfg)
@@ -190,7 +196,15 @@ def prepare_image(backbone: Backbone, image: Image.Image, cfg: EditConfig) -> tu
 
 
 def run_inversion(
-    z0: Tensor, grid: NoiseGrid, model: GuidedModel, inv: InversionConfig, base: str, generator: torch.Generator
+    z0: Tensor,
+    grid: NoiseGrid,
+    model: GuidedModel,
+    inv: InversionConfig,
+    base: str,
+    generator: torch.Generator,
+    *,
+    uncond: Conditioning | None = None,
+    guidance: float = 1.0,
 ) -> Trajectory:
     """Run the inversion ``base`` (for Direct Inversion: the sampler's own) with the configured options."""
     kwargs: dict[str, Any] = dict(inv.options)
@@ -198,6 +212,8 @@ def run_inversion(
         kwargs.update(iterations=inv.iterations, sweeps=inv.sweeps, eta=inv.eta)
     if base == "rf_inversion":
         kwargs["generator"] = generator
+    if base == "null_text":
+        kwargs.update(uncond=uncond, guidance=guidance)
     return get_inversion(base).invert(model, z0, grid, **kwargs)
 
 
@@ -255,7 +271,9 @@ def edit(
             z0 = backbone.encode_image(pixels).float()
             hw = (img.size[1], img.size[0])
             cond = backbone.encode_prompt([cfg.source_prompt, cfg.target_prompt], image_size=hw, guidance=res.guidance)
-            need_uncond = backbone.uses_cfg and (res.guidance != 1.0 or cfg.inversion.guidance != 1.0)
+            need_uncond = backbone.uses_cfg and (
+                res.guidance != 1.0 or cfg.inversion.guidance != 1.0 or res.base_inversion == "null_text"
+            )
             uncond = backbone.encode_prompt(["", ""], image_size=hw) if need_uncond else None
             inv_prompt = cfg.source_prompt if cfg.inversion.prompt is None else cfg.inversion.prompt
             inv_cond = cond.select([0])
@@ -280,7 +298,10 @@ def edit(
                     cfg.inversion.guidance,
                     state,
                 )
-                traj = run_inversion(z0, grid, inv_model, cfg.inversion, res.base_inversion, generator)
+                traj = run_inversion(
+                    z0, grid, inv_model, cfg.inversion, res.base_inversion, generator,
+                    uncond=uncond.select([0]) if uncond is not None else None, guidance=res.guidance,
+                )  # fmt: skip
             if hasattr(editor, "begin"):
                 editor.begin(traj)
             if progress:
@@ -293,8 +314,12 @@ def edit(
                     model = HookedModel(model, editor.modify_prediction, res.num_steps)
                 x = traj.noise.repeat(2, 1, 1, 1)
                 solver_state: dict[str, Any] = {"generator": generator}
+                per_step_uncond = traj.extras.get("uncond_per_step")
                 for i in range(grid.num_steps):
                     state.step = i
+                    if per_step_uncond is not None:  # null-text / negative-prompt inversion
+                        base_model = model.model if isinstance(model, HookedModel) else model
+                        base_model.set_uncond(per_step_uncond[i].repeat(cond.batch_size))
                     x = res.solver.step(model, x, grid, i, solver_state)
                     if res.source_correction:  # Direct Inversion: pin the source branch to z*_{i+1}
                         x = torch.cat([traj.latents[i + 1], x[1:]])
@@ -322,7 +347,7 @@ def edit(
         "seed": cfg.seed,
         "num_steps": res.num_steps,
         "guidance": res.guidance,
-        "nfe": {"inversion": inv_model.nfe, "sampling": model.nfe, "total": inv_model.nfe + model.nfe},
+        "nfe": {"inversion": traj.nfe, "sampling": model.nfe, "total": traj.nfe + model.nfe},
         "timings": {k: round(v, 4) for k, v in timings.items()},
         "size": size_note,
         "attention_calls": {"total": state.calls, "materialised": state.prob_calls},

@@ -31,7 +31,7 @@ def check_start(z0: Tensor, grid: NoiseGrid) -> None:
 
 
 def _registry() -> dict[str, Inversion]:
-    from retouch.inversion import direct, dpm, naive, rf
+    from retouch.inversion import direct, dpm, naive, null_text, rf
 
     items = (
         Inversion(
@@ -75,6 +75,21 @@ def _registry() -> dict[str, Inversion]:
             "fireflow",
             ("sd3", "flux"),
             "FireFlow inversion: midpoint steps reusing the previous velocity (~1 NFE)",
+        ),
+        Inversion(
+            "null_text",
+            null_text.null_text_inversion,
+            "ddim",
+            ("sd", "pixart", "sd3"),
+            "Null-text inversion (Mokady et al. 2023): per-step unconditional embeddings optimised so the "
+            "guided DDIM path hits the guidance-1 pivots",
+        ),
+        Inversion(
+            "negative_prompt",
+            null_text.negative_prompt_inversion,
+            "ddim",
+            ("sd", "pixart", "sd3"),
+            "Negative-prompt inversion (Miyake et al. 2023): the source prompt replaces the null prompt",
         ),
         Inversion(
             "direct",
