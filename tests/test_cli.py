@@ -116,3 +116,28 @@ def test_unknown_flag_is_a_usage_error(image_file):
     with pytest.raises(SystemExit) as exc:
         main(["edit", str(image_file), "-s", "a", "-t", "b", "--frobnicate"])
     assert exc.value.code == 2
+
+
+def test_edit_with_preset_and_attention_maps(tmp_path, image_file, tiny_model_dir, capsys):
+    out = tmp_path / "e.png"
+    maps = tmp_path / "maps"
+    rc = main(["edit", str(image_file), "-s", "a red circle", "-t", "a blue circle", "--model", tiny_model_dir,
+               "--method", "direct+p2p", "--steps", "3", "-o", str(out), "--save-attention", str(maps),
+               "--option", "cross_steps=0.5", "--no-progress"])  # fmt: skip
+    assert rc == 0
+    report = json.loads((tmp_path / "e.png.json").read_text())
+    assert report["method"] == "direct+p2p" and report["inversion"] == "direct"
+    assert report["config"]["options"]["cross_steps"] == 0.5
+    names = sorted(p.name for p in maps.iterdir())
+    assert "target.png" in names and "source.png" in names
+    assert any(n.startswith("target_") and n.endswith("_blue.png") for n in names)
+    assert any(n.startswith("source_") and n.endswith("_red.png") for n in names)
+
+
+def test_methods_json_has_presets_matrix(capsys):
+    assert main(["methods", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    names = {p["name"] for p in info["presets"]}
+    assert {"dit4edit", "direct+p2p", "ddim+p2p", "direct+masactrl", "rf_inversion", "rf_solver", "fireflow",
+            "null_text+p2p"} <= names  # fmt: skip
+    assert info["matrix"]["dit4edit"] == {"sd": False, "pixart": True, "sd3": False, "flux": False}

@@ -62,6 +62,9 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--guidance", type=float, default=None, help="guidance scale while sampling")
     p.add_argument("--inversion-guidance", type=float, default=None, help="guidance scale while inverting (1)")
     p.add_argument("--inversion-iterations", type=int, default=6, help="fixed-point iterations (dpmpp inversion)")
+    p.add_argument("--inversion-prompt", default=None, help="prompt used while inverting (default: the source)")
+    p.add_argument("--inversion-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="inversion option, e.g. --inversion-option gamma=0.5 (repeatable)")  # fmt: skip
     p.add_argument(
         "--size-policy",
         default="resize",
@@ -92,8 +95,10 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="method option, e.g. --option cross_replace=0.4 (repeatable)",
+        help="method option, e.g. --option cross_steps=0.4 (repeatable)",
     )
+    p.add_argument("--save-attention", metavar="DIR", default=None,
+                   help="write per-word text-attention heatmaps of both branches to DIR")  # fmt: skip
 
     p = sub.add_parser("invert", help="invert an image and regenerate it; prints the reconstruction PSNR")
     _add_run_args(p)
@@ -251,14 +256,54 @@ def _run(args: argparse.Namespace, source: str, target: str, method: str, option
         height=args.height,
         width=args.width,
         inversion=InversionConfig(
-            name=args.inversion, guidance=args.inversion_guidance, iterations=args.inversion_iterations
+            name=args.inversion,
+            guidance=args.inversion_guidance,
+            iterations=args.inversion_iterations,
+            prompt=args.inversion_prompt,
+            options=_parse_options(args.inversion_option),
         ),
         options=options,
     )
+    attention_dir = getattr(args, "save_attention", None)
+    if attention_dir is not None and Path(attention_dir).is_file():
+        raise CliError(f"--save-attention {attention_dir} is a file; give a directory")
     model = args.model or _default_model()
     backbone = load_backbone(model, device=args.device, dtype=args.dtype, offload=args.offload)
-    result = edit(backbone, image, cfg, progress=_progress(args.no_progress))
+    result = edit(
+        backbone, image, cfg, progress=_progress(args.no_progress), record_attention=attention_dir is not None
+    )
     return image, out, result
+
+
+def save_attention_maps(directory: Path, result: Any) -> list[Path]:
+    """Write one heatmap per word and branch, and a labelled strip per branch (image | words...)."""
+    from PIL import Image, ImageDraw
+
+    from retouch import io
+    from retouch.control.recorder import heatmap_rgb
+
+    written: list[Path] = []
+    directory.mkdir(parents=True, exist_ok=True)
+    images = {"source": result.reconstruction, "target": result.image}
+    for branch, maps in result.extras.get("attention_maps", {}).items():
+        base = images[branch]
+        w, h = base.size
+        tiles = [base]
+        for key, m in maps.items():
+            heat = Image.fromarray(heatmap_rgb(m)).resize((w, h), Image.Resampling.BICUBIC)
+            tile = Image.blend(base, heat, 0.6)
+            written.append(io.save_image(tile, directory / f"{branch}_{key}.png"))
+            tiles.append(tile)
+        scale = max(1, 128 // max(h, 1))
+        label_h = 14
+        strip = Image.new("RGB", (len(tiles) * w * scale, h * scale + label_h), (255, 255, 255))
+        draw = ImageDraw.Draw(strip)
+        labels = ["image", *(k.split("_", 1)[1] for k in maps)]
+        for j, (tile, label) in enumerate(zip(tiles, labels, strict=True)):
+            strip.paste(tile.resize((w * scale, h * scale), Image.Resampling.NEAREST), (j * w * scale, label_h))
+            draw.text((j * w * scale + 2, 1), label[:12], fill=(0, 0, 0))
+        written.append(io.save_image(strip, directory / f"{branch}.png"))
+    return written
 
 
 def _write_outputs(out: Path, image, report: dict[str, Any]) -> None:
@@ -279,6 +324,9 @@ def cmd_edit(args: argparse.Namespace) -> int:
     _, out, result = _run(args, args.source, args.target, args.method, options, "edited")
     report = {**result.report, "input": str(args.image), "output": str(out)}
     _write_outputs(out, result.image, report)
+    if args.save_attention:
+        maps = save_attention_maps(Path(args.save_attention), result)
+        report["attention_maps"] = [str(p) for p in maps]
     if args.json:
         print(json.dumps(report, indent=2, default=str))
     else:

@@ -252,6 +252,7 @@ def edit(
     *,
     progress: Progress | None = None,
     keep_latents: bool = False,
+    record_attention: bool = False,
 ) -> EditResult:
     """Edit ``image`` from ``cfg.source_prompt`` to ``cfg.target_prompt`` with ``cfg.method``.
 
@@ -284,6 +285,13 @@ def edit(
         latent_hw = (z0.shape[-2], z0.shape[-1])
         grid = backbone.grid(res.solver.grid, res.num_steps, latent_hw)
         editor = get_editor(res.editor, backbone.family).build(backbone, cfg, dict(cfg.options))
+        recorder = None
+        if record_attention:
+            from retouch.control.compose import ComposedEditor
+            from retouch.control.recorder import AttentionRecorder
+
+            recorder = AttentionRecorder(backbone.text_segments()[0], [cfg.source_prompt, cfg.target_prompt])
+            editor = ComposedEditor([e for e in (editor, recorder) if e is not None])
         after_step = getattr(editor, "after_step", None)
 
         with attention_editing(backbone, editor) as state:
@@ -356,7 +364,11 @@ def edit(
         "device": str(backbone.device),
         "dtype": str(backbone.dtype).removeprefix("torch."),
     }
+    extras: dict[str, Any] = {}
+    if recorder is not None:
+        extras["attention_maps"] = dict(zip(("source", "target"), recorder.maps(), strict=True))
     return EditResult(
+        extras=extras,
         image=edited_img,
         reconstruction=recon_img,
         report=report,

@@ -45,3 +45,16 @@ class ComposedEditor:
                 out = hook(i, x, state)
                 x = x if out is None else out
         return x
+
+    def begin(self, trajectory: Any) -> None:
+        for e in self.editors:
+            hook = getattr(e, "begin", None)
+            if hook is not None:
+                hook(trajectory)
+
+    def modify_prediction(self, i: int, x: Tensor, p: Any, grid: Any, num_steps: int) -> Any:
+        for e in self.editors:
+            hook = getattr(e, "modify_prediction", None)
+            if hook is not None:
+                p = hook(i, x, p, grid, num_steps)
+        return p
