@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -53,15 +53,23 @@ class GuidedModel:
         self.cond = cond
         self.guidance = guidance
         self.cfg = backbone.uses_cfg and uncond is not None and guidance != 1.0
+        self.uncond = uncond
         self.batch_cond = Conditioning.cat([uncond, cond]) if self.cfg else cond
         self.state = state
         self.nfe = 0
 
     def set_uncond(self, uncond: Conditioning) -> None:
         """Replace the unconditional conditioning (per-step embeddings of null-text inversion)."""
-        if not self.cfg:
-            return
-        self.batch_cond = Conditioning.cat([uncond, self.cond])
+        self.uncond = uncond
+        if self.cfg:
+            self.batch_cond = Conditioning.cat([uncond, self.cond])
+
+    def set_cond(self, cond: Conditioning) -> None:
+        """Replace the conditional conditioning (per-step prompt mixing)."""
+        if cond.batch_size != self.cond.batch_size:
+            raise ValueError("replacement conditioning must keep the batch size")
+        self.cond = cond
+        self.batch_cond = Conditioning.cat([self.uncond, cond]) if self.cfg else cond
 
     @property
     def layout(self) -> BatchLayout:
@@ -294,8 +302,10 @@ def edit(
             editor = ComposedEditor([e for e in (editor, recorder) if e is not None])
         after_step = getattr(editor, "after_step", None)
 
-        with attention_editing(backbone, editor) as state:
+        with attention_editing(backbone, editor) as state, ExitStack() as hooks:
             state.num_steps = res.num_steps
+            if hasattr(editor, "install"):  # e.g. feature injection through forward hooks (reversible)
+                hooks.enter_context(editor.install(backbone, state))
             with _timed(timings, "invert"):
                 state.phase = "invert"
                 inv_model = GuidedModel(
@@ -317,7 +327,10 @@ def edit(
 
             with _timed(timings, "sample"):
                 state.phase = "sample"
+                if hasattr(editor, "prepare_conditioning"):  # e.g. Pix2Pix-Zero's edit direction
+                    cond = editor.prepare_conditioning(cond, uncond)
                 model = GuidedModel(backbone, grid, cond, uncond, res.guidance, state)
+                guided = model
                 if hasattr(editor, "modify_prediction"):
                     model = HookedModel(model, editor.modify_prediction, res.num_steps)
                 x = traj.noise.repeat(2, 1, 1, 1)
@@ -326,8 +339,13 @@ def edit(
                 for i in range(grid.num_steps):
                     state.step = i
                     if per_step_uncond is not None:  # null-text / negative-prompt inversion
-                        base_model = model.model if isinstance(model, HookedModel) else model
-                        base_model.set_uncond(per_step_uncond[i].repeat(cond.batch_size))
+                        guided.set_uncond(per_step_uncond[i].repeat(cond.batch_size))
+                    if hasattr(editor, "step_conditioning"):  # e.g. per-step embedding mixing
+                        step_cond = editor.step_conditioning(i, cond)
+                        guided.set_cond(cond if step_cond is None else step_cond)
+                    if hasattr(editor, "before_step"):  # e.g. latent guidance (Pix2Pix-Zero)
+                        out = editor.before_step(i, x, guided, grid)
+                        x = x if out is None else out
                     x = res.solver.step(model, x, grid, i, solver_state)
                     if res.source_correction:  # Direct Inversion: pin the source branch to z*_{i+1}
                         x = torch.cat([traj.latents[i + 1], x[1:]])

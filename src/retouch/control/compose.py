@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 from typing import Any
 
 from torch import Tensor
@@ -58,3 +59,32 @@ class ComposedEditor:
             if hook is not None:
                 p = hook(i, x, p, grid, num_steps)
         return p
+
+    @contextmanager
+    def install(self, backbone: Any, state: Any) -> Iterator[None]:
+        with ExitStack() as stack:
+            for e in self.editors:
+                if hasattr(e, "install"):
+                    stack.enter_context(e.install(backbone, state))
+            yield
+
+    def prepare_conditioning(self, cond: Any, uncond: Any) -> Any:
+        for e in self.editors:
+            if hasattr(e, "prepare_conditioning"):
+                cond = e.prepare_conditioning(cond, uncond)
+        return cond
+
+    def step_conditioning(self, i: int, cond: Any) -> Any:
+        out = None
+        for e in self.editors:
+            if hasattr(e, "step_conditioning"):
+                res = e.step_conditioning(i, cond if out is None else out)
+                out = res if res is not None else out
+        return out
+
+    def before_step(self, i: int, x: Tensor, model: Any, grid: Any) -> Tensor:
+        for e in self.editors:
+            if hasattr(e, "before_step"):
+                out = e.before_step(i, x, model, grid)
+                x = x if out is None else out
+        return x
