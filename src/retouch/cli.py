@@ -73,6 +73,8 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--height", type=int, default=None, help="process at this height (pixels)")
     p.add_argument("--width", type=int, default=None, help="process at this width (pixels)")
+    p.add_argument("--merge-ratio", type=float, default=0.0, help="token merging ratio in self-attention (0=off)")
+    p.add_argument("--merge-max-downsample", type=int, default=1, help="UNets: merge only up to this downsampling")
     p.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     _add_model_args(p)
@@ -235,7 +237,7 @@ def _progress(disabled: bool):
 def _run(args: argparse.Namespace, source: str, target: str, method: str, options: dict[str, Any], suffix: str):
     from retouch import io
     from retouch.backbones import load_backbone
-    from retouch.config import EditConfig, InversionConfig
+    from retouch.config import EditConfig, InversionConfig, MergeConfig
     from retouch.control.editors import get_editor
     from retouch.editing import edit
     from retouch.presets import get_preset
@@ -262,6 +264,7 @@ def _run(args: argparse.Namespace, source: str, target: str, method: str, option
             prompt=args.inversion_prompt,
             options=_parse_options(args.inversion_option),
         ),
+        merge=MergeConfig(ratio=args.merge_ratio, max_downsample=args.merge_max_downsample),
         options=options,
     )
     attention_dir = getattr(args, "save_attention", None)

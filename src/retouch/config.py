@@ -38,6 +38,27 @@ class InversionConfig:
 
 
 @dataclass(frozen=True)
+class MergeConfig:
+    """Token merging (ToMe) in self / joint attention.
+
+    ``ratio``: fraction of image tokens merged away (0 = off, up to 0.95; the stride is chosen so the ratio is
+    really applied); ``max_downsample``: on UNets, merge only in layers at most this much downsampled (tomesd's
+    default 1 = the highest-resolution blocks; DiTs merge in every block); ``random``: random destination
+    token per cell (seeded) instead of the top-left one.
+    """
+
+    ratio: float = 0.0
+    max_downsample: int = 1
+    random: bool = True
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.ratio <= 0.95:
+            raise ValueError(f"merge ratio must be in [0, 0.95], got {self.ratio}")
+        if self.max_downsample < 1:
+            raise ValueError(f"merge max_downsample must be >= 1, got {self.max_downsample}")
+
+
+@dataclass(frozen=True)
 class EditConfig:
     """One edit. ``None`` fields take the backbone's defaults when the config is resolved."""
 
@@ -52,6 +73,7 @@ class EditConfig:
     height: int | None = None
     width: int | None = None
     inversion: InversionConfig = field(default_factory=InversionConfig)
+    merge: MergeConfig = field(default_factory=MergeConfig)
     options: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:

@@ -244,6 +244,23 @@ class HookedModel:
         return self.model.at_sigma(x, sigma, i)
 
 
+def make_merger(backbone: Backbone, cfg: EditConfig) -> Any:
+    """The token merger for this run, or None when merging is off."""
+    m = cfg.merge
+    if m.ratio <= 0:
+        return None
+    from retouch.merging.settings import TokenMerger
+
+    unet = backbone.family == "sd"
+
+    def layers(info: Any) -> bool:
+        if info.kind not in ("self", "joint", "single"):
+            return False
+        return not unet or info.downsample <= m.max_downsample
+
+    return TokenMerger(ratio=m.ratio, layers=layers, seed=cfg.seed, random_dst=m.random)
+
+
 @contextmanager
 def _timed(timings: dict[str, float], key: str) -> Iterator[None]:
     t0 = time.perf_counter()
@@ -302,7 +319,8 @@ def edit(
             editor = ComposedEditor([e for e in (editor, recorder) if e is not None])
         after_step = getattr(editor, "after_step", None)
 
-        with attention_editing(backbone, editor) as state, ExitStack() as hooks:
+        merger = make_merger(backbone, cfg)
+        with attention_editing(backbone, editor, merger=merger) as state, ExitStack() as hooks:
             state.num_steps = res.num_steps
             if hasattr(editor, "install"):  # e.g. feature injection through forward hooks (reversible)
                 hooks.enter_context(editor.install(backbone, state))
@@ -377,6 +395,7 @@ def edit(
         "timings": {k: round(v, 4) for k, v in timings.items()},
         "size": size_note,
         "attention_calls": {"total": state.calls, "materialised": state.prob_calls},
+        "merge": merger.report() if merger is not None else None,
         "inversion_extras": {k: v for k, v in traj.extras.items() if isinstance(v, (int, float, tuple, list))},
         "config": cfg.to_dict(),
         "device": str(backbone.device),

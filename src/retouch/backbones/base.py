@@ -211,8 +211,9 @@ class Backbone(abc.ABC):
         """All attention layers, keyed by module path, in execution order."""
 
     @abc.abstractmethod
-    def make_processor(self, layer: LayerInfo, attend: Callable[..., Tensor]) -> Any:
-        """A diffusers attention processor for ``layer`` that routes attention through ``attend``."""
+    def make_processor(self, layer: LayerInfo, attend: Callable[..., Tensor], merge: Callable | None = None) -> Any:
+        """A diffusers attention processor for ``layer`` that routes attention through ``attend`` (and merges
+        image tokens through ``merge`` where the layer's kind allows it)."""
 
     def describe(self) -> dict[str, Any]:
         layers = self.attention_layers()

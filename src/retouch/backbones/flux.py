@@ -135,5 +135,7 @@ class FluxBackbone(Backbone):
             out[name] = LayerInfo(name=name, kind=kind, depth=depth, place=place, downsample=2, text_first=True)
         return out
 
-    def make_processor(self, layer: LayerInfo, attend) -> Any:
-        return FluxProcessor(layer, attend, lambda: self._num_text)
+    def make_processor(self, layer: LayerInfo, attend, merge=None) -> Any:
+        if merge is None:
+            return FluxProcessor(layer, attend, lambda: self._num_text)
+        return FluxProcessor(layer, attend, lambda: self._num_text, merge)

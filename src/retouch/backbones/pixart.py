@@ -111,8 +111,8 @@ class PixArtBackbone(Backbone):
             out[name] = LayerInfo(name=name, kind=kind, depth=int(m.group(1)), place="dit", downsample=self.patch_size)
         return out
 
-    def make_processor(self, layer: LayerInfo, attend) -> Any:
-        return StandardProcessor(layer, attend)
+    def make_processor(self, layer: LayerInfo, attend, merge=None) -> Any:
+        return StandardProcessor(layer, attend) if merge is None else StandardProcessor(layer, attend, merge)
 
 
 def _match(name: str) -> re.Match[str]:

@@ -9,6 +9,7 @@ Each class reproduces one diffusers processor's projections exactly (adapted fro
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -16,14 +17,24 @@ from torch import Tensor
 from retouch.backbones.base import LayerInfo
 
 Attend = Callable[..., Tensor]
+Merge = Callable[[Tensor, LayerInfo], tuple[Tensor, Any]]
+
+
+def _no_merge(hidden: Tensor, layer: LayerInfo) -> tuple[Tensor, Any]:
+    return hidden, None
 
 
 class StandardProcessor:
-    """For diffusers ``Attention`` modules (UNet self/cross, PixArt self/cross); mirrors ``AttnProcessor2_0``."""
+    """For diffusers ``Attention`` modules (UNet self/cross, PixArt self/cross); mirrors ``AttnProcessor2_0``.
 
-    def __init__(self, layer: LayerInfo, attend: Attend) -> None:
+    In self-attention layers ``merge`` may reduce the image tokens before the projections (token merging);
+    the output is unmerged back after ``to_out``.
+    """
+
+    def __init__(self, layer: LayerInfo, attend: Attend, merge: Merge = _no_merge) -> None:
         self.layer = layer
         self.attend = attend
+        self.merge = merge
 
     def __call__(
         self,
@@ -50,6 +61,9 @@ class StandardProcessor:
             attention_mask = attention_mask.view(batch_size, attn.heads, -1, attention_mask.shape[-1])
         if attn.group_norm is not None:
             hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+        plan = None
+        if encoder_hidden_states is None and attention_mask is None and input_ndim == 3:
+            hidden_states, plan = self.merge(hidden_states, self.layer)  # [B, N', C]
 
         query = attn.to_q(hidden_states)
         if encoder_hidden_states is None:
@@ -74,6 +88,8 @@ class StandardProcessor:
         hidden_states = hidden_states.to(query.dtype)
         hidden_states = attn.to_out[0](hidden_states)
         hidden_states = attn.to_out[1](hidden_states)
+        if plan is not None:
+            hidden_states = plan.unmerge(hidden_states)  # [B, N, C]
         if input_ndim == 4:
             hidden_states = hidden_states.transpose(-1, -2).reshape(batch_size, channel, height, width)
         if attn.residual_connection:
@@ -82,11 +98,15 @@ class StandardProcessor:
 
 
 class JointProcessor:
-    """For SD3's joint attention; mirrors ``JointAttnProcessor2_0``. Sequence = [image; text]."""
+    """For SD3's joint attention; mirrors ``JointAttnProcessor2_0``. Sequence = [image; text].
 
-    def __init__(self, layer: LayerInfo, attend: Attend) -> None:
+    Token merging acts on the image stream only (text tokens are never merged).
+    """
+
+    def __init__(self, layer: LayerInfo, attend: Attend, merge: Merge = _no_merge) -> None:
         self.layer = layer
         self.attend = attend
+        self.merge = merge
 
     def __call__(
         self,
@@ -97,6 +117,7 @@ class JointProcessor:
         *args,
         **kwargs,
     ):
+        hidden_states, plan = self.merge(hidden_states, self.layer)  # image tokens [B, N', C]
         residual = hidden_states
         batch_size = hidden_states.shape[0]
         query = attn.to_q(hidden_states)
@@ -135,6 +156,8 @@ class JointProcessor:
                 encoder_hidden_states = attn.to_add_out(encoder_hidden_states)
         hidden_states = attn.to_out[0](hidden_states)
         hidden_states = attn.to_out[1](hidden_states)
+        if plan is not None:
+            hidden_states = plan.unmerge(hidden_states)
         if encoder_hidden_states is not None:
             return hidden_states, encoder_hidden_states
         return hidden_states
@@ -147,10 +170,11 @@ class FluxProcessor:
     taken from ``num_text`` set by the backbone before each forward (it is the T5 length).
     """
 
-    def __init__(self, layer: LayerInfo, attend: Attend, num_text: Callable[[], int]) -> None:
+    def __init__(self, layer: LayerInfo, attend: Attend, num_text: Callable[[], int], merge: Merge = _no_merge) -> None:
         self.layer = layer
         self.attend = attend
         self.num_text = num_text
+        self.merge = merge
 
     def __call__(
         self,
@@ -162,6 +186,18 @@ class FluxProcessor:
     ):
         from diffusers.models.embeddings import apply_rotary_emb
         from diffusers.models.transformers.transformer_flux import _get_qkv_projections
+
+        # token merging on the image tokens; rotary position inputs follow the kept tokens
+        n_txt_single = 0 if encoder_hidden_states is not None else self.num_text()
+        image = hidden_states[:, n_txt_single:]
+        merged, plan = self.merge(image, self.layer)
+        if plan is not None:
+            hidden_states = torch.cat([hidden_states[:, :n_txt_single], merged], dim=1)
+            if image_rotary_emb is not None:
+                n_txt = encoder_hidden_states.shape[1] if encoder_hidden_states is not None else n_txt_single
+                keep = plan.kept_index[0].to(image_rotary_emb[0].device) + n_txt
+                idx = torch.cat([torch.arange(n_txt, device=keep.device), keep])
+                image_rotary_emb = tuple(e[idx] for e in image_rotary_emb)
 
         query, key, value, eq, ek, ev = _get_qkv_projections(attn, hidden_states, encoder_hidden_states)
         query = attn.norm_q(query.unflatten(-1, (-1, attn.head_dim)))  # [B, N, h, d]
@@ -197,5 +233,11 @@ class FluxProcessor:
             hidden_states = attn.to_out[0](hidden_states.contiguous())
             hidden_states = attn.to_out[1](hidden_states)
             encoder_hidden_states = attn.to_add_out(encoder_hidden_states.contiguous())
+            if plan is not None:
+                hidden_states = plan.unmerge(hidden_states)
             return hidden_states, encoder_hidden_states
+        if plan is not None:
+            hidden_states = torch.cat(
+                [hidden_states[:, :n_txt_single], plan.unmerge(hidden_states[:, n_txt_single:])], dim=1
+            )
         return hidden_states

@@ -124,5 +124,5 @@ class SDBackbone(Backbone):
             out[name] = LayerInfo(name=name, kind=kind, depth=depth, place=place, downsample=ds)
         return out
 
-    def make_processor(self, layer: LayerInfo, attend) -> Any:
-        return StandardProcessor(layer, attend)
+    def make_processor(self, layer: LayerInfo, attend, merge=None) -> Any:
+        return StandardProcessor(layer, attend) if merge is None else StandardProcessor(layer, attend, merge)

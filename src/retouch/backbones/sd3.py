@@ -111,5 +111,5 @@ class SD3Backbone(Backbone):
             out[name] = LayerInfo(name=name, kind=kind, depth=depth, place="joint", downsample=self.patch_size)
         return out
 
-    def make_processor(self, layer: LayerInfo, attend) -> Any:
-        return JointProcessor(layer, attend)
+    def make_processor(self, layer: LayerInfo, attend, merge=None) -> Any:
+        return JointProcessor(layer, attend) if merge is None else JointProcessor(layer, attend, merge)

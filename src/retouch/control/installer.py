@@ -8,6 +8,7 @@ import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -47,6 +48,19 @@ class EditState:
     latent_hw: tuple[int, int] = (0, 0)
     calls: int = 0
     prob_calls: int = 0
+    merger: Any = None  # a retouch.merging.TokenMerger, or None
+
+    def merge(self, hidden: Tensor, layer: LayerInfo) -> tuple[Tensor, Any]:
+        """Merge the image tokens ``[B, N, C]`` of ``layer`` if merging applies there; returns (tokens, plan)."""
+        merger = self.merger
+        if merger is None or merger.ratio <= 0 or not merger.layers(layer) or self.latent_hw == (0, 0):
+            return hidden, None
+        grid = layer.resolution(self.latent_hw)
+        if grid[0] * grid[1] != hidden.shape[1]:
+            return hidden, None
+        source_row = self.layout.row(0, cond=True) if hidden.shape[0] == self.layout.size else 0
+        plan = merger.plan(hidden, layer, grid, source_row, self.step)
+        return plan.merge(hidden), plan
 
     def attend(
         self,
@@ -83,7 +97,7 @@ class EditState:
 
 @contextmanager
 def attention_editing(
-    backbone: Backbone, editor: AttentionEditor | None, *, layers: LayerSelector = all_layers
+    backbone: Backbone, editor: AttentionEditor | None, *, layers: LayerSelector = all_layers, merger: Any = None
 ) -> Iterator[EditState]:
     """Install ``editor`` on the layers ``layers`` selects; restore the original processors on exit.
 
@@ -96,10 +110,11 @@ def attention_editing(
     chosen = {name: info for name, info in infos.items() if layers(info)}
     if not chosen:
         raise ValueError(f"the layer selector matched none of the {len(infos)} attention layers of {backbone.family}")
-    state = EditState(editor=editor)
+    state = EditState(editor=editor, merger=merger)
     procs = dict(original)
-    for name, info in chosen.items():
-        procs[f"{name}.processor"] = backbone.make_processor(info, state.attend)
+    for name, info in infos.items():
+        if name in chosen or (merger is not None and merger.layers(info)):
+            procs[f"{name}.processor"] = backbone.make_processor(info, state.attend, state.merge)
     den.set_attn_processor(procs)
     try:
         yield state
