@@ -26,10 +26,10 @@ format:
 test: lint
 	$(BIN)/python -m pytest -q
 
-demo:
-	$(BIN)/retouch edit examples/scene_01.png \
-		--source "$$(cat examples/scene_01.source.txt)" --target "$$(cat examples/scene_01.target.txt)" \
-		--method direct+p2p -o out/scene_01_edited.png
+demo:  ## one edit of an example image on the default embedded model (offline, ~1 min on 2 CPU cores)
+	$(BIN)/retouch edit examples/colour.png \
+		--source "$$(cat examples/colour.source.txt)" --target "$$(cat examples/colour.target.txt)" \
+		--method direct+p2p --option blend_words="diamond diamond" -o out/colour_edited.png
 
 clean:
 	rm -rf .pytest_cache .ruff_cache build dist src/*.egg-info
