@@ -64,6 +64,7 @@ def test_edit_writes_image_and_sidecar(tmp_path, image_file, tiny_model_dir, cap
     report = json.loads((tmp_path / "edited.png.json").read_text())
     assert {"model", "method", "seed", "num_steps", "nfe", "timings", "config"} <= report.keys()
     assert report["seed"] == 7 and report["num_steps"] == 3 and report["nfe"]["total"] == 6
+    assert report["method"] == "direct+p2p"  # the SD family's default method
     assert str(out) in capsys.readouterr().out
     assert sorted(p.name for p in tmp_path.iterdir()) == ["edited.png", "edited.png.json", "in.png"]
 

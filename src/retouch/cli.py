@@ -91,7 +91,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_args(p)
     p.add_argument("--source", "-s", required=True, help="prompt describing the input image")
     p.add_argument("--target", "-t", required=True, help="prompt describing the wanted edit")
-    p.add_argument("--method", default="identity", help="editing method (see `retouch methods`)")
+    p.add_argument(
+        "--method",
+        default=None,
+        help="editing method or preset (see `retouch methods`; default per family: direct+p2p on SD/SD3, "
+        "dit4edit on PixArt, rf_inversion on Flux)",
+    )
     p.add_argument(
         "--option",
         action="append",
@@ -244,12 +249,12 @@ def _run(args: argparse.Namespace, source: str, target: str, method: str, option
 
     out = _output_path(args, suffix)
     image = io.load_image(args.image)  # fails before any model is loaded
-    if get_preset(method) is None:
+    if method is not None and get_preset(method) is None:
         get_editor(method)
     cfg = EditConfig(
         source_prompt=source,
         target_prompt=target,
-        method=method,
+        method=method or "identity",
         solver=args.solver,
         num_steps=args.steps,
         guidance=args.guidance,
@@ -272,6 +277,10 @@ def _run(args: argparse.Namespace, source: str, target: str, method: str, option
         raise CliError(f"--save-attention {attention_dir} is a file; give a directory")
     model = args.model or _default_model()
     backbone = load_backbone(model, device=args.device, dtype=args.dtype, offload=args.offload)
+    if method is None:
+        from retouch.presets import DEFAULT_METHOD
+
+        cfg = cfg.with_(method=DEFAULT_METHOD[backbone.family])
     result = edit(
         backbone, image, cfg, progress=_progress(args.no_progress), record_attention=attention_dir is not None
     )

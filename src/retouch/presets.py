@@ -61,5 +61,9 @@ PRESETS: dict[str, Preset] = {
 }  # fmt: skip
 
 
+# what `retouch edit` uses when no --method is given
+DEFAULT_METHOD = {"sd": "direct+p2p", "pixart": "dit4edit", "sd3": "direct+p2p", "flux": "rf_inversion"}
+
+
 def get_preset(name: str) -> Preset | None:
     return PRESETS.get(name)

@@ -215,6 +215,24 @@ class Backbone(abc.ABC):
         """A diffusers attention processor for ``layer`` that routes attention through ``attend`` (and merges
         image tokens through ``merge`` where the layer's kind allows it)."""
 
+    def feature_blocks(self) -> dict[str, LayerInfo]:
+        """Blocks whose outputs are spatial image features, keyed by module path, in execution order.
+
+        Feature editors (Plug-and-Play's feature injection) put removable forward hooks on these modules.
+        ``LayerInfo.kind`` says what the module returns:
+
+        * ``"resnet"``: a tensor ``[B, C, h, w]`` (UNet residual blocks, ``down/mid/up_blocks.*.resnets.*``);
+        * ``"dit"``: a tensor ``[B, N_img, D]`` of image tokens (PixArt ``transformer_blocks.*``);
+        * ``"joint"`` / ``"single"``: a tuple ``(encoder_hidden_states, hidden_states)`` (SD3
+          ``transformer_blocks.*``; Flux double ``transformer_blocks.*`` and single
+          ``single_transformer_blocks.*``). The **image stream is element 1**, ``[B, N_img, D]``; element 0
+          is the text stream (``None`` after SD3's last, context-pre-only block).
+
+        ``depth`` is the position among the feature blocks in execution order, ``downsample`` the stride of
+        the output grid relative to the latent.
+        """
+        raise NotImplementedError(f"the {self.family} adapter does not describe its feature blocks")
+
     def describe(self) -> dict[str, Any]:
         layers = self.attention_layers()
         kinds: dict[str, int] = {}

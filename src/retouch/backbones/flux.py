@@ -135,6 +135,19 @@ class FluxBackbone(Backbone):
             out[name] = LayerInfo(name=name, kind=kind, depth=depth, place=place, downsample=2, text_first=True)
         return out
 
+    def feature_blocks(self) -> dict[str, LayerInfo]:
+        """Double-stream ``transformer_blocks.*`` (kind ``"joint"``) then single-stream
+        ``single_transformer_blocks.*`` (kind ``"single"``); both return ``(encoder_hidden_states,
+        hidden_states)`` in diffusers >= 0.35: the packed image stream ``[B, N_img, D]`` is element 1."""
+        tr = self.pipe.transformer
+        out: dict[str, LayerInfo] = {}
+        for attr, kind, place in (("transformer_blocks", "joint", "double"),
+                                  ("single_transformer_blocks", "single", "single")):  # fmt: skip
+            for i in range(len(getattr(tr, attr))):
+                name = f"{attr}.{i}"
+                out[name] = LayerInfo(name=name, kind=kind, depth=len(out), place=place, downsample=2)
+        return out
+
     def make_processor(self, layer: LayerInfo, attend, merge=None) -> Any:
         if merge is None:
             return FluxProcessor(layer, attend, lambda: self._num_text)

@@ -111,6 +111,15 @@ class PixArtBackbone(Backbone):
             out[name] = LayerInfo(name=name, kind=kind, depth=int(m.group(1)), place="dit", downsample=self.patch_size)
         return out
 
+    def feature_blocks(self) -> dict[str, LayerInfo]:
+        """``transformer_blocks.*``; each returns the image tokens ``[B, N_img, D]`` (kind ``"dit"``)."""
+        return {
+            f"transformer_blocks.{i}": LayerInfo(
+                name=f"transformer_blocks.{i}", kind="dit", depth=i, place="dit", downsample=self.patch_size
+            )
+            for i in range(len(self.pipe.transformer.transformer_blocks))
+        }
+
     def make_processor(self, layer: LayerInfo, attend, merge=None) -> Any:
         return StandardProcessor(layer, attend) if merge is None else StandardProcessor(layer, attend, merge)
 

@@ -124,5 +124,21 @@ class SDBackbone(Backbone):
             out[name] = LayerInfo(name=name, kind=kind, depth=depth, place=place, downsample=ds)
         return out
 
+    def feature_blocks(self) -> dict[str, LayerInfo]:
+        """UNet residual blocks ``down_blocks.*.resnets.*``, ``mid_block.resnets.*``, ``up_blocks.*.resnets.*``;
+        each returns ``[B, C, h, w]`` (kind ``"resnet"``). Depth counts them in execution order."""
+        unet = self.pipe.unet
+        n_down, n_up = len(unet.down_blocks), len(unet.up_blocks)
+        groups = [("down", f"down_blocks.{b}", blk, 2**b) for b, blk in enumerate(unet.down_blocks)]
+        if unet.mid_block is not None:
+            groups.append(("mid", "mid_block", unet.mid_block, 2 ** (n_down - 1)))
+        groups += [("up", f"up_blocks.{b}", blk, 2 ** (n_up - 1 - b)) for b, blk in enumerate(unet.up_blocks)]
+        out: dict[str, LayerInfo] = {}
+        for place, prefix, block, ds in groups:
+            for r in range(len(getattr(block, "resnets", None) or [])):
+                name = f"{prefix}.resnets.{r}"
+                out[name] = LayerInfo(name=name, kind="resnet", depth=len(out), place=place, downsample=ds)
+        return out
+
     def make_processor(self, layer: LayerInfo, attend, merge=None) -> Any:
         return StandardProcessor(layer, attend) if merge is None else StandardProcessor(layer, attend, merge)

@@ -111,5 +111,15 @@ class SD3Backbone(Backbone):
             out[name] = LayerInfo(name=name, kind=kind, depth=depth, place="joint", downsample=self.patch_size)
         return out
 
+    def feature_blocks(self) -> dict[str, LayerInfo]:
+        """``transformer_blocks.*`` (kind ``"joint"``); each returns ``(encoder_hidden_states, hidden_states)``:
+        the image stream ``[B, N_img, D]`` is element 1 (element 0 is ``None`` after the last block)."""
+        return {
+            f"transformer_blocks.{i}": LayerInfo(
+                name=f"transformer_blocks.{i}", kind="joint", depth=i, place="joint", downsample=self.patch_size
+            )
+            for i in range(len(self.pipe.transformer.transformer_blocks))
+        }
+
     def make_processor(self, layer: LayerInfo, attend, merge=None) -> Any:
         return JointProcessor(layer, attend) if merge is None else JointProcessor(layer, attend, merge)
