@@ -231,10 +231,12 @@ def _progress(disabled: bool):
         bar = bars.get(phase)
         if bar is None:
             bar = bars[phase] = tqdm(total=total, desc=phase, leave=False, file=sys.stderr, unit="step")
-        bar.n = done
-        bar.refresh()
+        if bar.disable or done < bar.n:
+            return
+        bar.update(done - bar.n)
         if done >= total:
             bar.close()
+            bar.disable = True
 
     return update
 
@@ -375,6 +377,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.verbose:
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
         os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        if args.command in ("edit", "invert"):
+            import diffusers.utils.logging as dlog
+            import transformers.utils.logging as tlog
+
+            dlog.disable_progress_bar()
+            tlog.disable_progress_bar()
     try:
         return COMMANDS[args.command](args)
     except CliError as exc:

@@ -57,6 +57,7 @@ class GuidedModel:
         self.batch_cond = Conditioning.cat([uncond, cond]) if self.cfg else cond
         self.state = state
         self.nfe = 0
+        self.on_eval: Callable[[int], None] | None = None
 
     def set_uncond(self, uncond: Conditioning) -> None:
         """Replace the unconditional conditioning (per-step embeddings of null-text inversion)."""
@@ -90,6 +91,8 @@ class GuidedModel:
         return u + self.guidance * (c - u)
 
     def __call__(self, x: Tensor, k: int) -> Pred:
+        if self.on_eval is not None:
+            self.on_eval(k)
         g = self.grid
         raw = self.raw(x, g.timesteps[k])
         return to_x0_eps(raw, x, g.alphas[k], g.sigmas[k], self.backbone.prediction)
@@ -334,6 +337,8 @@ def edit(
                     cfg.inversion.guidance,
                     state,
                 )
+                if progress:  # inversions walk the grid from point N (clean) to 0 (noise)
+                    inv_model.on_eval = lambda k: progress("invert", res.num_steps - k, res.num_steps)
                 traj = run_inversion(
                     z0, grid, inv_model, cfg.inversion, res.base_inversion, generator,
                     uncond=uncond.select([0]) if uncond is not None else None, guidance=res.guidance,
@@ -341,7 +346,7 @@ def edit(
             if hasattr(editor, "begin"):
                 editor.begin(traj)
             if progress:
-                progress("invert", res.num_steps, res.num_steps)
+                progress("invert", res.num_steps, res.num_steps)  # close the bar whatever the last k was
 
             with _timed(timings, "sample"):
                 state.phase = "sample"

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import logging
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -112,6 +113,8 @@ def load_backbone(
     from retouch.models import registry
 
     torch_dtype = parse_dtype(dtype)
+    if offload and (device is None or str(device) == "cpu"):
+        raise ValueError("--offload moves weights to the accelerator on demand; give --device (e.g. cuda)")
     name = source
     path = registry.resolve(source)
     try:
@@ -139,10 +142,10 @@ def load_backbone(
     kwargs: dict[str, Any] = {"torch_dtype": torch_dtype}
     if family == "sd" and "XL" not in cls_name:
         kwargs.update(safety_checker=None, requires_safety_checker=False)
-    pipe = pipe_cls.from_pretrained(str(path), **kwargs)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*torch_dtype.*deprecated", category=FutureWarning)
+        pipe = pipe_cls.from_pretrained(str(path), **kwargs)
     if offload:
-        if device is None or str(device) == "cpu":
-            raise ValueError("--offload moves weights to the accelerator on demand; give --device (e.g. cuda)")
         pipe.enable_model_cpu_offload(device=device)
     elif device is not None:
         pipe.to(device)
