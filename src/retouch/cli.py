@@ -116,6 +116,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("methods", help="list inversions, solvers and editing methods with their families")
     p.add_argument("--json", action="store_true")
+
+    from retouch.bench.cli import add_bench_parser
+
+    add_bench_parser(sub)
     return parser
 
 
@@ -365,7 +369,13 @@ def cmd_invert(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"edit": cmd_edit, "invert": cmd_invert, "models": cmd_models, "methods": cmd_methods}
+def cmd_bench(args: argparse.Namespace) -> int:
+    from retouch.bench.cli import run_bench
+
+    return run_bench(args)
+
+
+COMMANDS = {"edit": cmd_edit, "invert": cmd_invert, "models": cmd_models, "methods": cmd_methods, "bench": cmd_bench}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -12,6 +12,20 @@ Nothing heavy is imported here; the runner loads models only when it runs.
 * :mod:`~retouch.bench.cli` — ``retouch bench``.
 """
 
-from retouch.bench.runner import BenchConfig, BenchError, MethodSpec, merge, rebuild_outputs, run
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from retouch.bench.runner import BenchConfig, BenchError, MethodSpec, merge, rebuild_outputs, run
 
 __all__ = ["BenchConfig", "BenchError", "MethodSpec", "merge", "rebuild_outputs", "run"]
+
+
+def __getattr__(name: str) -> Any:
+    """Lazy exports, so that ``retouch --help`` (which imports the bench CLI) does not import torch."""
+    if name in __all__:
+        from retouch.bench import runner
+
+        return getattr(runner, name)
+    raise AttributeError(f"module 'retouch.bench' has no attribute {name!r}")
