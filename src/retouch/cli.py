@@ -195,7 +195,7 @@ def cmd_models(args: argparse.Namespace) -> int:
     _print_table([(f"  {k}", v["description"]) for k, v in info["families"].items()])
     print("embedded models:")
     if info["embedded"]:
-        _print_table([(f"  {m['name']}", m["pipeline"] or "") for m in info["embedded"]])
+        _print_table([(f"  {m['name']}", m["pipeline"] or m.get("architecture") or "") for m in info["embedded"]])
     else:
         print("  (none installed)")
     return 0
