@@ -21,18 +21,22 @@ def embedded_names() -> list[str]:
 
 
 def embedded_info() -> list[dict[str, Any]]:
-    out = []
-    for name in embedded_names():
-        index = json.loads((EMBEDDED_DIR / name / "model_index.json").read_text())
-        card = EMBEDDED_DIR / name / "README.md"
-        out.append(
-            {
-                "name": name,
-                "pipeline": index.get("_class_name"),
-                "path": str(EMBEDDED_DIR / name),
-                "card": str(card) if card.exists() else None,
-            }
-        )
+    """Every embedded folder: pipelines (loadable with ``--model``) and components such as shapes-clip."""
+    out: list[dict[str, Any]] = []
+    if not EMBEDDED_DIR.is_dir():
+        return out
+    for folder in sorted(p for p in EMBEDDED_DIR.iterdir() if p.is_dir()):
+        card = folder / "README.md"
+        entry: dict[str, Any] = {"name": folder.name, "path": str(folder), "card": str(card) if card.exists() else None}
+        if (folder / "model_index.json").is_file():
+            index = json.loads((folder / "model_index.json").read_text())
+            entry.update(kind="pipeline", pipeline=index.get("_class_name"))
+        elif (folder / "config.json").is_file():
+            config = json.loads((folder / "config.json").read_text())
+            entry.update(kind="component", pipeline=None, architecture=(config.get("architectures") or [None])[0])
+        else:
+            continue
+        out.append(entry)
     return out
 
 
