@@ -21,28 +21,22 @@ class CliError(Exception):
     """A user-facing error: printed as one line, exit status 1."""
 
 
-def _parse_options(items: Sequence[str]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for item in items:
-        if "=" not in item:
-            raise CliError(f"--option expects KEY=VALUE, got {item!r}")
-        key, value = item.split("=", 1)
-        try:
-            out[key] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key] = value
-    return out
+def _parse_options(items: Sequence[str], flag: str = "--option") -> dict[str, Any]:
+    from retouch.config import parse_options
+
+    try:
+        return parse_options(items, flag)
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
 
 
 def _default_model() -> str:
     from retouch.models import registry
 
-    names = registry.embedded_names()
-    if registry.DEFAULT_MODEL in names:
-        return registry.DEFAULT_MODEL
-    if names:
-        return names[0]
-    raise CliError("no embedded model is installed; pass --model with a local diffusers folder or a hub id")
+    try:
+        return registry.default_model()
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -273,7 +267,7 @@ def _run(args: argparse.Namespace, source: str, target: str, method: str, option
             guidance=args.inversion_guidance,
             iterations=args.inversion_iterations,
             prompt=args.inversion_prompt,
-            options=_parse_options(args.inversion_option),
+            options=_parse_options(args.inversion_option, "--inversion-option"),
         ),
         merge=MergeConfig(ratio=args.merge_ratio, max_downsample=args.merge_max_downsample),
         options=options,

@@ -3,12 +3,27 @@ resolved config is written next to every output."""
 
 from __future__ import annotations
 
+import json
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from retouch.io import SIZE_POLICIES
+
+
+def parse_options(items: Sequence[str], flag: str = "--option") -> dict[str, Any]:
+    """``["k=v", ...]`` -> ``{k: json(v) or the raw string}`` (CLI method / inversion options)."""
+    out: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise ValueError(f"{flag} expects KEY=VALUE, got {item!r}")
+        key, value = item.split("=", 1)
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
 
 
 @dataclass(frozen=True)

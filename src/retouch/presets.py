@@ -57,6 +57,23 @@ PRESETS: dict[str, Preset] = {
                "FireFlow: midpoint inversion and sampling reusing velocities (~1 NFE per step), source value "
                "injection as RF-Solver-Edit", solver="fireflow",
                options={"start_step": 0, "end_step": 0.2, "start_layer": 0.5, "share": "v"}),
+        Preset("ddim+pnp", "pnp", "ddim", ALL,
+               "Plug-and-Play (Tumanyan et al.) on plain DDIM inversion: features for the first 80% of the steps, "
+               "self-attention Q/K for the first 50%", solver="ddim",
+               options={"feature_steps": 0.8, "attn_steps": 0.5}),
+        Preset("direct+pnp", "pnp", "direct", ALL,
+               "Plug-and-Play with Direct Inversion (PnP Inversion: the source branch follows the inversion latents)",
+               options={"feature_steps": 0.8, "attn_steps": 0.5}),
+        Preset("ddim+p2pzero", "p2p_zero", "ddim", ALL,
+               "Pix2Pix-Zero (Parmar et al.) on plain DDIM inversion: edit direction + cross-attention guidance 0.1",
+               solver="ddim", options={"xa_guidance": 0.1}),
+        Preset("direct+p2pzero", "p2p_zero", "direct", ALL,
+               "Pix2Pix-Zero with Direct Inversion, target branch untouched (paper-faithful; "
+               "add_source_offset=true for PnP-Inversion's released variant)", options={"xa_guidance": 0.1}),
+        Preset("disentangle", "disentangle", None, ALL,
+               "Wu et al. disentanglement: per-step neutral/target embedding mixing; weights=PATH applies saved "
+               "weights, otherwise they are optimised on the image (directional CLIP + content loss, Adam 0.05, "
+               "clip_model=PATH; save_to=PATH keeps them)"),
     )
 }  # fmt: skip
 

@@ -173,13 +173,21 @@ class Backbone(abc.ABC):
                 )
 
     # --- latents --------------------------------------------------------------------------------------
-    @abc.abstractmethod
     def encode_image(self, pixels: Tensor) -> Tensor:
-        """``[B,3,H,W]`` in [-1, 1] -> model latent ``[B,C,h,w]`` (posterior mean, scaled)."""
+        """``[B,3,H,W]`` in [-1, 1] -> model latent ``[B,C,h,w]``: ``(mean - shift) * scale``.
 
-    @abc.abstractmethod
+        The posterior *mean* (deterministic), as PnP-Inversion does; SD's VAE has no shift, SD3 / Flux do.
+        """
+        vae = self.vae
+        lat = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.mean
+        shift = getattr(vae.config, "shift_factor", None) or 0.0
+        return ((lat - shift) * vae.config.scaling_factor).to(self.dtype)
+
     def decode(self, latents: Tensor) -> Tensor:
         """Model latent -> ``[B,3,H,W]`` in [-1, 1]."""
+        vae = self.vae
+        shift = getattr(vae.config, "shift_factor", None) or 0.0
+        return vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor + shift).sample
 
     # --- denoising ------------------------------------------------------------------------------------
     @abc.abstractmethod

@@ -91,15 +91,6 @@ class FluxBackbone(Backbone):
             tensors["guidance"] = torch.full((emb.shape[0],), float(g), device=emb.device, dtype=torch.float32)
         return Conditioning(tensors, static={"txt_ids": text_ids})
 
-    def encode_image(self, pixels: Tensor) -> Tensor:
-        vae = self.vae
-        lat = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.mean
-        return ((lat - (vae.config.shift_factor or 0.0)) * vae.config.scaling_factor).to(self.dtype)
-
-    def decode(self, latents: Tensor) -> Tensor:
-        vae = self.vae
-        return vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor + (vae.config.shift_factor or 0.0)).sample
-
     def image_seq_len(self, latent_hw: tuple[int, int]) -> int:
         return (latent_hw[0] // 2) * (latent_hw[1] // 2)
 

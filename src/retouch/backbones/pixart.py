@@ -72,14 +72,6 @@ class PixArtBackbone(Backbone):
             tensors["aspect_ratio"] = torch.tensor([[h / w]], dtype=emb.dtype, device=emb.device).repeat(n, 1)
         return Conditioning(tensors)
 
-    def encode_image(self, pixels: Tensor) -> Tensor:
-        vae = self.vae
-        return vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.mean.to(self.dtype) * vae.config.scaling_factor
-
-    def decode(self, latents: Tensor) -> Tensor:
-        vae = self.vae
-        return vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample
-
     def predict(self, x: Tensor, timestep: Tensor, cond: Conditioning) -> Tensor:
         tr = self.pipe.transformer
         t = timestep.to(x.device).reshape(1).expand(x.shape[0])

@@ -72,15 +72,6 @@ class SDBackbone(Backbone):
         time_ids = torch.tensor([[h, w, 0, 0, h, w]], dtype=emb.dtype, device=device).repeat(len(prompts), 1)
         return Conditioning({"encoder_hidden_states": emb, "text_embeds": pooled, "time_ids": time_ids})
 
-    def encode_image(self, pixels: Tensor) -> Tensor:
-        vae = self.vae
-        lat = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.mean
-        return lat.to(self.dtype) * vae.config.scaling_factor
-
-    def decode(self, latents: Tensor) -> Tensor:
-        vae = self.vae
-        return vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample
-
     def predict(self, x: Tensor, timestep: Tensor, cond: Conditioning) -> Tensor:
         t = timestep.to(x.device).reshape(())
         kw: dict[str, Any] = {}

@@ -72,17 +72,6 @@ class SD3Backbone(Backbone):
         )
         return Conditioning({"encoder_hidden_states": emb, "pooled_projections": pooled})
 
-    def encode_image(self, pixels: Tensor) -> Tensor:
-        vae = self.vae
-        lat = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.mean
-        shift = vae.config.shift_factor or 0.0
-        return ((lat - shift) * vae.config.scaling_factor).to(self.dtype)
-
-    def decode(self, latents: Tensor) -> Tensor:
-        vae = self.vae
-        shift = vae.config.shift_factor or 0.0
-        return vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor + shift).sample
-
     def image_seq_len(self, latent_hw: tuple[int, int]) -> int:
         return (latent_hw[0] // self.patch_size) * (latent_hw[1] // self.patch_size)
 

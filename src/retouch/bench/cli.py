@@ -106,27 +106,15 @@ def add_bench_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def _options(items: list[str]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for item in items:
-        if "=" not in item:
-            raise ValueError(f"--option expects KEY=VALUE, got {item!r}")
-        key, value = item.split("=", 1)
-        try:
-            out[key] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key] = value
-    return out
+    from retouch.config import parse_options
+
+    return parse_options(items)
 
 
 def _default_model() -> str:
     from retouch.models import registry
 
-    names = registry.embedded_names()
-    if registry.DEFAULT_MODEL in names:
-        return registry.DEFAULT_MODEL
-    if names:
-        return names[0]
-    raise ValueError("no embedded model is installed; pass --model with a local diffusers folder or a hub id")
+    return registry.default_model()
 
 
 def config_from_args(args: argparse.Namespace) -> Any:

@@ -14,8 +14,11 @@ from typing import Any
 from retouch.backbones.base import Backbone, LayerInfo
 from retouch.control.compose import ComposedEditor
 from retouch.control.context import AttentionEditor, IdentityEditor
+from retouch.control.disentangle import make_disentangle
 from retouch.control.masactrl import MutualSelfAttention
 from retouch.control.p2p import LocalBlend, PromptToPrompt, align_prompts, word_positions
+from retouch.control.p2p_zero import make_p2p_zero
+from retouch.control.pnp import make_pnp
 from retouch.inversion.rf import RFReverseControl
 
 ALL_FAMILIES = ("sd", "pixart", "sd3", "flux")
@@ -180,6 +183,15 @@ EDITORS: dict[str, EditorSpec] = {
                    "RF-Inversion's controlled reverse ODE: velocity pulled towards the image latent (eta)"),
         EditorSpec("unified", make_unified, ALL_FAMILIES,
                    "DiT4Edit unified attention control: P2P + mutual self-attention on deep blocks"),
+        EditorSpec("pnp", make_pnp, ALL_FAMILIES,
+                   "Plug-and-Play: source block-output (feature) and self-attention Q/K injection (UNet decoder "
+                   "layers on SD; middle block / deeper-half image tokens on PixArt, SD3, Flux)"),
+        EditorSpec("p2p_zero", make_p2p_zero, ALL_FAMILIES,
+                   "Pix2Pix-Zero: embedding edit direction + cross-attention guidance of the target latent "
+                   "(text cross-attention on SD/PixArt, image->text block of joint attention on SD3/Flux)"),
+        EditorSpec("disentangle", make_disentangle, ALL_FAMILIES,
+                   "Wu et al. text-embedding disentanglement: per-step mixing of neutral (source) and target "
+                   "embeddings; weights optimised with a directional CLIP + content loss, or loaded (weights=)"),
     )
 }  # fmt: skip
 

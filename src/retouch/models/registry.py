@@ -48,3 +48,13 @@ def resolve(source: str) -> Path | str:
     if p.exists():
         return p
     return source
+
+
+def default_model() -> str:
+    """The embedded pipeline used when no ``--model`` is given."""
+    names = embedded_names()
+    if DEFAULT_MODEL in names:
+        return DEFAULT_MODEL
+    if names:
+        return names[0]
+    raise ValueError("no embedded model is installed; pass --model with a local diffusers folder or a hub id")
