@@ -1,0 +1,241 @@
+"""Plug-and-Play diffusion features (Tumanyan et al., CVPR 2023) on every backbone family.
+
+PnP translates an image by injecting the *source* branch's internal representations into the *target*
+branch while it is generated under the target prompt (paper §4, "Plug-and-Play Diffusion Features"):
+
+* **feature injection** — the output ``f_t`` of a spatial block of the target branch is replaced by the
+  source branch's ``f*_t`` for the first ``feature_steps`` of sampling (``tau_f = 0.8``);
+* **self-attention injection** — the target's self-attention *queries and keys* (not values) are replaced
+  by the source's, i.e. the self-attention map ``A_t = softmax(Q_t K_t^T / sqrt d)`` becomes the source's
+  ``A*_t`` while the target's own values are kept, for the first ``attn_steps``
+  (``tau_A = 0.5``).
+
+Both act per CFG half: the unconditional target row receives the unconditional source row, the conditional
+target row the conditional source row. Features go through removable forward hooks (:meth:`PlugAndPlay.install`,
+restored on exit whatever happens); Q/K injection goes through ``edit_qkv``, so the fused
+``scaled_dot_product_attention`` path stays.
+
+Per-family defaults (``feature_layers`` / ``attn_layers`` override them):
+
+* SD UNet: the PnP layers — feature ``up_blocks.1.resnets.1``; Q/K on the decoder's self-attention layers
+  except the first transformer of the decoder (for SD 1.x: ``up_blocks.1.attentions.1-2`` and
+  ``up_blocks.2-3.attentions.*``, as released);
+* PixArt: feature = output of the middle transformer block; Q/K on self-attention of the deeper half;
+* SD3 / Flux: feature = image stream (element 1) of the middle block; Q/K of the *image tokens* of joint
+  (and Flux single-stream) attention in the deeper half, text tokens untouched. (Our choice: the paper
+  defines PnP for the SD UNet only. A DiT has no skip connections, so a late feature injection would erase
+  the target prompt's effect; the middle block leaves the deeper half to the target prompt.)
+
+Differences from the released PnP / PnP-Inversion setup (``run_editing_pnp.py``): there the source
+("pnp guidance") row is run with the empty prompt and no CFG and the target uses a negative prompt; here the
+source branch is the engine's source branch (source prompt, same guidance). With Direct Inversion
+(``direct+pnp``) the source latents are pinned to the inversion latents ``z*_t`` — exactly how PnP
+Inversion plugs into PnP.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from retouch.backbones.base import Backbone, LayerInfo
+from retouch.control.context import AttnContext, BatchLayout
+
+log = logging.getLogger(__name__)
+
+LayerSpec = str | Sequence[str] | float | int | None
+
+
+def to_steps(value: float | int, num_steps: int, label: str) -> int:
+    """A float in [0, 1] is a fraction of ``num_steps`` (rounded); an int is a step count."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+        raise ValueError(f"{label} must be a step count or a fraction in [0, 1], got {value!r}")
+    if isinstance(value, float):
+        if value > 1:
+            raise ValueError(f"{label} as a fraction must be in [0, 1], got {value}")
+        return int(round(value * num_steps))
+    return int(value)
+
+
+def copy_source_rows(t: Tensor, layout: BatchLayout, positions: slice | None = None) -> Tensor:
+    """Return ``t`` (``[halves*branches, ...]``) with every target row replaced by the source row of the
+    same CFG half, optionally only over ``positions`` of dim 2 (``[B, heads, S, d]`` token slices)."""
+    out = t.clone()
+    idx = (slice(None), positions) if positions is not None else ()
+    for cond in (False, True) if layout.cfg else (True,):
+        src = layout.row(0, cond)
+        for b in range(1, layout.branches):
+            out[(layout.row(b, cond), *idx)] = t[(src, *idx)]
+    return out
+
+
+def _depth_select(infos: Sequence[LayerInfo], first: float | int) -> list[LayerInfo]:
+    max_depth = max(i.depth for i in infos) + 1
+    start = to_steps(first, max_depth, "layer depth") if isinstance(first, float) else int(first)
+    return [i for i in infos if i.depth >= start]
+
+
+def default_feature_layers(backbone: Backbone) -> list[str]:
+    """PnP's feature block for UNets; the middle block's output for DiTs (see module docstring)."""
+    blocks = backbone.feature_blocks()
+    if backbone.family == "sd":
+        if "up_blocks.1.resnets.1" not in blocks:
+            raise ValueError("this UNet has no up_blocks.1.resnets.1 (PnP's feature layer); pass feature_layers=")
+        return ["up_blocks.1.resnets.1"]
+    ordered = sorted(blocks.values(), key=lambda i: i.depth)
+    return [ordered[(len(ordered) - 1) // 2].name]
+
+
+def default_attn_layers(backbone: Backbone) -> list[str]:
+    """PnP's decoder self-attention layers on UNets; self / joint / single attention of the deeper half on DiTs."""
+    layers = list(backbone.attention_layers().values())
+    if backbone.family == "sd":
+        up = [i for i in layers if i.place == "up" and i.kind == "self"]
+        if not up:
+            raise ValueError("this UNet has no decoder self-attention; pass attn_layers=")
+        first_module = up[0].name.split(".transformer_blocks.")[0]  # PnP skips the first decoder attention
+        chosen = [i.name for i in up if not i.name.startswith(first_module + ".")]
+        return chosen or [i.name for i in up]
+    kinds = ("self", "joint", "single")
+    return [i.name for i in _depth_select([i for i in layers if i.kind in kinds], 0.5)]
+
+
+def _resolve_layers(spec: LayerSpec, table: dict[str, LayerInfo], default: list[str], label: str) -> list[str]:
+    """``None``: the default; a number: every entry of ``table`` from that depth (index or fraction);
+    a string / list of strings: module paths (validated)."""
+    if spec is None:
+        return default
+    if isinstance(spec, (int, float)) and not isinstance(spec, bool):
+        chosen = [i.name for i in _depth_select(list(table.values()), spec)]
+        if not chosen:
+            raise ValueError(f"{label}={spec!r} selects no layer")
+        return chosen
+    names = [spec] if isinstance(spec, str) else [str(s) for s in spec]
+    unknown = [n for n in names if n not in table]
+    if unknown:
+        sample = ", ".join(list(table)[:6])
+        raise ValueError(f"{label}: unknown module path(s) {unknown}; known e.g. {sample} ...")
+    return names
+
+
+class PlugAndPlay:
+    """The PnP editor: feature injection (forward hooks) + self-attention Q/K injection (``edit_qkv``).
+
+    Args:
+        feature_layers: module paths (keys of ``backbone.feature_blocks()``) whose output is injected.
+        feature_kinds: their ``LayerInfo.kind`` (``"resnet"``/``"dit"``: tensor output; ``"joint"``/``"single"``:
+            ``(text, image)`` tuple whose element 1 is injected).
+        feature_steps: number of first sampling steps with feature injection.
+        attn_layers: attention module paths with Q/K injection.
+        attn_steps: number of first sampling steps with Q/K injection.
+    """
+
+    def __init__(
+        self,
+        *,
+        feature_layers: dict[str, str],
+        feature_steps: int,
+        attn_layers: Sequence[str],
+        attn_steps: int,
+    ) -> None:
+        if feature_steps < 0 or attn_steps < 0:
+            raise ValueError("feature_steps and attn_steps must be >= 0")
+        self.feature_layers = dict(feature_layers)
+        self.feature_steps = feature_steps
+        self.attn_layers = frozenset(attn_layers)
+        self.attn_steps = attn_steps
+        self.injected_features = 0  # number of hook calls that replaced target rows (diagnostics)
+
+    # --- attention policy -------------------------------------------------------------------------
+    def applies(self, ctx: AttnContext) -> bool:
+        return (
+            ctx.phase == "sample"
+            and ctx.layout.branches >= 2
+            and 0 <= ctx.step < self.attn_steps
+            and ctx.layer.name in self.attn_layers
+        )
+
+    def needs_probs(self, ctx: AttnContext) -> bool:
+        return False
+
+    def edit_qkv(self, q: Tensor, k: Tensor, v: Tensor, ctx: AttnContext) -> tuple[Tensor, Tensor, Tensor]:
+        """Self-attention injection (§4): target Q, K <- source Q, K (image tokens only in joint attention)."""
+        img = ctx.image_slice(q.shape[2]) if ctx.layer.kind in ("joint", "single") else None
+        return copy_source_rows(q, ctx.layout, img), copy_source_rows(k, ctx.layout, img), v
+
+    def edit_probs(self, probs: Tensor, ctx: AttnContext) -> Tensor:
+        return probs
+
+    # --- feature injection ------------------------------------------------------------------------
+    def _hook(self, kind: str, state: Any) -> Callable[..., Any]:
+        tuple_out = kind in ("joint", "single")
+
+        def hook(module: torch.nn.Module, args: Any, output: Any) -> Any:
+            if state.phase != "sample" or not 0 <= state.step < self.feature_steps:
+                return None
+            layout: BatchLayout = state.layout
+            feats = output[1] if tuple_out else output
+            if layout.branches < 2 or feats is None or feats.shape[0] != layout.size:
+                return None
+            self.injected_features += 1
+            feats = copy_source_rows(feats, layout)
+            return (output[0], feats, *output[2:]) if tuple_out else feats
+
+        return hook
+
+    @contextmanager
+    def install(self, backbone: Backbone, state: Any) -> Iterator[None]:
+        """Register the feature hooks; remove them on exit (also on error)."""
+        den = backbone.denoiser
+        handles = []
+        try:
+            for name, kind in self.feature_layers.items():
+                handles.append(den.get_submodule(name).register_forward_hook(self._hook(kind, state)))
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
+
+def make_pnp(
+    backbone: Backbone,
+    config: Any,
+    feature_steps: float | int = 0.8,
+    attn_steps: float | int = 0.5,
+    feature_layers: LayerSpec = None,
+    attn_layers: LayerSpec = None,
+) -> PlugAndPlay:
+    """Plug-and-Play (Tumanyan et al. 2023).
+
+    Options:
+        feature_steps: fraction (float) or count (int) of the first steps with feature injection (0.8).
+        attn_steps: fraction or count of the first steps with self-attention Q/K injection (0.5).
+        feature_layers: module path(s) of ``backbone.feature_blocks()``, a depth (int) / depth fraction (float)
+            from which every feature block is injected, or ``[]`` for none; default per family (module doc).
+        attn_layers: attention module path(s), or a depth / depth fraction of self / joint / single layers;
+            ``[]`` for none; default per family.
+    """
+    try:
+        blocks = backbone.feature_blocks()
+    except NotImplementedError as exc:
+        raise ValueError(f"Plug-and-Play needs feature blocks: {exc}") from None
+    num_steps = int(config.num_steps)
+    feats = _resolve_layers(
+        feature_layers, blocks, default_feature_layers(backbone) if feature_layers is None else [], "feature_layers"
+    )
+    attn_table = {n: i for n, i in backbone.attention_layers().items() if i.kind in ("self", "joint", "single")}
+    attn = _resolve_layers(
+        attn_layers, attn_table, default_attn_layers(backbone) if attn_layers is None else [], "attn_layers"
+    )
+    log.debug("PnP on %s: features %s, Q/K on %d layers", backbone.family, feats, len(attn))
+    return PlugAndPlay(
+        feature_layers={n: blocks[n].kind for n in feats},
+        feature_steps=to_steps(feature_steps, num_steps, "feature_steps"),
+        attn_layers=attn,
+        attn_steps=to_steps(attn_steps, num_steps, "attn_steps"),
+    )
