@@ -12,7 +12,10 @@ from retouch.worlds import make_edit_case
 EXAMPLES = [("colour", 6, 3), ("shape", 1, 5), ("background", 8, 2), ("fill", 7, 4)]
 
 
-def main(out: Path = Path(__file__).resolve().parents[1] / "examples") -> None:
+EXAMPLES_DIR = Path(__file__).resolve().parents[1] / "examples"
+
+
+def main(out: Path = EXAMPLES_DIR) -> None:
     out.mkdir(exist_ok=True)
     index = []
     for name, type_id, seed in EXAMPLES:

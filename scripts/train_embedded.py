@@ -1,0 +1,125 @@
+#!/usr/bin/env python
+"""Train retouch's embedded ShapesWorld models, one resumable stage at a time.
+
+    python scripts/train_embedded.py tokenizers --out runs/tokenizers
+    python scripts/train_embedded.py vae        --out runs/vae    --steps 3000
+    python scripts/train_embedded.py clip       --out runs/clip   --steps 2000
+    python scripts/train_embedded.py t5         --out runs/t5     --steps 1000
+    python scripts/train_embedded.py sd         --out runs/sd     --steps 20000 --resume
+    python scripts/train_embedded.py pixart     --out runs/pixart --steps 20000 --resume
+    python scripts/train_embedded.py flux       --out runs/flux   --steps 20000 --resume
+    python scripts/train_embedded.py assemble   --family sd       # checkpoint -> src/retouch/models/embedded/
+
+Every training stage checkpoints atomically into its run directory every few minutes (``--checkpoint-min``);
+``--resume`` continues from the last checkpoint with the exact data and noise the uninterrupted run would
+have used. ``--minutes`` stops a call after that much wall time (with a checkpoint) so long runs can be split.
+Learning curves go to ``curve.jsonl`` (loss, lr, wall time) and ``evals.jsonl`` in the run directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+ROOT = Path(__file__).resolve().parents[1]
+RUNS = ROOT / "runs"
+
+
+def _train_config(args: argparse.Namespace, **defaults: object):
+    from retouch.train.common import TrainConfig
+
+    values = dict(defaults)
+    for key in ("steps", "batch_size", "lr", "warmup", "ema", "seed"):
+        v = getattr(args, key, None)
+        if v is not None:
+            values[key] = v
+    values["checkpoint_every_s"] = args.checkpoint_min * 60
+    values["eval_every_s"] = args.eval_min * 60
+    values["max_minutes"] = args.minutes
+    return TrainConfig(**values)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("stage", choices=["tokenizers", "vae", "clip", "t5", "sd", "pixart", "flux", "assemble"])
+    p.add_argument("--out", type=Path, help="run directory (default runs/<stage>)")
+    p.add_argument("--resume", action="store_true", help="continue from the run directory's checkpoint")
+    p.add_argument("--steps", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--warmup", type=int)
+    p.add_argument("--ema", type=float)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--minutes", type=float, default=0.0, help="stop this call after N minutes (0 = no limit)")
+    p.add_argument("--checkpoint-min", type=float, default=3.0, help="minutes between checkpoints")
+    p.add_argument("--eval-min", type=float, default=0.0, help="minutes between evaluations (0 = at the end)")
+    p.add_argument("--eval-n", type=int, default=100, help="held-out captions per evaluation")
+    p.add_argument("--size", default="small", help="denoiser size preset (tiny | small | base)")
+    p.add_argument("--pool", type=int, default=16384, help="denoisers: training scenes encoded once by the VAE")
+    p.add_argument("--family", choices=["sd", "pixart", "flux", "clip"], help="assemble: which model")
+    p.add_argument("--run", type=Path, help="assemble: the denoiser's run directory (default runs/<family>)")
+    p.add_argument("--dest", type=Path, help="assemble: output folder (default the embedded model folder)")
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+
+    from retouch.train.common import pick_device
+
+    device = pick_device(args.threads)
+    out = args.out or RUNS / args.stage
+    if args.stage != "assemble" and not args.resume and (out / "checkpoint.pt").exists():
+        p.error(f"{out} already holds a checkpoint; pass --resume to continue it or choose another --out")
+
+    if args.stage == "tokenizers":
+        from retouch.train.text import build_tokenizers
+
+        build_tokenizers(out)
+    elif args.stage == "vae":
+        from retouch.train.vae import train_vae
+
+        cfg = _train_config(args, steps=3000, batch_size=32, lr=2e-3, warmup=100, decay="cosine")
+        train_vae(out, cfg, resume=args.resume, device=device, block_out=(16, 32, 64), groups=4)
+    elif args.stage == "clip":
+        from retouch.train.text import train_clip
+
+        cfg = _train_config(args, steps=2000, batch_size=128, lr=1e-3, warmup=200)
+        train_clip(out, cfg, tokenizers=RUNS / "tokenizers", resume=args.resume, device=device)
+    elif args.stage == "t5":
+        from retouch.train.text import train_t5
+
+        cfg = _train_config(args, steps=1000, batch_size=128, lr=1e-3, warmup=100)
+        train_t5(
+            out, cfg, tokenizers=RUNS / "tokenizers", clip=RUNS / "clip" / "final", resume=args.resume, device=device
+        )
+    elif args.stage in ("sd", "pixart", "flux"):
+        from retouch.train.denoisers import train_denoiser
+
+        cfg = _train_config(args, steps=20000, batch_size=64, lr=1e-3, warmup=300, decay="constant", ema=0.999)
+        train_denoiser(
+            args.stage,
+            out,
+            cfg,
+            components=RUNS,
+            size=args.size,
+            resume=args.resume,
+            pool_size=args.pool,
+            eval_n=args.eval_n,
+            device=device,
+        )
+    elif args.stage == "assemble":
+        from retouch.train.assemble import assemble, assemble_clip
+
+        if args.family is None:
+            p.error("assemble needs --family")
+        if args.family == "clip":
+            assemble_clip(RUNS, dest=args.dest)
+        else:
+            assemble(args.family, run=args.run or RUNS / args.family, components=RUNS, dest=args.dest)
+
+
+if __name__ == "__main__":
+    main()

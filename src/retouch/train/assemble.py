@@ -1,0 +1,92 @@
+"""Assemble trained checkpoints into the embedded model folders (stock diffusers / transformers layouts).
+
+Weights are stored as float16 safetensors to keep the package small; the stock classes load them back in
+float32 with ``torch_dtype=torch.float32``. A denoiser that is still training is assembled from the EMA
+weights of its latest checkpoint, and its card says so.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from retouch.models import registry
+from retouch.train import cards
+from retouch.train.common import RunDir
+from retouch.train.pipelines import build_denoiser, build_pipeline, load_components
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["assemble", "assemble_clip", "load_denoiser"]
+
+
+def load_denoiser(family: str, run: str | Path) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The EMA denoiser of the latest checkpoint in ``run`` and a summary (step, wall time, config, evals)."""
+    run = RunDir(Path(run))
+    config = json.loads((run.path / "config.json").read_text())
+    state = torch.load(run.checkpoint, map_location="cpu", weights_only=False)
+    model = build_denoiser(family, config["denoiser"])
+    weights = state["ema"]["denoiser"] if state.get("ema") else state["modules"]["denoiser"]
+    model.load_state_dict(weights)
+    model.eval().requires_grad_(False)
+    evals = [e for e in run.read_log("evals.jsonl") if e["step"] <= state["step"]]
+    curve = run.read_log("curve.jsonl")
+    info = {
+        "family": family,
+        "size": config.get("size"),
+        "step": int(state["step"]),
+        "wall_s": float(state["wall_s"]),
+        "train": state.get("config", config.get("train")),
+        "denoiser_config": config["denoiser"],
+        "evals": evals,
+        "final_loss": next((r["loss"] for r in reversed(curve) if r["step"] <= state["step"]), None),
+        "pool_size": config.get("pool_size"),
+    }
+    return model, info
+
+
+def _fp16_save(pipe: Any, dest: Path) -> None:
+    tmp = dest.with_name(dest.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    pipe.to(torch.float16)
+    pipe.save_pretrained(tmp, safe_serialization=True)
+    shutil.rmtree(dest, ignore_errors=True)
+    tmp.rename(dest)
+
+
+def assemble(
+    family: str, *, run: str | Path, components: str | Path, dest: str | Path | None = None, card: bool = True
+) -> Path:
+    """Write the ``shapes-<family>`` pipeline folder from the run's latest checkpoint (EMA weights)."""
+    dest = Path(dest) if dest is not None else registry.embedded_dir() / f"shapes-{family}"
+    comps = load_components(components)
+    model, info = load_denoiser(family, run)
+    pipe = build_pipeline(family, model, comps)
+    _fp16_save(pipe, dest)
+    if card:
+        cards.write_pipeline_card(dest, info, Path(components))
+    logger.info("assembled %s at step %d into %s", family, info["step"], dest)
+    return dest
+
+
+def assemble_clip(components: str | Path, dest: str | Path | None = None, card: bool = True) -> Path:
+    """Copy shapes-clip (CLIPModel + tokenizer + image processor) into the embedded folder, float16."""
+    from transformers import CLIPImageProcessor, CLIPModel, CLIPTokenizer
+
+    src = Path(components) / "clip" / "final"
+    dest = Path(dest) if dest is not None else registry.embedded_dir() / "shapes-clip"
+    tmp = dest.with_name(dest.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    CLIPModel.from_pretrained(str(src)).to(torch.float16).save_pretrained(tmp, safe_serialization=True)
+    CLIPTokenizer.from_pretrained(str(src)).save_pretrained(tmp)
+    CLIPImageProcessor.from_pretrained(str(src)).save_pretrained(tmp)
+    shutil.rmtree(dest, ignore_errors=True)
+    tmp.rename(dest)
+    if card:
+        cards.write_clip_card(dest, Path(components))
+    return dest

@@ -1,0 +1,244 @@
+"""Stages ``sd``, ``pixart`` and ``flux``: text-conditional denoisers on the frozen VAE's 16×16×4 latents.
+
+* **sd**: UNet2DConditionModel, ε-prediction, SD 1.x scaled-linear β (0.00085–0.012, 1000 steps).
+* **pixart**: PixArtTransformer2DModel, ε-prediction on the first 4 of its 8 output channels (the learned-σ
+  half is kept for PixArt-α's layout but not trained; the pipeline discards it), PixArt-α's linear β.
+* **flux**: FluxTransformer2DModel, rectified flow ``x_t = (1 - t) x0 + t ε``, target ``v = ε - x0``, ``t``
+  logit-normal then shifted by the same ``mu`` FluxPipeline's dynamic shifting uses at 64 tokens. The guidance
+  embedding receives a scalar ``g ~ U[1, 5]`` during training but the target does not depend on it (no
+  guidance distillation): sampling without CFG gives the conditional model at any ``guidance_scale``; use
+  ``true_cfg_scale > 1`` with ``negative_prompt=""`` for classifier-free guidance (10% caption dropout).
+
+Prompts are encoded with the pipeline's own ``encode_prompt`` (frozen text encoders), so training sees exactly
+the conditioning the stock pipeline produces. Latents come from a pool of renders encoded once by the frozen
+VAE (``pool.pt`` in the run directory), captions are re-drawn with varied wording every step. The learning
+curve (oracle attribute accuracy of generated images on held-out canonical captions) goes to ``evals.jsonl``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from retouch.train import data
+from retouch.train.common import (
+    RunDir,
+    TrainConfig,
+    atomic_torch_save,
+    atomic_write_json,
+    count_params,
+    step_generator,
+    step_rng,
+    train_loop,
+)
+from retouch.train.pipelines import (
+    FLUX_T5_LENGTH,
+    PIXART_T5_LENGTH,
+    Components,
+    build_denoiser,
+    build_pipeline,
+    denoiser_config,
+    load_components,
+)
+from retouch.worlds import oracle
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["encode_latents", "generate", "oracle_eval", "train_denoiser", "flux_mu", "SAMPLING"]
+
+SAMPLING: dict[str, dict[str, Any]] = {
+    "sd": {"num_inference_steps": 25, "guidance_scale": 4.0},
+    "pixart": {"num_inference_steps": 20, "guidance_scale": 4.0},
+    "flux": {"num_inference_steps": 25, "guidance_scale": 3.5},
+}
+"""Default text-to-image settings for evaluation (Flux: no CFG, see the module docstring)."""
+
+
+def flux_mu(image_seq_len: int = 64) -> float:
+    """FluxPipeline's dynamic-shift ``mu`` (``calculate_shift`` with the scheduler's defaults)."""
+    m = (1.15 - 0.5) / (4096 - 256)
+    return image_seq_len * m + (0.5 - m * 256)
+
+
+def latent_of(vae: Any, x: torch.Tensor, family: str) -> torch.Tensor:
+    """Scaled latent the family's pipeline works in (Flux also subtracts ``shift_factor``)."""
+    z = vae.encode(x).latent_dist.mean
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    if family == "flux":
+        z = z - shift
+    return z * vae.config.scaling_factor
+
+
+@torch.no_grad()
+def encode_latents(vae: Any, scenes: list, family: str, batch: int = 128) -> torch.Tensor:
+    """Scaled latents of ``scenes`` (64×64 renders), float16 ``[N, 4, 16, 16]``."""
+    device = next(vae.parameters()).device
+    out = [
+        latent_of(vae, data.render_batch(scenes[i : i + batch]).to(device), family).half().cpu()
+        for i in range(0, len(scenes), batch)
+    ]
+    return torch.cat(out)
+
+
+def _pool(run: RunDir, comps: Components, family: str, size: int, seed: int) -> tuple[list, torch.Tensor]:
+    """Training scenes and their latents; cached in ``pool.pt`` (recomputed if the size or family changed)."""
+    scenes = data.sample_scenes(np.random.default_rng([seed, 424242]), size)
+    path = run.path / "pool.pt"
+    if path.exists():
+        cached = torch.load(path, map_location="cpu")
+        if cached["size"] == size and cached["family"] == family and cached["seed"] == seed:
+            return scenes, cached["latents"]
+    logger.info("encoding a pool of %d training scenes", size)
+    latents = encode_latents(comps.vae, scenes, family)
+    atomic_torch_save({"size": size, "family": family, "seed": seed, "latents": latents}, path)
+    return scenes, latents
+
+
+def _conditioning(pipe: Any, family: str, prompts: list[str], device: torch.device) -> dict[str, torch.Tensor]:
+    """Encode prompts with the pipeline's own ``encode_prompt`` (no CFG), as keyword inputs of the denoiser."""
+    with torch.no_grad():
+        if family == "sd":
+            emb, _ = pipe.encode_prompt(prompts, device, 1, False)
+            return {"encoder_hidden_states": emb}
+        if family == "pixart":
+            emb, mask, _, _ = pipe.encode_prompt(
+                prompts, False, device=device, max_sequence_length=PIXART_T5_LENGTH, clean_caption=False
+            )
+            return {"encoder_hidden_states": emb, "encoder_attention_mask": mask}
+        emb, pooled, text_ids = pipe.encode_prompt(prompts, None, device=device, max_sequence_length=FLUX_T5_LENGTH)
+        return {"encoder_hidden_states": emb, "pooled_projections": pooled, "txt_ids": text_ids}
+
+
+def _alphas_cumprod(pipe: Any) -> torch.Tensor:
+    return pipe.scheduler.alphas_cumprod.float()
+
+
+def diffusion_loss(
+    family: str, model: nn.Module, pipe: Any, z0: torch.Tensor, cond: dict[str, torch.Tensor], g: torch.Generator
+) -> torch.Tensor:
+    """One training loss for a batch of clean latents ``z0`` ``[B, 4, 16, 16]`` under conditioning ``cond``."""
+    b = z0.shape[0]
+    device = z0.device
+    noise = torch.randn(z0.shape, generator=g, device=device)
+    if family in ("sd", "pixart"):
+        t = torch.randint(0, 1000, (b,), generator=g, device=device)
+        a = _alphas_cumprod(pipe).to(device)[t].view(b, 1, 1, 1)
+        xt = a.sqrt() * z0 + (1 - a).sqrt() * noise
+        if family == "sd":
+            pred = model(xt, t, **cond).sample
+        else:
+            pred = model(xt, timestep=t, added_cond_kwargs={"resolution": None, "aspect_ratio": None}, **cond).sample[
+                :, :4
+            ]
+        return F.mse_loss(pred, noise)
+    # flux: rectified flow with logit-normal, shifted t
+    s = torch.sigmoid(torch.randn((b,), generator=g, device=device))
+    shift = math.exp(flux_mu(z0.shape[-2] * z0.shape[-1] // 4))
+    t = shift * s / (1 + (shift - 1) * s)
+    tt = t.view(b, 1, 1, 1)
+    xt = (1 - tt) * z0 + tt * noise
+    target = noise - z0
+    h, w = z0.shape[-2:]
+    packed = pipe._pack_latents(xt, b, z0.shape[1], h, w)  # [B, h/2*w/2, 16]
+    img_ids = pipe._prepare_latent_image_ids(b, h // 2, w // 2, device, z0.dtype)
+    guidance = 1 + 4 * torch.rand((b,), generator=g, device=device)
+    pred = model(hidden_states=packed, timestep=t, guidance=guidance, img_ids=img_ids, return_dict=False, **cond)[0]
+    pred = pipe._unpack_latents(pred, h * pipe.vae_scale_factor, w * pipe.vae_scale_factor, pipe.vae_scale_factor)
+    return F.mse_loss(pred, target)
+
+
+@torch.no_grad()
+def generate(
+    pipe: Any, family: str, prompts: list[str], seed: int = 0, batch: int = 50, **overrides: Any
+) -> list[np.ndarray]:
+    """Text-to-image with the stock pipeline; uint8 64×64 images."""
+    kwargs = {**SAMPLING[family], **overrides}
+    if family == "pixart":
+        kwargs.update(use_resolution_binning=False, clean_caption=False, max_sequence_length=PIXART_T5_LENGTH)
+    if family == "flux":
+        kwargs.update(max_sequence_length=FLUX_T5_LENGTH)
+    images: list[np.ndarray] = []
+    for i in range(0, len(prompts), batch):
+        chunk = prompts[i : i + batch]
+        g = torch.Generator().manual_seed(seed + i)
+        out = pipe(prompt=chunk, height=64, width=64, generator=g, output_type="np", **kwargs).images
+        images.extend((np.clip(out, 0, 1) * 255).round().astype(np.uint8))
+    return images
+
+
+def oracle_eval(pipe: Any, family: str, n: int = 100, seed: int = 0, **overrides: Any) -> dict[str, float]:
+    """Oracle attribute accuracy of images generated from ``n`` held-out canonical captions."""
+    scenes = data.held_out_scenes(n)
+    images = generate(pipe, family, [data.caption_of(s) for s in scenes], seed=seed, **overrides)
+    return {k: round(v, 4) for k, v in oracle.attribute_accuracy(images, scenes).items()}
+
+
+def train_denoiser(
+    family: str,
+    out: str | Path,
+    cfg: TrainConfig,
+    *,
+    components: str | Path,
+    size: str = "small",
+    resume: bool = True,
+    pool_size: int = 16384,
+    dropout: float = 0.1,
+    eval_n: int = 100,
+    device: torch.device | None = None,
+) -> nn.Module:
+    """Train one family's denoiser in run directory ``out``; the EMA weights go to ``out/final``.
+
+    Args:
+        components: the runs directory holding the ``vae``, ``clip`` and ``t5`` stages' ``final`` folders.
+        size: denoiser size preset (:func:`~retouch.train.pipelines.denoiser_config`).
+        pool_size: training scenes rendered and encoded once (cached in ``pool.pt``).
+        dropout: probability of replacing a caption by "" (classifier-free guidance).
+        eval_n: held-out captions per learning-curve evaluation (0 = no evaluation).
+    """
+    device = device or torch.device("cpu")
+    run = RunDir(Path(out))
+    comps = load_components(components, device)
+    config = denoiser_config(family, size, text_width=comps.text_width, t5_width=comps.t5_width)
+    model = build_denoiser(family, config).to(device)
+    atomic_write_json(
+        run.path / "config.json",
+        {"family": family, "size": size, "denoiser": config, "train": cfg.__dict__, "pool_size": pool_size},
+    )
+    logger.info("%s denoiser: %d parameters", family, count_params(model))
+    pipe = build_pipeline(family, model, comps)
+    pipe.set_progress_bar_config(disable=True)
+    scenes, latents = _pool(run, comps, family, pool_size, cfg.seed)
+
+    def loss_fn(step: int) -> tuple[torch.Tensor, dict[str, float]]:
+        rng = step_rng(cfg.seed, step)
+        idx = rng.integers(len(scenes), size=cfg.batch_size)
+        prompts = ["" if rng.random() < dropout else data.caption_of(scenes[i], rng) for i in idx]
+        z0 = latents[torch.from_numpy(idx)].float().to(device)
+        cond = _conditioning(pipe, family, prompts, device)
+        return diffusion_loss(family, model, pipe, z0, cond, step_generator(cfg.seed, step, device)), {}
+
+    def eval_fn(step: int, modules: dict[str, nn.Module]) -> dict[str, float]:
+        eval_pipe = build_pipeline(family, modules["denoiser"], comps)
+        eval_pipe.set_progress_bar_config(disable=True)
+        return {"n": eval_n, **oracle_eval(eval_pipe, family, n=eval_n, num_inference_steps=20)}
+
+    result = train_loop(run, {"denoiser": model}, loss_fn, cfg, resume=resume, eval_fn=eval_fn if eval_n > 0 else None)
+    final = result["ema"]["denoiser"]
+    final.save_pretrained(run.path / "final")
+    atomic_write_json(
+        run.path / "metrics.json",
+        {
+            "step": result["step"],
+            "wall_s": round(result["wall_s"], 1),
+            "params": count_params(final),
+            "loss": result["loss"],
+        },
+    )
+    return final
