@@ -44,6 +44,13 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="torch device, e.g. cpu, cuda, cuda:1 (default: cpu)")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"], help="model precision")
     p.add_argument("--offload", action="store_true", help="CPU offload of model components (needs --device)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads for torch (default: 1 for the small embedded models, whose ops are too small to gain "
+        "from more; torch's default otherwise)",
+    )
 
 
 def _add_run_args(p: argparse.ArgumentParser) -> None:
@@ -276,6 +283,7 @@ def _run(args: argparse.Namespace, source: str, target: str, method: str, option
     if attention_dir is not None and Path(attention_dir).is_file():
         raise CliError(f"--save-attention {attention_dir} is a file; give a directory")
     model = args.model or _default_model()
+    _set_threads(args.threads, model)
     backbone = load_backbone(model, device=args.device, dtype=args.dtype, offload=args.offload)
     if method is None:
         from retouch.presets import DEFAULT_METHOD
@@ -285,6 +293,19 @@ def _run(args: argparse.Namespace, source: str, target: str, method: str, option
         backbone, image, cfg, progress=_progress(args.no_progress), record_attention=attention_dir is not None
     )
     return image, out, result
+
+
+def _set_threads(threads: int | None, model: str) -> None:
+    import torch
+
+    from retouch.models import registry
+
+    if threads is None and model in registry.embedded_names():
+        threads = 1
+    if threads is not None:
+        if threads < 1:
+            raise CliError(f"--threads must be >= 1, got {threads}")
+        torch.set_num_threads(threads)
 
 
 def save_attention_maps(directory: Path, result: Any) -> list[Path]:
