@@ -3,8 +3,9 @@
 
 For every embedded pipeline (``retouch.models.registry.embedded_names()``):
 
-* **text-to-image**: images from N held-out canonical captions (``sample_scene(7_000_000 + i)``, i < N,
-  default 500, seeded) with the family's default sampler (``retouch.train.denoisers.SAMPLING``), judged
+* **text-to-image**: images from N held-out canonical captions (``retouch.train.data.held_out_scenes``: seeds
+  7_000_000 + i, i < N, default 500, restricted to the world the model learned, its ``world.json``) with the
+  family's default sampler (``retouch.train.denoisers.SAMPLING``), judged
   per attribute by the deterministic oracle (``retouch.worlds.oracle.attribute_accuracy``);
 * **reconstruction**: held-out renders (a separate range of the held-out seeds) inverted and regenerated
   with ``retouch.editing.reconstruct`` under their canonical caption, for every inversion of the family that
@@ -80,13 +81,15 @@ def text_to_image(name: str, n: int, seed: int) -> dict[str, Any]:
     ]
     pipe = getattr(diffusers, index["_class_name"]).from_pretrained(str(path), torch_dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
-    scenes = data.held_out_scenes(n)
+    world = registry.world_of(path)
+    scenes = data.held_out_scenes(n, max_objects=world["max_objects"])
     t = time.perf_counter()
     images = denoisers.generate(pipe, family, [data.caption_of(s) for s in scenes], seed=seed)
     acc = oracle.attribute_accuracy(images, scenes)
     return {
         "family": family,
         "n_captions": n,
+        "world": world,
         "sampler": denoisers.SAMPLING[family],
         "oracle_accuracy": {k: round(v, 4) for k, v in acc.items()},
         "t2i_seconds": round(time.perf_counter() - t, 1),
@@ -103,11 +106,13 @@ def reconstruction(
     from retouch.config import InversionConfig
     from retouch.editing import reconstruct
     from retouch.inversion import INVERSIONS
+    from retouch.models import registry
     from retouch.train import data
     from retouch.worlds import shapes
 
     backbone = load_backbone(name)
-    scenes = data.held_out_scenes(n, offset=RECON_OFFSET)
+    world = registry.world_of(registry.resolve(name))
+    scenes = data.held_out_scenes(n, offset=RECON_OFFSET, max_objects=world["max_objects"])
     renders = [shapes.render(s) for s in scenes]
     prompts = [data.caption_of(s) for s in scenes]
     per: dict[str, float] = {}

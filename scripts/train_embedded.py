@@ -2,7 +2,7 @@
 """Train retouch's embedded ShapesWorld models, one resumable stage at a time.
 
     python scripts/train_embedded.py tokenizers --out runs/tokenizers
-    python scripts/train_embedded.py vae        --out runs/vae    --steps 3000
+    python scripts/train_embedded.py vae        --out runs/vae    --steps 3000 --latent-channels 8
     python scripts/train_embedded.py clip       --out runs/clip   --steps 2000
     python scripts/train_embedded.py t5         --out runs/t5     --steps 1000
     python scripts/train_embedded.py sd         --out runs/sd     --steps 20000 --resume
@@ -60,6 +60,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--eval-n", type=int, default=100, help="held-out captions per evaluation")
     p.add_argument("--size", default="small", help="denoiser size preset (tiny | small | base)")
     p.add_argument("--pool", type=int, default=16384, help="denoisers: training scenes encoded once by the VAE")
+    p.add_argument("--vae-blocks", default="32,64,64", help="vae: block widths (2 downsamples for 3 blocks)")
+    p.add_argument("--vae-groups", type=int, default=16, help="vae: GroupNorm groups")
+    p.add_argument("--latent-channels", type=int, default=8, help="vae: channels of the 16x16 latent")
+    p.add_argument("--object-weight", type=float, default=8.0, help="vae: extra loss weight on object pixels")
+    p.add_argument("--max-objects", type=int, default=3, help="denoisers: scenes of 1..N objects (world subset)")
     p.add_argument("--family", choices=["sd", "pixart", "flux", "clip"], help="assemble: which model")
     p.add_argument("--run", type=Path, help="assemble: the denoiser's run directory (default runs/<family>)")
     p.add_argument("--dest", type=Path, help="assemble: output folder (default the embedded model folder)")
@@ -82,7 +87,16 @@ def main(argv: list[str] | None = None) -> None:
         from retouch.train.vae import train_vae
 
         cfg = _train_config(args, steps=3000, batch_size=32, lr=2e-3, warmup=100, decay="cosine")
-        train_vae(out, cfg, resume=args.resume, device=device, block_out=(16, 32, 64), groups=4)
+        train_vae(
+            out,
+            cfg,
+            resume=args.resume,
+            device=device,
+            block_out=tuple(int(c) for c in args.vae_blocks.split(",")),
+            groups=args.vae_groups,
+            latent_channels=args.latent_channels,
+            object_weight=args.object_weight,
+        )
     elif args.stage == "clip":
         from retouch.train.text import train_clip
 
@@ -108,6 +122,7 @@ def main(argv: list[str] | None = None) -> None:
             resume=args.resume,
             pool_size=args.pool,
             eval_n=args.eval_n,
+            max_objects=args.max_objects,
             device=device,
         )
     elif args.stage == "assemble":

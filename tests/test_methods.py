@@ -129,3 +129,28 @@ def test_null_text_and_negative_prompt_beat_plain_ddim_under_guidance():
     assert len(nti.trajectory.extras["uncond_per_step"]) == 5
     assert _source_error(nti) < plain and npi < plain, (_source_error(nti), npi, plain)
     assert nti.report["nfe"]["inversion"] > 5  # the optimisation's forward passes are counted
+
+
+def test_p2p_self_copy_on_queries_keys_equals_map_copy():
+    from retouch.backbones.base import LayerInfo
+    from retouch.control.context import AttnContext, BatchLayout
+    from retouch.control.installer import attention_probs
+    from retouch.control.p2p import PromptToPrompt
+
+    layout = BatchLayout(3, cfg=True)
+    layer = LayerInfo("blk.attn1", "self", 0, "dit", 1)
+    ctx = AttnContext(layer=layer, step=0, num_steps=10, phase="sample", layout=layout, latent_hw=(4, 4))
+    editor = PromptToPrompt(alignment=None, self_steps=0.5)  # the self path never reads the text alignment
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(layout.size, 2, 16, 8, generator=g) for _ in range(3))
+    assert editor.applies(ctx) and not editor.needs_probs(ctx)
+    out = torch.nn.functional.scaled_dot_product_attention(*editor.edit_qkv(q, k, v, ctx))
+    probs = attention_probs(q, k)
+    src = layout.row(0, True)
+    for b in (1, 2):
+        probs[layout.row(b, True)] = probs[src]
+    assert torch.allclose(out, probs @ v, atol=1e-5)
+    # the unconditional half and the source row are untouched
+    plain = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    assert torch.allclose(out[: layout.branches + 1], plain[: layout.branches + 1], atol=1e-6)
+    assert not torch.allclose(out[layout.row(1, True)], plain[layout.row(1, True)], atol=1e-3)

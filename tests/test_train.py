@@ -12,8 +12,10 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from retouch.models import registry  # noqa: E402
 from retouch.train import common, data  # noqa: E402
 from retouch.train.common import RunDir, TrainConfig  # noqa: E402
+from retouch.worlds import shapes  # noqa: E402
 
 
 def _cfg(steps: int, **kw) -> TrainConfig:
@@ -66,8 +68,8 @@ def tiny_runs(tmp_path_factory):
 
     runs = tmp_path_factory.mktemp("runs")
     text.build_tokenizers(runs / "tokenizers")
-    v = vae.train_vae(runs / "vae", _cfg(2), block_out=(8, 8, 8), groups=4, eval_n=4)
-    assert v.config.scaling_factor > 0
+    v = vae.train_vae(runs / "vae", _cfg(2), block_out=(8, 8, 8), groups=4, latent_channels=8, eval_n=4)
+    assert v.config.scaling_factor > 0 and v.config.latent_channels == 8
     text.train_clip(runs / "clip", _cfg(2, batch_size=6), tokenizers=runs / "tokenizers", width=32, layers=1, eval_n=4)
     text.train_t5(
         runs / "t5",
@@ -99,7 +101,7 @@ def test_denoiser_steps_and_assembly(family, tiny_runs, tmp_path):
 
     run = tmp_path / family
     cfg = _cfg(2, batch_size=4, ema=0.9)
-    denoisers.train_denoiser(family, run, cfg, components=tiny_runs, size="tiny", pool_size=8, eval_n=0)
+    denoisers.train_denoiser(family, run, cfg, components=tiny_runs, size="tiny", pool_size=8, eval_n=0, max_objects=1)
     curve = RunDir(run).read_log("curve.jsonl")
     assert len(curve) == 2 and all(np.isfinite(r["loss"]) for r in curve)
     dest = tmp_path / f"shapes-{family}"
@@ -110,6 +112,7 @@ def test_denoiser_steps_and_assembly(family, tiny_runs, tmp_path):
     images = denoisers.generate(pipe, family, ["a red circle"], num_inference_steps=2)
     assert images[0].shape == (64, 64, 3)
     assert all(p.dtype == torch.float32 for p in pipe.components[_denoiser_key(family)].parameters())
+    assert registry.world_of(dest) == {"max_objects": 1}
 
 
 def _denoiser_key(family: str) -> str:
@@ -122,3 +125,25 @@ def test_data_is_seeded():
     assert a == b
     x = data.render_batch(a)
     assert x.shape == (3, 3, 64, 64) and x.min() >= -1 and x.max() <= 1
+
+
+def test_world_subsets_of_held_out_scenes():
+    full = data.held_out_scenes(40)
+    assert full == [shapes.sample_scene(data.HELD_OUT_SEED + i) for i in range(40)]
+    assert {len(s.objects) for s in full} == {1, 2, 3}
+    one = data.held_out_scenes(40, max_objects=1)
+    assert {len(s.objects) for s in one} == {1} and one == data.held_out_scenes(40, max_objects=1)
+    two = data.sample_scenes(common.step_rng(0, 1), 40, max_objects=2)
+    assert {len(s.objects) for s in two} == {1, 2}
+    with pytest.raises(ValueError, match="max_objects"):
+        data.held_out_scenes(1, max_objects=4)
+
+
+def test_vae_object_weight_mask_covers_objects():
+    from retouch.train import vae
+
+    scene = shapes.sample_scene(3, n_objects=2)
+    m = vae.object_masks([scene], 64, 64)
+    union = np.any(shapes.render_masks(scene), axis=0)
+    assert m.shape == (1, 1, 64, 64) and bool(m[0, 0][torch.from_numpy(union)].all())
+    assert 0 < float(m.mean()) < 0.5

@@ -2,7 +2,8 @@
 
 The target branch's image→text attention is rewritten from the source branch's during the first
 ``cross_steps`` of sampling; self-attention maps are copied from the source during the first
-``self_steps`` (at layers with at most ``self_max_tokens`` image tokens, as P2P does at 32x32 and below).
+``self_steps`` (at layers with at most ``self_max_tokens`` image tokens, as P2P does at 32x32 and below);
+the copy is done on queries and keys, so no self-attention map is materialised.
 Only the conditional half of a CFG batch is edited. Works on cross-attention (SD, PixArt) and on the
 image-query / text-key block of joint attention (SD3, Flux double and single blocks).
 
@@ -196,9 +197,19 @@ class PromptToPrompt:
         return self._cross_active(ctx) or self.local_blend is not None
 
     def needs_probs(self, ctx: AttnContext) -> bool:
-        return self.applies(ctx)
+        # A self-attention map copy needs no map: softmax(q_src k_src^T) v_tgt is SDPA on the source's
+        # queries and keys with the target's values (see edit_qkv), so only text maps are materialised.
+        return ctx.layer.kind != "self" and self.applies(ctx)
 
     def edit_qkv(self, q: Tensor, k: Tensor, v: Tensor, ctx: AttnContext) -> tuple[Tensor, Tensor, Tensor]:
+        if ctx.layer.kind != "self":
+            return q, k, v
+        layout = ctx.layout
+        src = layout.row(0, cond=True)
+        q, k = q.clone(), k.clone()
+        for b in range(1, layout.branches):
+            tgt = layout.row(b, True)
+            q[tgt], k[tgt] = q[src], k[src]
         return q, k, v
 
     # --- rules ----------------------------------------------------------------------------------------
@@ -216,7 +227,7 @@ class PromptToPrompt:
         layout = ctx.layout
         src = layout.row(0, cond=True)
         kind = ctx.layer.kind
-        if kind == "self":
+        if kind == "self":  # reached only by callers that force maps (edit_qkv already copied q and k)
             probs = probs.clone()
             for b in range(1, layout.branches):
                 probs[layout.row(b, True)] = probs[src]

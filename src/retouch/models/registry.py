@@ -40,6 +40,29 @@ def embedded_info() -> list[dict[str, Any]]:
     return out
 
 
+WORLD_FILE = "world.json"
+"""File in an embedded pipeline folder naming the ShapesWorld subset the model was trained on."""
+
+
+def world_of(source: str | Path) -> dict[str, Any]:
+    """The ShapesWorld subset an embedded model learned (``{"max_objects": N}``); the whole world (1–3 objects)
+    when the folder says nothing (hub models, older folders)."""
+    folder = resolve(str(source)) if not isinstance(source, Path) else source
+    path = Path(folder) / WORLD_FILE
+    world: dict[str, Any] = {"max_objects": 3}
+    if path.is_file():
+        world.update(json.loads(path.read_text()))
+    return world
+
+
+def write_world(folder: str | Path, world: dict[str, Any]) -> None:
+    """Write ``world.json`` into a pipeline folder (atomically)."""
+    path = Path(folder) / WORLD_FILE
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(world, indent=2) + "\n")
+    tmp.replace(path)
+
+
 def resolve(source: str) -> Path | str:
     """An embedded name -> its folder; a local path -> that path; anything else is passed on as a hub id."""
     if source in embedded_names():

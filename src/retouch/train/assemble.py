@@ -46,6 +46,7 @@ def load_denoiser(family: str, run: str | Path) -> tuple[torch.nn.Module, dict[s
         "evals": evals,
         "final_loss": next((r["loss"] for r in reversed(curve) if r["step"] <= state["step"]), None),
         "pool_size": config.get("pool_size"),
+        "world": config.get("world", {"max_objects": 3}),
     }
     return model, info
 
@@ -68,6 +69,7 @@ def assemble(
     model, info = load_denoiser(family, run)
     pipe = build_pipeline(family, model, comps)
     _fp16_save(pipe, dest)
+    registry.write_world(dest, info["world"])
     if card:
         cards.write_pipeline_card(dest, info, Path(components))
     logger.info("assembled %s at step %d into %s", family, info["step"], dest)

@@ -29,14 +29,25 @@ HELD_OUT_SEED = 7_000_000
 """Seed of held-out scene 0 (scene ``i`` is ``sample_scene(HELD_OUT_SEED + i)``)."""
 
 
-def sample_scenes(rng: np.random.Generator, n: int) -> list[shapes.Scene]:
-    """``n`` training scenes drawn from ``rng``."""
-    return [shapes.sample_scene(rng) for _ in range(n)]
+def _scene(rng: np.random.Generator | int, max_objects: int) -> shapes.Scene:
+    """A scene with 1..``max_objects`` objects (the world's own 1..3 draw when ``max_objects`` is the maximum)."""
+    if not 1 <= max_objects <= shapes.MAX_OBJECTS:
+        raise ValueError(f"max_objects must be in 1..{shapes.MAX_OBJECTS}, got {max_objects}")
+    if max_objects == shapes.MAX_OBJECTS:
+        return shapes.sample_scene(rng)
+    rng = shapes.as_rng(rng)
+    return shapes.sample_scene(rng, n_objects=int(rng.integers(1, max_objects + 1)))
 
 
-def held_out_scenes(n: int, offset: int = 0) -> list[shapes.Scene]:
-    """The first ``n`` held-out scenes (after ``offset``)."""
-    return [shapes.sample_scene(HELD_OUT_SEED + offset + i) for i in range(n)]
+def sample_scenes(rng: np.random.Generator, n: int, max_objects: int = shapes.MAX_OBJECTS) -> list[shapes.Scene]:
+    """``n`` training scenes drawn from ``rng`` (1..``max_objects`` objects each)."""
+    return [_scene(rng, max_objects) for _ in range(n)]
+
+
+def held_out_scenes(n: int, offset: int = 0, max_objects: int = shapes.MAX_OBJECTS) -> list[shapes.Scene]:
+    """The first ``n`` held-out scenes (after ``offset``); scene ``i`` depends only on its seed and
+    ``max_objects``."""
+    return [_scene(HELD_OUT_SEED + offset + i, max_objects) for i in range(n)]
 
 
 def caption_of(scene: shapes.Scene, rng: np.random.Generator | None = None) -> str:

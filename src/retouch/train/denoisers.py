@@ -78,7 +78,7 @@ def latent_of(vae: Any, x: torch.Tensor, family: str) -> torch.Tensor:
 
 @torch.no_grad()
 def encode_latents(vae: Any, scenes: list, family: str, batch: int = 128) -> torch.Tensor:
-    """Scaled latents of ``scenes`` (64×64 renders), float16 ``[N, 4, 16, 16]``."""
+    """Scaled latents of ``scenes`` (64×64 renders), float16 ``[N, C, 16, 16]``."""
     device = next(vae.parameters()).device
     out = [
         latent_of(vae, data.render_batch(scenes[i : i + batch]).to(device), family).half().cpu()
@@ -87,17 +87,21 @@ def encode_latents(vae: Any, scenes: list, family: str, batch: int = 128) -> tor
     return torch.cat(out)
 
 
-def _pool(run: RunDir, comps: Components, family: str, size: int, seed: int) -> tuple[list, torch.Tensor]:
-    """Training scenes and their latents; cached in ``pool.pt`` (recomputed if the size or family changed)."""
-    scenes = data.sample_scenes(np.random.default_rng([seed, 424242]), size)
+def _pool(
+    run: RunDir, comps: Components, family: str, size: int, seed: int, max_objects: int
+) -> tuple[list, torch.Tensor]:
+    """Training scenes and their latents; cached in ``pool.pt`` (recomputed if the size, family or world
+    changed)."""
+    scenes = data.sample_scenes(np.random.default_rng([seed, 424242]), size, max_objects)
     path = run.path / "pool.pt"
+    key = {"size": size, "family": family, "seed": seed, "max_objects": max_objects}
     if path.exists():
         cached = torch.load(path, map_location="cpu")
-        if cached["size"] == size and cached["family"] == family and cached["seed"] == seed:
+        if all(cached.get(k, 3 if k == "max_objects" else None) == v for k, v in key.items()):
             return scenes, cached["latents"]
     logger.info("encoding a pool of %d training scenes", size)
     latents = encode_latents(comps.vae, scenes, family)
-    atomic_torch_save({"size": size, "family": family, "seed": seed, "latents": latents}, path)
+    atomic_torch_save({**key, "latents": latents}, path)
     return scenes, latents
 
 
@@ -123,7 +127,7 @@ def _alphas_cumprod(pipe: Any) -> torch.Tensor:
 def diffusion_loss(
     family: str, model: nn.Module, pipe: Any, z0: torch.Tensor, cond: dict[str, torch.Tensor], g: torch.Generator
 ) -> torch.Tensor:
-    """One training loss for a batch of clean latents ``z0`` ``[B, 4, 16, 16]`` under conditioning ``cond``."""
+    """One training loss for a batch of clean latents ``z0`` ``[B, C, 16, 16]`` under conditioning ``cond``."""
     b = z0.shape[0]
     device = z0.device
     noise = torch.randn(z0.shape, generator=g, device=device)
@@ -135,7 +139,7 @@ def diffusion_loss(
             pred = model(xt, t, **cond).sample
         else:
             pred = model(xt, timestep=t, added_cond_kwargs={"resolution": None, "aspect_ratio": None}, **cond).sample[
-                :, :4
+                :, : z0.shape[1]
             ]
         return F.mse_loss(pred, noise)
     # flux: rectified flow with logit-normal, shifted t
@@ -173,9 +177,11 @@ def generate(
     return images
 
 
-def oracle_eval(pipe: Any, family: str, n: int = 100, seed: int = 0, **overrides: Any) -> dict[str, float]:
+def oracle_eval(
+    pipe: Any, family: str, n: int = 100, seed: int = 0, max_objects: int = 3, **overrides: Any
+) -> dict[str, float]:
     """Oracle attribute accuracy of images generated from ``n`` held-out canonical captions."""
-    scenes = data.held_out_scenes(n)
+    scenes = data.held_out_scenes(n, max_objects=max_objects)
     images = generate(pipe, family, [data.caption_of(s) for s in scenes], seed=seed, **overrides)
     return {k: round(v, 4) for k, v in oracle.attribute_accuracy(images, scenes).items()}
 
@@ -191,6 +197,7 @@ def train_denoiser(
     pool_size: int = 16384,
     dropout: float = 0.1,
     eval_n: int = 100,
+    max_objects: int = 3,
     device: torch.device | None = None,
 ) -> nn.Module:
     """Train one family's denoiser in run directory ``out``; the EMA weights go to ``out/final``.
@@ -201,20 +208,30 @@ def train_denoiser(
         pool_size: training scenes rendered and encoded once (cached in ``pool.pt``).
         dropout: probability of replacing a caption by "" (classifier-free guidance).
         eval_n: held-out captions per learning-curve evaluation (0 = no evaluation).
+        max_objects: the world the model learns: scenes of 1..``max_objects`` objects (training and evaluation).
     """
     device = device or torch.device("cpu")
     run = RunDir(Path(out))
     comps = load_components(components, device)
-    config = denoiser_config(family, size, text_width=comps.text_width, t5_width=comps.t5_width)
+    config = denoiser_config(
+        family, size, text_width=comps.text_width, t5_width=comps.t5_width, latent_channels=comps.latent_channels
+    )
     model = build_denoiser(family, config).to(device)
     atomic_write_json(
         run.path / "config.json",
-        {"family": family, "size": size, "denoiser": config, "train": cfg.__dict__, "pool_size": pool_size},
+        {
+            "family": family,
+            "size": size,
+            "denoiser": config,
+            "train": cfg.__dict__,
+            "pool_size": pool_size,
+            "world": {"max_objects": max_objects},
+        },
     )
     logger.info("%s denoiser: %d parameters", family, count_params(model))
     pipe = build_pipeline(family, model, comps)
     pipe.set_progress_bar_config(disable=True)
-    scenes, latents = _pool(run, comps, family, pool_size, cfg.seed)
+    scenes, latents = _pool(run, comps, family, pool_size, cfg.seed, max_objects)
 
     def loss_fn(step: int) -> tuple[torch.Tensor, dict[str, float]]:
         rng = step_rng(cfg.seed, step)
@@ -227,7 +244,10 @@ def train_denoiser(
     def eval_fn(step: int, modules: dict[str, nn.Module]) -> dict[str, float]:
         eval_pipe = build_pipeline(family, modules["denoiser"], comps)
         eval_pipe.set_progress_bar_config(disable=True)
-        return {"n": eval_n, **oracle_eval(eval_pipe, family, n=eval_n, num_inference_steps=20)}
+        return {
+            "n": eval_n,
+            **oracle_eval(eval_pipe, family, n=eval_n, max_objects=max_objects, num_inference_steps=20),
+        }
 
     result = train_loop(run, {"denoiser": model}, loss_fn, cfg, resume=resume, eval_fn=eval_fn if eval_n > 0 else None)
     final = result["ema"]["denoiser"]

@@ -62,14 +62,18 @@ _DIT_SIZES: dict[str, dict[str, int]] = {
 }
 
 
-def denoiser_config(family: str, size: str, *, text_width: int, t5_width: int) -> dict[str, Any]:
-    """The denoiser's diffusers config for ``family`` at a size preset (``tiny`` is for tests)."""
+def denoiser_config(
+    family: str, size: str, *, text_width: int, t5_width: int, latent_channels: int = 4
+) -> dict[str, Any]:
+    """The denoiser's diffusers config for ``family`` at a size preset (``tiny`` is for tests), for a VAE of
+    ``latent_channels`` channels."""
+    c = latent_channels
     if family == "sd":
         s = _SD_SIZES[size]
         return {
             "sample_size": 16,
-            "in_channels": 4,
-            "out_channels": 4,
+            "in_channels": c,
+            "out_channels": c,
             "down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
             "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
             "block_out_channels": list(s["block_out_channels"]),
@@ -83,8 +87,8 @@ def denoiser_config(family: str, size: str, *, text_width: int, t5_width: int) -
         return {
             "num_attention_heads": s["heads"],
             "attention_head_dim": s["head_dim"],
-            "in_channels": 4,
-            "out_channels": 8,
+            "in_channels": c,
+            "out_channels": 2 * c,
             "num_layers": s["layers"],
             "cross_attention_dim": s["heads"] * s["head_dim"],
             "caption_channels": t5_width,
@@ -105,7 +109,7 @@ def denoiser_config(family: str, size: str, *, text_width: int, t5_width: int) -
         rope = (a, b, d - a - b)  # even parts summing to the head dim (Flux: 16, 56, 56 of 128)
         return {
             "patch_size": 1,
-            "in_channels": 16,
+            "in_channels": 4 * c,
             "num_layers": s["layers"] // 2,
             "num_single_layers": s["single"],
             "attention_head_dim": d,
@@ -179,6 +183,10 @@ class Components:
         self.t5_tokenizer = T5TokenizerFast.from_pretrained(str(runs / "t5" / "final"))
         for m in (self.vae, self.text_encoder, self.t5):
             m.eval().requires_grad_(False)
+
+    @property
+    def latent_channels(self) -> int:
+        return int(self.vae.config.latent_channels)
 
     @property
     def text_width(self) -> int:
