@@ -165,6 +165,20 @@ def test_a_folder_of_another_run_is_refused(single):
         run(_cfg(single, steps=3), backbone=object())
 
 
+def test_method_spec_merge_ratio_applies_token_merging(sd, clip_dir, tmp_path):
+    specs = (MethodSpec("ddim+masactrl", label="plain"), MethodSpec("ddim+masactrl", label="m50", merge_ratio=0.5))
+    run(_cfg(tmp_path / "m", methods=specs, cases=1, types=(6,), clip_model=clip_dir), backbone=sd)
+    rows = {r["method"]: r for r in map(json.loads, (tmp_path / "m" / "results.jsonl").read_text().splitlines())}
+    assert rows["plain"]["merge"] is None and rows["plain"]["error"] is None
+    assert (
+        rows["m50"]["error"] is None
+        and rows["m50"]["merge"]["requested_ratio"] == 0.5
+        and rows["m50"]["merge"]["merged_calls"] > 0
+    )
+    with pytest.raises(BenchError, match="merge_ratio"):
+        MethodSpec("ddim+p2p", merge_ratio=0.99)
+
+
 def test_bad_configs_fail_early(tmp_path):
     with pytest.raises(BenchError, match="unknown method"):
         run(_cfg(tmp_path, methods=(MethodSpec("nope"),)), backbone=object())

@@ -89,10 +89,15 @@ class MethodSpec:
     inversion: str | None = None
     num_steps: int | None = None
     guidance: float | None = None
+    merge_ratio: float = 0.0
 
     def __post_init__(self) -> None:
         if not self.method:
             raise BenchError("empty method name")
+        if not 0.0 <= float(self.merge_ratio) <= 0.95:
+            raise BenchError(
+                f"merge_ratio of {self.label or self.method!r} must be in [0, 0.95], got {self.merge_ratio}"
+            )
         if not self.label:
             object.__setattr__(self, "label", self.method)
 
@@ -106,7 +111,8 @@ class MethodSpec:
 
     @classmethod
     def from_file(cls, path: str | Path) -> tuple[MethodSpec, ...]:
-        """A JSON list of specs, e.g. ``[{"label": "p2p-0.6", "method": "ddim+p2p", "options": {...}}]``."""
+        """A JSON list of specs, e.g. ``[{"label": "p2p-0.6", "method": "ddim+p2p", "options": {...}}]``
+        (keys: method, label, options, solver, inversion, num_steps, guidance, merge_ratio)."""
         try:
             items = json.loads(Path(path).read_text())
         except (OSError, json.JSONDecodeError) as err:
@@ -403,7 +409,7 @@ def _check_methods(cfg: BenchConfig) -> dict[str, set[str]]:
 
 
 def _edit_config(cfg: BenchConfig, spec: MethodSpec, case: BenchCase, accepted: set[str]) -> Any:
-    from retouch.config import EditConfig, InversionConfig
+    from retouch.config import EditConfig, InversionConfig, MergeConfig
 
     options = {**cfg.options, **spec.options}
     if cfg.blend and case.blended_word and "blend_words" in accepted and "blend_words" not in options:
@@ -418,6 +424,7 @@ def _edit_config(cfg: BenchConfig, spec: MethodSpec, case: BenchCase, accepted: 
         seed=cfg.seed,
         inversion=InversionConfig(name=spec.inversion),
         options=options,
+        merge=MergeConfig(ratio=float(spec.merge_ratio)),
     )
 
 
@@ -513,6 +520,7 @@ def _one(
         inversion=report["inversion"],
         solver=report["solver"],
         editor=report["editor"],
+        merge=report.get("merge"),
         resized_for_metrics=resized,
     )
     if cfg.save_images:

@@ -60,13 +60,16 @@ def _table(rows: list[dict[str, Any]], keys: tuple[str, ...]) -> str:
 
 def _components_section(components: Path) -> str:
     vae, clip, t5 = (_metrics(components, s) for s in ("vae", "clip", "t5"))
+    lat = (vae.get("train_args") or {}).get("latent_channels") or _vae_channels(components)
+    ceiling = ", ".join(f"{k[7:]} {100 * v:.0f}%" for k, v in vae.items() if k.startswith("oracle_"))
     zs = ", ".join(f"{k[3:]} {100 * v:.0f}%" for k, v in clip.items() if k.startswith("zs_"))
     t5zs = ", ".join(f"{k[3:]} {100 * v:.0f}%" for k, v in t5.items() if k.startswith("zs_"))
     return f"""## Shared components
 
-* **VAE** (`AutoencoderKL`, 64×64×3 → 16×16×4, {vae.get("params", "?")} params, {vae.get("step", "?")} steps,
+* **VAE** (`AutoencoderKL`, 64×64×3 → 16×16×{lat}, {vae.get("params", "?")} params, {vae.get("step", "?")} steps,
   {vae.get("wall_s", 0) / 60:.0f} CPU-min): reconstruction PSNR on held-out scenes
-  **{vae.get("psnr_64x64", 0):.1f} dB** at 64×64 and {vae.get("psnr_64x128", 0):.1f} dB at 64×128;
+  **{vae.get("psnr_64x64", 0):.1f} dB** at 64×64 and {vae.get("psnr_64x128", 0):.1f} dB at 64×128 (goal 30 dB);
+  oracle accuracy on its reconstructions (the ceiling of any denoiser on these latents): {ceiling or "n/a"};
   `scaling_factor` = 1/std = {1 / vae.get("latent_std", 1):.4f},
   `shift_factor` = mean = {vae.get("latent_mean", 0):.4f} (only Flux uses the shift).
 * **Text encoder** (shapes-clip text tower, `CLIPTextModel`, {clip.get("text_params", "?")} params): shapes-clip was
@@ -79,6 +82,21 @@ def _components_section(components: Path) -> str:
 * **Tokenizers**: CLIP byte-level BPE (77 tokens) and T5 Unigram, built offline on the caption vocabulary
   (`retouch.models.tokenizers`).
 """
+
+
+def _vae_channels(components: Path) -> int | str:
+    p = components / "vae" / "final" / "config.json"
+    return json.loads(p.read_text()).get("latent_channels", "?") if p.exists() else "?"
+
+
+def _world_text(world: dict[str, Any]) -> str:
+    n = int(world.get("max_objects", 3))
+    if n >= 3:
+        return "the whole world: 1–3 objects"
+    return (
+        f"**a subset of the world: scenes of {'one object' if n == 1 else f'1–{n} objects'}** (every attribute "
+        "uniform; `world.json` in this folder says so, and the benchmark draws its held-out captions from it)"
+    )
 
 
 def write_pipeline_card(dest: Path, info: dict[str, Any], components: Path) -> None:
@@ -100,11 +118,11 @@ def write_pipeline_card(dest: Path, info: dict[str, Any], components: Path) -> N
         "scaled-linear β 0.00085–0.012 over 1000 steps, `DDIMScheduler` (steps_offset 1, clip_sample off, "
         "set_alpha_to_one off), 77-token CLIP prompts; no safety checker.",
         "pixart": "PixArt-α conventions: patch 2 on the 16×16 latent (64 tokens), `ada_norm_single`, learned-σ "
-        "output layout (8 channels; only the ε half is trained, the pipeline discards the σ half), "
+        "output layout (2× the latent channels; only the ε half is trained, the pipeline discards the σ half), "
         "T5 length 120 with attention mask, `DPMSolverMultistepScheduler` (dpmsolver++, order 2, linear "
         "β 0.0001–0.02). Call with `use_resolution_binning=False` at 64×64.",
         "flux": "Rectified flow (`FlowMatchEulerDiscreteScheduler` with dynamic shifting, as Flux-dev), latents "
-        "packed 2×2 (16 channels, 64 tokens), CLIP pooled + T5 tokens (**T5 length 64**: pass "
+        "packed 2×2 (4× the latent channels, 64 tokens), CLIP pooled + T5 tokens (**T5 length 64**: pass "
         "`max_sequence_length=64`). The guidance embedding exists (as in Flux-dev) and was fed a scalar "
         "g ~ U[1, 5] during training, but the model is **not guidance-distilled**: the target ignores g, "
         "so `guidance_scale` has no real effect. For classifier-free guidance use `true_cfg_scale > 1` "
@@ -112,7 +130,14 @@ def write_pipeline_card(dest: Path, info: dict[str, Any], components: Path) -> N
     }[family]
     flags = (
         f"--size {info.get('size')} --batch-size {train.get('batch_size')} --lr {train.get('lr')} "
-        f"--warmup {train.get('warmup')} --ema {train.get('ema')} --pool {info.get('pool_size')}"
+        f"--warmup {train.get('warmup')} --ema {train.get('ema')} --pool {info.get('pool_size')} "
+        f"--max-objects {(info.get('world') or {}).get('max_objects', 3)}"
+    )
+    vae_train = _metrics(components, "vae").get("train", {})
+    vae_flags = (
+        f"--steps {vae_train.get('steps', 2400)} --batch-size {vae_train.get('batch_size', 16)} "
+        f"--lr {vae_train.get('lr', 2e-3)} --warmup {vae_train.get('warmup', 50)} "
+        f"--latent-channels {_vae_channels(components)} --object-weight 8"
     )
     n_params = _params(dest / ("unet" if family == "sd" else "transformer"))
     evals_md = _table(evals, _ATTRS) if evals else "(no evaluation yet)"
@@ -147,9 +172,10 @@ Config: `{json.dumps(info.get("denoiser_config"))}`
 
 ## Training
 
-* Data: ShapesWorld renders at 64×64 (1–3 objects, all attributes uniform), a pool of {info.get("pool_size")}
+* Data: ShapesWorld renders at 64×64, {_world_text(info.get("world") or {})}; a pool of {info.get("pool_size")}
   scenes encoded once by the frozen VAE; captions re-drawn with varied wording every step; 10% of captions
-  dropped to "" for classifier-free guidance. Held-out evaluation scenes are `sample_scene(7_000_000 + i)`.
+  dropped to "" for classifier-free guidance. Held-out evaluation scenes are
+  `retouch.train.data.held_out_scenes(n, max_objects=...)` (seeds 7_000_000 + i).
 * Optimiser: AdamW lr {train.get("lr")}, {train.get("warmup")}-step linear warm-up, batch {train.get("batch_size")},
   EMA {train.get("ema")}, seed {train.get("seed")}.
 * Steps: **{info["step"]}**, CPU time **{info["wall_s"] / 60:.0f} min** (2 shared CPU cores, torch
@@ -167,14 +193,15 @@ The exact commands (the shared components first; every stage is seeded and resum
 ```
 export HF_HUB_OFFLINE=1
 python scripts/train_embedded.py tokenizers --out runs/tokenizers
-python scripts/train_embedded.py vae --out runs/vae --steps 3000 --batch-size 16 --lr 2e-3 --warmup 100
+python scripts/train_embedded.py vae --out runs/vae {vae_flags}
 python scripts/train_embedded.py clip --out runs/clip --steps 1500 --batch-size 64 --warmup 100
 python scripts/train_embedded.py t5 --out runs/t5 --steps 1000 --batch-size 64 --warmup 50
 python scripts/train_embedded.py {family} --out runs/{family} {flags} --eval-min 10 --eval-n 32
 python scripts/train_embedded.py assemble --family {family}
 ```
 
-Add `--minutes N` to stop a call after N minutes and `--resume` to continue it. This folder holds the EMA
+Add `--minutes N` to stop a call after N minutes and `--resume` to continue it (`--threads N` sets the CPU
+threads; a CUDA GPU is used when present). This folder holds the EMA
 weights of step {info["step"]}; to continue from there, run the `{family}` command with `--resume` (its
 `--steps` default is 20000), then `assemble` again. Changing the VAE or the text encoders requires
 retraining the denoisers.
