@@ -250,6 +250,10 @@ def test_cli_parses_and_runs(sd, tmp_path, monkeypatch, capsys):
     assert "ddim+masactrl" in capsys.readouterr().out
     assert {p.name for p in out.iterdir()} >= {"results.jsonl", "summary.json", "report.html"}
     assert main(["merge", str(out), "--out", str(tmp_path / "m")]) == 0
+    capsys.readouterr()
+    assert main(["report", str(out), "--markdown"]) == 0
+    md = capsys.readouterr().out
+    assert "| method | rows | errors |" in md and "| ddim+masactrl | 1 | 0 |" in md
     assert main(["shapes", "--methods", "nope", "--out", str(out), "--model", "x"]) == 1
     assert "unknown method" in capsys.readouterr().err
 

@@ -97,6 +97,7 @@ def add_bench_parser(subparsers: Any) -> argparse.ArgumentParser:
     m.add_argument("--out", "-o", default=None, help="output folder (default: the single input)")
     r = sub.add_parser("report", help="rebuild summary.json and report.html from results.jsonl")
     r.add_argument("folder")
+    r.add_argument("--markdown", action="store_true", help="print the summary as Markdown tables (for docs)")
     e = sub.add_parser("export-shapes", help="write a ShapesBench split in PIE-Bench's on-disk layout")
     e.add_argument("--out", "-o", required=True)
     e.add_argument("--cases", type=int, default=100)
@@ -221,6 +222,13 @@ def run_bench(args: argparse.Namespace) -> int:
             return 0
         if args.bench_command == "report":
             folder = runner.rebuild_outputs(args.folder)
+            if args.markdown:
+                from retouch.bench.report import EXTRA_COLUMNS, OFFICIAL_COLUMNS, render_markdown
+
+                summary = json.loads((folder / "summary.json").read_text())
+                print(render_markdown(summary, OFFICIAL_COLUMNS))
+                print(render_markdown(summary, EXTRA_COLUMNS))
+                return 0
             _print_summary(folder, False)
             return 0
         if args.bench_command == "export-shapes":

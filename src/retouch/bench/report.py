@@ -25,7 +25,7 @@ from retouch.bench.evaluate import METRIC_INFO, SUMMARY_METRICS
 from retouch.bench.metrics import mean_of
 from retouch.worlds import EDIT_TYPES
 
-__all__ = ["render_html", "summarize"]
+__all__ = ["render_html", "render_markdown", "summarize"]
 
 
 def _value(row: Mapping[str, Any], key: str) -> float | None:
@@ -154,6 +154,18 @@ def _table(summary: Mapping[str, Any], columns: Sequence[str]) -> str:
             f"<tr><th class=l>{html.escape(label)}</th><td>{m['n_rows']}</td><td>{m['n_errors']}</td>{cells}</tr>"
         )
     return f"<table><tr><th class=l>method</th><th>rows</th><th>errors</th>{head}</tr>{''.join(body)}</table>"
+
+
+def render_markdown(summary: Mapping[str, Any], columns: Sequence[str] = OFFICIAL_COLUMNS) -> str:
+    """A Markdown table of the summary's methods (metric scales and arrows as in the HTML report)."""
+    methods = summary["methods"]
+    cols = [c for c in columns if any(m["metrics"].get(c) is not None for m in methods.values())]
+    head = "| method | rows | errors | " + " | ".join(html.unescape(_header(c)) for c in cols) + " |"
+    lines = [head, "|---" * (len(cols) + 3) + "|"]
+    for label, m in methods.items():
+        cells = " | ".join(_fmt(m["metrics"].get(c), c) for c in cols)
+        lines.append(f"| {label} | {m['n_rows']} | {m['n_errors']} | {cells} |")
+    return "\n".join(lines) + "\n"
 
 
 def _bars(summary: Mapping[str, Any], key: str) -> str:
