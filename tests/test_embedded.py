@@ -85,3 +85,25 @@ def test_edit_of_an_example_writes_image_and_sidecar(name, tmp_path, capsys):
     assert out.is_file() and str(out) in capsys.readouterr().out
     sidecar = json.loads(out.with_name(out.name + ".json").read_text())
     assert sidecar["model"] and sidecar["num_steps"] == 3 and sidecar["nfe"]["total"] > 0
+
+
+def _preset_cases() -> list[tuple[str, str]]:
+    from retouch.presets import PRESETS
+
+    cases = []
+    for name, preset in sorted(PRESETS.items()):
+        model = next((f"shapes-{f}" for f in ("sd", "pixart", "flux") if f in preset.families), None)
+        if model is not None:
+            cases.append((name, model))
+    return cases
+
+
+@pytest.mark.parametrize(("method", "name"), _preset_cases())
+def test_every_preset_edits_an_embedded_model(method, name, tmp_path, capsys):
+    case = json.loads((EXAMPLES / "examples.json").read_text())[0]
+    out = tmp_path / "edit.png"
+    rc = main(["edit", str(EXAMPLES / case["image"]), "--source", case["source"], "--target", case["target"],
+               "--model", name, "--method", method, "--steps", "2", "-o", str(out), "--no-progress"])  # fmt: skip
+    assert rc == 0, capsys.readouterr().err
+    sidecar = json.loads(out.with_name(out.name + ".json").read_text())
+    assert sidecar["method"] == method and out.is_file()
