@@ -54,6 +54,13 @@ def _add_run_args(p: argparse.ArgumentParser, suite: str) -> None:
     p.add_argument("--device", default=None, help="torch device for the model (default cpu)")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
     p.add_argument("--metrics-device", default=None, help="device of the metric models (default: --device)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads for torch (default: 1 for the embedded models, whose ops are too small to gain from "
+        "more; torch's choice otherwise)",
+    )
     p.add_argument("--skip-learned", action="store_true", help="skip metrics that need hub weights (null + note)")
     p.add_argument(
         "--clip-model",
@@ -238,6 +245,11 @@ def run_bench(args: argparse.Namespace) -> int:
             print(f"wrote {args.cases} ShapesBench cases (split {args.seed}) to {path.parent}")
             return 0
         cfg = config_from_args(args)
+        if args.threads is not None and args.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {args.threads}")
+        from retouch.cli import _set_threads
+
+        _set_threads(args.threads, cfg.model)
         update, bar = _progress(args.no_progress)
         try:
             folder = runner.run(cfg, progress=update)
