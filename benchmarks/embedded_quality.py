@@ -180,14 +180,15 @@ def main(argv: list[str] | None = None) -> None:
     from retouch.train.common import atomic_write_json
 
     names = args.models or registry.embedded_names()
-    previous = json.loads(args.out.read_text()).get("models", {}) if args.out.exists() else {}
-    models: dict[str, Any] = dict(previous)
     for name in names:
         log.info("evaluating %s", name)
         t = time.perf_counter()
         res = text_to_image(name, args.captions, args.seed)
         res.update(reconstruction(name, res["family"], args.recon_n, args.inversions, args.recon_steps))
         res["seconds"] = round(time.perf_counter() - t, 1)
+        res.update(commit=_commit(), date=time.strftime("%Y-%m-%d %H:%M:%S"), threads=torch.get_num_threads())
+        # re-read just before writing: runs for other models may have finished meanwhile (one process per model)
+        models: dict[str, Any] = json.loads(args.out.read_text()).get("models", {}) if args.out.exists() else {}
         models[name] = res
         log.info("%s: %s", name, res)
         atomic_write_json(

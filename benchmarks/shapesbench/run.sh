@@ -9,11 +9,11 @@ HERE=benchmarks/shapesbench
 R=".venv/bin/retouch"
 export HF_HUB_OFFLINE=1
 # Direct Inversion vs DDIM inversion under P2P, MasaCtrl, PnP and P2P-Zero (shapes-sd), all ten edit types
-$R bench shapes --model shapes-sd --methods-file $HERE/sd_methods.json --cases 20 --steps 25 --out "$OUT/sd" --no-progress
+$R bench shapes --model shapes-sd --methods-file $HERE/sd_methods.json --cases 10 --steps 25 --out "$OUT/sd" --no-progress
 # direct+p2p vs ddim+p2p on colour and object edits only (types 6 and 1), 20 cases each
 $R bench shapes --model shapes-sd --methods ddim+p2p,direct+p2p --types 1,6 --cases 40 --steps 25 \
     --out "$OUT/sd-colour-object" --no-progress
 # DiT4Edit on shapes-pixart: DPM-Solver++ vs DDIM inversion at equal steps, merging on / off, Direct Inversion
-$R bench shapes --model shapes-pixart --methods-file $HERE/pixart_methods.json --cases 20 --out "$OUT/pixart" --no-progress
+$R bench shapes --model shapes-pixart --methods-file $HERE/pixart_methods.json --cases 10 --out "$OUT/pixart" --no-progress
 # RF-Inversion / RF-Solver / FireFlow vs plain flow-Euler inversion on shapes-flux
-$R bench shapes --model shapes-flux --methods-file $HERE/flux_methods.json --cases 20 --out "$OUT/flux" --no-progress
+$R bench shapes --model shapes-flux --methods-file $HERE/flux_methods.json --cases 10 --out "$OUT/flux" --no-progress
