@@ -33,7 +33,7 @@ def _train_config(args: argparse.Namespace, **defaults: object):
     from retouch.train.common import TrainConfig
 
     values = dict(defaults)
-    for key in ("steps", "batch_size", "lr", "warmup", "ema", "seed"):
+    for key in ("steps", "batch_size", "lr", "warmup", "ema", "seed", "stop_at"):
         v = getattr(args, key, None)
         if v is not None:
             values[key] = v
@@ -49,6 +49,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", type=Path, help="run directory (default runs/<stage>)")
     p.add_argument("--resume", action="store_true", help="continue from the run directory's checkpoint")
     p.add_argument("--steps", type=int)
+    p.add_argument("--stop-at", type=int, help="stop at this step (checkpointed); the lr schedule still spans --steps")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--lr", type=float)
     p.add_argument("--warmup", type=int)

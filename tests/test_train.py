@@ -30,6 +30,21 @@ def test_lr_schedule_warmup_and_decay():
     assert common.lr_at(cfg, 100) == pytest.approx(0.1)
 
 
+def test_stop_at_keeps_the_schedule_of_steps(tmp_path):
+    model = torch.nn.Linear(2, 1)
+
+    def loss_fn(step):
+        return model(torch.ones(1, 2)).pow(2).mean(), {}
+
+    cfg = _cfg(10, stop_at=4, decay="cosine", warmup=0)
+    out = common.train_loop(RunDir(tmp_path), {"m": model}, loss_fn, cfg)
+    assert out["step"] == 4
+    lrs = [r["lr"] for r in RunDir(tmp_path).read_log("curve.jsonl")]
+    assert lrs == pytest.approx([common.lr_at(cfg, i) for i in range(4)]) and lrs[-1] < cfg.lr
+    with pytest.raises(ValueError):
+        TrainConfig(stop_at=-1)
+
+
 def test_resume_is_exact(tmp_path):
     """Training 6 steps straight equals 3 steps, checkpoint, then 3 more after a resume."""
 

@@ -89,6 +89,17 @@ def _vae_channels(components: Path) -> int | str:
     return json.loads(p.read_text()).get("latent_channels", "?") if p.exists() else "?"
 
 
+def _stage_flags(metrics: dict[str, Any], default: str) -> str:
+    """``--steps ...`` of a component stage from its metrics (with ``--stop-at`` where a time limit stopped it)."""
+    train = metrics.get("train") or {}
+    if not train:
+        return f"--steps {default}" + (f" --stop-at {metrics['step']}" if metrics.get("step") else "")
+    flags = f"--steps {train['steps']} --batch-size {train['batch_size']} --lr {train['lr']} --warmup {train['warmup']}"
+    if metrics.get("step", train["steps"]) < train["steps"]:
+        flags += f" --stop-at {metrics['step']}"
+    return flags
+
+
 def _world_text(world: dict[str, Any]) -> str:
     n = int(world.get("max_objects", 3))
     if n >= 3:
@@ -131,13 +142,18 @@ def write_pipeline_card(dest: Path, info: dict[str, Any], components: Path) -> N
     flags = (
         f"--size {info.get('size')} --batch-size {train.get('batch_size')} --lr {train.get('lr')} "
         f"--warmup {train.get('warmup')} --ema {train.get('ema')} --pool {info.get('pool_size')} "
-        f"--max-objects {(info.get('world') or {}).get('max_objects', 3)}"
+        f"--max-objects {(info.get('world') or {}).get('max_objects', 3)} --steps {train.get('steps')} "
+        f"--stop-at {info['step']}"
     )
-    vae_train = _metrics(components, "vae").get("train", {})
+    clip_flags = _stage_flags(_metrics(components, "clip"), "1500 --batch-size 64 --warmup 100")
+    t5_flags = _stage_flags(_metrics(components, "t5"), "1000 --batch-size 64 --warmup 50")
+    vae_metrics = _metrics(components, "vae")
+    vae_train = vae_metrics.get("train", {})
     vae_flags = (
         f"--steps {vae_train.get('steps', 2400)} --batch-size {vae_train.get('batch_size', 16)} "
         f"--lr {vae_train.get('lr', 2e-3)} --warmup {vae_train.get('warmup', 50)} "
         f"--latent-channels {_vae_channels(components)} --object-weight 8"
+        + (f" --stop-at {vae_metrics['step']}" if vae_metrics.get("step", 0) < vae_train.get("steps", 0) else "")
     )
     n_params = _params(dest / ("unet" if family == "sd" else "transformer"))
     evals_md = _table(evals, _ATTRS) if evals else "(no evaluation yet)"
@@ -194,16 +210,16 @@ The exact commands (the shared components first; every stage is seeded and resum
 export HF_HUB_OFFLINE=1
 python scripts/train_embedded.py tokenizers --out runs/tokenizers
 python scripts/train_embedded.py vae --out runs/vae {vae_flags}
-python scripts/train_embedded.py clip --out runs/clip --steps 1500 --batch-size 64 --warmup 100
-python scripts/train_embedded.py t5 --out runs/t5 --steps 1000 --batch-size 64 --warmup 50
+python scripts/train_embedded.py clip --out runs/clip {clip_flags}
+python scripts/train_embedded.py t5 --out runs/t5 {t5_flags}
 python scripts/train_embedded.py {family} --out runs/{family} {flags} --eval-min 10 --eval-n 32
 python scripts/train_embedded.py assemble --family {family}
 ```
 
 Add `--minutes N` to stop a call after N minutes and `--resume` to continue it (`--threads N` sets the CPU
 threads; a CUDA GPU is used when present). This folder holds the EMA
-weights of step {info["step"]}; to continue from there, run the `{family}` command with `--resume` (its
-`--steps` default is 20000), then `assemble` again. Changing the VAE or the text encoders requires
+weights of step {info["step"]}; to continue from there, run the `{family}` command with `--resume` and a
+later `--stop-at` (or none), then `assemble` again. Changing the VAE or the text encoders requires
 retraining the denoisers.
 """
     (dest / "README.md").write_text(text)

@@ -104,9 +104,10 @@ class TrainConfig:
     checkpoint_every_s: float = 180.0
     eval_every_s: float = 0.0  # 0 = only at the end
     max_minutes: float = 0.0  # 0 = no limit; else stop (with a checkpoint) after this much wall time in this call
+    stop_at: int = 0  # 0 = run to `steps`; else stop (with a checkpoint) at this step, the schedule still over `steps`
 
     def __post_init__(self) -> None:
-        if self.steps < 0 or self.batch_size < 1 or self.lr <= 0:
+        if self.steps < 0 or self.batch_size < 1 or self.lr <= 0 or self.stop_at < 0:
             raise ValueError(f"invalid training config {self}")
         if self.decay not in ("cosine", "constant"):
             raise ValueError(f"decay must be 'cosine' or 'constant', got {self.decay!r}")
@@ -240,7 +241,8 @@ def train_loop(
     last_ckpt = last_eval = time.perf_counter()
     loss_val = float("nan")
     running: list[float] = []
-    while step < cfg.steps:
+    end = min(cfg.steps, cfg.stop_at) if cfg.stop_at > 0 else cfg.steps
+    while step < end:
         t0 = time.perf_counter()
         lr = lr_at(cfg, step)
         for group in opt.param_groups:
@@ -261,7 +263,7 @@ def train_loop(
         wall += time.perf_counter() - t0
         loss_val = float(loss.detach())
         running.append(loss_val)
-        if step % cfg.log_every == 0 or step == cfg.steps:
+        if step % cfg.log_every == 0 or step == end:
             if step not in logged_steps:
                 rec = {"step": step, "loss": float(np.mean(running)), "lr": lr, "wall_s": round(wall, 2)}
                 rec.update({k: round(float(v), 5) for k, v in metrics.items()})
