@@ -65,6 +65,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--vae-groups", type=int, default=16, help="vae: GroupNorm groups")
     p.add_argument("--latent-channels", type=int, default=8, help="vae: channels of the 16x16 latent")
     p.add_argument("--object-weight", type=float, default=8.0, help="vae: extra loss weight on object pixels")
+    p.add_argument("--offset-noise", type=float, default=0.0, help="sd/pixart: offset-noise strength")
+    p.add_argument("--offset-from", type=int, default=0, help="sd/pixart: first step with offset noise")
     p.add_argument("--max-objects", type=int, default=3, help="denoisers: scenes of 1..N objects (world subset)")
     p.add_argument("--family", choices=["sd", "pixart", "flux", "clip"], help="assemble: which model")
     p.add_argument("--run", type=Path, help="assemble: the denoiser's run directory (default runs/<family>)")
@@ -124,6 +126,8 @@ def main(argv: list[str] | None = None) -> None:
             pool_size=args.pool,
             eval_n=args.eval_n,
             max_objects=args.max_objects,
+            offset_noise=args.offset_noise,
+            offset_from=args.offset_from,
             device=device,
         )
     elif args.stage == "assemble":

@@ -116,7 +116,11 @@ def test_denoiser_steps_and_assembly(family, tiny_runs, tmp_path):
 
     run = tmp_path / family
     cfg = _cfg(2, batch_size=4, ema=0.9)
-    denoisers.train_denoiser(family, run, cfg, components=tiny_runs, size="tiny", pool_size=8, eval_n=0, max_objects=1)
+    denoisers.train_denoiser(
+        family, run, cfg, components=tiny_runs, size="tiny", pool_size=8, eval_n=0, max_objects=1, offset_noise=0.1,
+        offset_from=1,
+    )  # fmt: skip
+    assert json.loads((run / "config.json").read_text())["offset_noise"] == {"strength": 0.1, "from_step": 1}
     curve = RunDir(run).read_log("curve.jsonl")
     assert len(curve) == 2 and all(np.isfinite(r["loss"]) for r in curve)
     dest = tmp_path / f"shapes-{family}"

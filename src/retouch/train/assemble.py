@@ -47,6 +47,7 @@ def load_denoiser(family: str, run: str | Path) -> tuple[torch.nn.Module, dict[s
         "final_loss": next((r["loss"] for r in reversed(curve) if r["step"] <= state["step"]), None),
         "pool_size": config.get("pool_size"),
         "world": config.get("world", {"max_objects": 3}),
+        "offset_noise": config.get("offset_noise", {"strength": 0.0, "from_step": 0}),
     }
     return model, info
 

@@ -100,6 +100,12 @@ def _stage_flags(metrics: dict[str, Any], default: str) -> str:
     return flags
 
 
+def _offset_text(offset: dict[str, Any]) -> str:
+    if not offset.get("strength"):
+        return "none"
+    return f"strength {offset['strength']} from step {offset.get('from_step', 0)} on"
+
+
 def _world_text(world: dict[str, Any]) -> str:
     n = int(world.get("max_objects", 3))
     if n >= 3:
@@ -145,6 +151,9 @@ def write_pipeline_card(dest: Path, info: dict[str, Any], components: Path) -> N
         f"--max-objects {(info.get('world') or {}).get('max_objects', 3)} --steps {train.get('steps')} "
         f"--stop-at {info['step']}"
     )
+    offset = info.get("offset_noise") or {}
+    if offset.get("strength", 0) > 0:
+        flags += f" --offset-noise {offset['strength']} --offset-from {offset.get('from_step', 0)}"
     clip_flags = _stage_flags(_metrics(components, "clip"), "1500 --batch-size 64 --warmup 100")
     t5_flags = _stage_flags(_metrics(components, "t5"), "1000 --batch-size 64 --warmup 50")
     vae_metrics = _metrics(components, "vae")
@@ -192,6 +201,7 @@ Config: `{json.dumps(info.get("denoiser_config"))}`
   scenes encoded once by the frozen VAE; captions re-drawn with varied wording every step; 10% of captions
   dropped to "" for classifier-free guidance. Held-out evaluation scenes are
   `retouch.train.data.held_out_scenes(n, max_objects=...)` (seeds 7_000_000 + i).
+* Offset noise (see `retouch.train.denoisers.diffusion_loss`): {_offset_text(info.get("offset_noise") or {})}.
 * Optimiser: AdamW lr {train.get("lr")}, {train.get("warmup")}-step linear warm-up, batch {train.get("batch_size")},
   EMA {train.get("ema")}, seed {train.get("seed")}.
 * Steps: **{info["step"]}**, CPU time **{info["wall_s"] / 60:.0f} min** (2 shared CPU cores, torch
