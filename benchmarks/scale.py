@@ -1222,7 +1222,26 @@ def _scale_section(data: Mapping[str, Any]) -> list[str]:
     return lines
 
 
+def _quality_section(name: str, data: Mapping[str, Any]) -> list[str]:
+    """``embedded_quality.json``: oracle accuracy and reconstruction PSNR per embedded model."""
+    attrs = ("count", "position", "shape", "colour", "size", "fill", "background_colour", "background_pattern", "style")
+    lines = [f"### {name} (`benchmarks/embedded_quality.py`)", "",
+             "| model | captions | world | " + " | ".join(attrs) + " | reconstruction dB (inversion) | VAE dB |",
+             "|---" * (len(attrs) + 5) + "|"]  # fmt: skip
+    for model, r in sorted((data.get("models") or {}).items()):
+        acc = r.get("oracle_accuracy") or {}
+        world = (r.get("world") or {}).get("max_objects", "?")
+        lines.append(
+            f"| {model} | {r.get('n_captions')} | {'one object' if world == 1 else f'up to {world} objects'} | "
+            + " | ".join(f"{100 * acc[a]:.0f}%" if a in acc else "–" for a in attrs)
+            + f" | {_f(r.get('reconstruction_psnr'), '.1f')} ({r.get('inversion')}) | {_f(r.get('vae_psnr'), '.1f')} |"
+        )
+    return [*lines, ""]
+
+
 def _other_section(name: str, data: Mapping[str, Any]) -> list[str]:
+    if "models" in data and name.startswith("embedded_quality"):
+        return _quality_section(name, data)
     m = data.get("machine", {})
     target = data.get("target")
     lines = [f"### {name}", "", f"{data.get('description', data.get('benchmark', ''))}", ""]
