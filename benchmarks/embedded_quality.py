@@ -25,7 +25,6 @@ import json
 import logging
 import os
 import platform
-import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -34,6 +33,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+
+from retouch.bench.provenance import git_commit  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "embedded_quality.json"
@@ -50,15 +51,6 @@ def _machine() -> dict[str, Any]:
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "torch": torch.__version__,
     }
-
-
-def _commit() -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True).stdout
-        return out.stdout.strip() + ("+dirty" if dirty.strip() else "")
-    except (OSError, subprocess.CalledProcessError):
-        return None
 
 
 def _psnr(a: np.ndarray, b: np.ndarray) -> float:
@@ -186,7 +178,7 @@ def main(argv: list[str] | None = None) -> None:
         res = text_to_image(name, args.captions, args.seed)
         res.update(reconstruction(name, res["family"], args.recon_n, args.inversions, args.recon_steps))
         res["seconds"] = round(time.perf_counter() - t, 1)
-        res.update(commit=_commit(), date=time.strftime("%Y-%m-%d %H:%M:%S"), threads=torch.get_num_threads())
+        res.update(commit=git_commit(ROOT), date=time.strftime("%Y-%m-%d %H:%M:%S"), threads=torch.get_num_threads())
         # re-read just before writing: runs for other models may have finished meanwhile (one process per model)
         models: dict[str, Any] = json.loads(args.out.read_text()).get("models", {}) if args.out.exists() else {}
         models[name] = res
@@ -195,7 +187,7 @@ def main(argv: list[str] | None = None) -> None:
             args.out,
             {
                 "machine": _machine(),
-                "commit": _commit(),
+                "commit": git_commit(ROOT),
                 "date": time.strftime("%Y-%m-%d %H:%M:%S"),
                 "seed": args.seed,
                 "models": models,

@@ -29,7 +29,6 @@ import math
 import os
 import platform
 import statistics
-import subprocess
 import tempfile
 import time
 from collections.abc import Callable
@@ -40,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from retouch.bench.provenance import cpu_model, git_commit
 from retouch.merging.kernels import MergePlan, plan_merge
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -65,21 +65,11 @@ class SelfAttention(nn.Module):
 # ------------------------------------------------------------------------------------------------ machine
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def _machine(device: torch.device) -> dict[str, Any]:
     return {
         "device": str(device),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_model(),
-        "cpu_model": _cpu_model(),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model(),
+        "cpu_model": cpu_model(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
@@ -88,15 +78,6 @@ def _machine(device: torch.device) -> dict[str, Any]:
         "python": platform.python_version(),
         "load_average_start": os.getloadavg() if hasattr(os, "getloadavg") else None,
     }
-
-
-def _commit() -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True).stdout
-        return out.stdout.strip() + ("+dirty" if dirty.strip() else "")
-    except (OSError, subprocess.CalledProcessError):
-        return None
 
 
 # ------------------------------------------------------------------------------------------------ measuring
@@ -311,7 +292,7 @@ def main(argv: list[str] | None = None) -> None:
         "benchmark": "merge_attention",
         "description": "self-attention (q/k/v/out projections + SDPA): plan+merge+attention+unmerge vs plain",
         "machine": machine,
-        "commit": _commit(),
+        "commit": git_commit(ROOT),
         "settings": {
             "device": str(device),
             "dtype": str(dtype).removeprefix("torch."),

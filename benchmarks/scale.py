@@ -76,6 +76,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from retouch.bench.provenance import cpu_model, git_commit, load_average
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS_DIR = ROOT / "benchmarks" / "results"
 OVERHEAD_TARGET = 1.10
@@ -422,29 +424,6 @@ def build_backbone(
 # ============================================================================================ machine, memory
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _load() -> list[float] | None:
-    return [round(v, 2) for v in os.getloadavg()] if hasattr(os, "getloadavg") else None
-
-
-def _commit() -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True).stdout
-        return out.stdout.strip() + ("+dirty" if dirty.strip() else "")
-    except (OSError, subprocess.CalledProcessError):
-        return None
-
-
 def machine_info(device: torch.device) -> dict[str, Any]:
     """CPU / GPU, cores, threads, library versions, load average, commit."""
     import diffusers
@@ -455,8 +434,8 @@ def machine_info(device: torch.device) -> dict[str, Any]:
         mem = int(Path("/proc/meminfo").read_text().split("\n")[0].split()[1]) * 1024
     return {
         "device": str(device),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_model(),
-        "cpu_model": _cpu_model(),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model(),
+        "cpu_model": cpu_model(),
         "cpu_count": os.cpu_count(),
         "memory_bytes": mem,
         "torch_threads": torch.get_num_threads(),
@@ -466,7 +445,7 @@ def machine_info(device: torch.device) -> dict[str, Any]:
         "cuda": torch.version.cuda if device.type == "cuda" else None,
         "python": platform.python_version(),
         "platform": platform.platform(),
-        "commit": _commit(),
+        "commit": git_commit(ROOT),
     }
 
 
@@ -690,7 +669,7 @@ def time_nfes(
 
     device = torch.device(device)
     t_start = time.perf_counter()
-    load_start = _load()
+    load_start = load_average()
     overrides = spec.parse_blocks(blocks, size)
     t0 = time.perf_counter()
     bb = build_backbone(spec, overrides, device=device, dtype=dtype, seed=seed)
@@ -761,7 +740,7 @@ def time_nfes(
                 "materialised_calls": state.prob_calls if state else None,
                 "merge": merger.report() if merger is not None else None,
             }
-        log.info("  %-28s %8.2fs  (load %s)", v.name, elapsed, _load())
+        log.info("  %-28s %8.2fs  (load %s)", v.name, elapsed, load_average())
 
     for i in range(warmup):  # the first calls pay one-off costs (allocator growth, kernel selection)
         run(variants[0] if i == 0 else variants[i % len(variants)], record=False)
@@ -873,7 +852,7 @@ def time_nfes(
         "build_s": round(build_s, 2),
         "wall_s": round(time.perf_counter() - t_start, 2),
         "load_average_start": load_start,
-        "load_average_end": _load(),
+        "load_average_end": load_average(),
         "max_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "variants": rows,
         "overheads": overheads,
@@ -955,7 +934,7 @@ def edit_once(
         SOURCE_PROMPT, TARGET_PROMPT, method=method, num_steps=num_steps, seed=seed, options=options,
         merge=MergeConfig(ratio=merge), size_policy="strict", inversion=inversion,
     )  # fmt: skip
-    load_start = _load()
+    load_start = load_average()
     with meter.measure() as mem:
         t = time.perf_counter()
         report = edit(bb, image, cfg).report  # the result (images, maps) is dropped before "retained"
@@ -982,7 +961,7 @@ def edit_once(
         "device": str(device),
         "dtype": str(dtype).removeprefix("torch."),
         "load_average_start": load_start,
-        "load_average_end": _load(),
+        "load_average_end": load_average(),
     }
 
 

@@ -6,22 +6,12 @@ import json
 from pathlib import Path
 from typing import Any
 
+from retouch.worlds.oracle import ATTRIBUTES
+
 __all__ = ["write_clip_card", "write_pipeline_card"]
 
 _PIPELINES = {"sd": "StableDiffusionPipeline", "pixart": "PixArtAlphaPipeline", "flux": "FluxPipeline"}
 _DENOISERS = {"sd": "UNet2DConditionModel", "pixart": "PixArtTransformer2DModel", "flux": "FluxTransformer2DModel"}
-_ATTRS = (
-    "count",
-    "position",
-    "shape",
-    "colour",
-    "size",
-    "fill",
-    "background_colour",
-    "background_pattern",
-    "style",
-    "scene",
-)
 
 
 def _metrics(components: Path, stage: str) -> dict[str, Any]:
@@ -165,18 +155,18 @@ def write_pipeline_card(dest: Path, info: dict[str, Any], components: Path) -> N
         + (f" --stop-at {vae_metrics['step']}" if vae_metrics.get("step", 0) < vae_train.get("steps", 0) else "")
     )
     n_params = _params(dest / ("unet" if family == "sd" else "transformer"))
-    evals_md = _table(evals, _ATTRS) if evals else "(no evaluation yet)"
+    evals_md = _table(evals, ATTRIBUTES) if evals else "(no evaluation yet)"
     bench_md = ""
     if bench:
         acc = bench.get("oracle_accuracy", {})
         bench_md = (
             f"\n## Benchmark (`benchmarks/embedded_quality.py`, {bench.get('n_captions')} held-out captions)\n\n"
             + "| "
-            + " | ".join(_ATTRS)
+            + " | ".join(ATTRIBUTES)
             + " |\n|"
-            + "---|" * len(_ATTRS)
+            + "---|" * len(ATTRIBUTES)
             + "\n| "
-            + " | ".join(f"{100 * acc.get(k, 0):.0f}%" for k in _ATTRS)
+            + " | ".join(f"{100 * acc.get(k, 0):.0f}%" for k in ATTRIBUTES)
             + " |\n\n"
             + f"Inversion → reconstruction PSNR: {bench.get('reconstruction_psnr', float('nan')):.1f} dB "
             + f"({bench.get('inversion', '?')}).\n"
