@@ -68,6 +68,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--offset-noise", type=float, default=0.0, help="sd/pixart: offset-noise strength")
     p.add_argument("--offset-from", type=int, default=0, help="sd/pixart: first step with offset noise")
     p.add_argument("--max-objects", type=int, default=3, help="denoisers: scenes of 1..N objects (world subset)")
+    p.add_argument("--object-loss-weight", type=float, default=1.0, help="denoisers: loss weight on object pixels")
+    p.add_argument("--init-from", type=Path, help="denoisers: start a new run from this model's weights")
+    p.add_argument("--components", type=Path, default=RUNS, help="runs directory with vae/clip/t5 final folders")
     p.add_argument("--family", choices=["sd", "pixart", "flux", "clip"], help="assemble: which model")
     p.add_argument("--run", type=Path, help="assemble: the denoiser's run directory (default runs/<family>)")
     p.add_argument("--dest", type=Path, help="assemble: output folder (default the embedded model folder)")
@@ -120,7 +123,7 @@ def main(argv: list[str] | None = None) -> None:
             args.stage,
             out,
             cfg,
-            components=RUNS,
+            components=args.components,
             size=args.size,
             resume=args.resume,
             pool_size=args.pool,
@@ -128,6 +131,8 @@ def main(argv: list[str] | None = None) -> None:
             max_objects=args.max_objects,
             offset_noise=args.offset_noise,
             offset_from=args.offset_from,
+            init_from=args.init_from,
+            object_loss_weight=args.object_loss_weight,
             device=device,
         )
     elif args.stage == "assemble":
@@ -136,9 +141,9 @@ def main(argv: list[str] | None = None) -> None:
         if args.family is None:
             p.error("assemble needs --family")
         if args.family == "clip":
-            assemble_clip(RUNS, dest=args.dest)
+            assemble_clip(args.components, dest=args.dest)
         else:
-            assemble(args.family, run=args.run or RUNS / args.family, components=RUNS, dest=args.dest)
+            assemble(args.family, run=args.run or RUNS / args.family, components=args.components, dest=args.dest)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ import torch
 
 from retouch.models import registry
 from retouch.train import cards
-from retouch.train.common import RunDir
+from retouch.train.common import RunDir, atomic_write_json
 from retouch.train.pipelines import build_denoiser, build_pipeline, load_components
 
 logger = logging.getLogger(__name__)
@@ -26,30 +26,51 @@ __all__ = ["assemble", "assemble_clip", "load_denoiser"]
 
 
 def load_denoiser(family: str, run: str | Path) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """The EMA denoiser of the latest checkpoint in ``run`` and a summary (step, wall time, config, evals)."""
+    """The EMA denoiser of the latest checkpoint in ``run`` and a summary (step, wall time, config, evals).
+
+    A run directory that came back from another machine without its (large) ``checkpoint.pt`` is read from
+    its ``final`` folder (the EMA weights the run ended with) and ``metrics.json``.
+    """
     run = RunDir(Path(run))
     config = json.loads((run.path / "config.json").read_text())
-    state = torch.load(run.checkpoint, map_location="cpu", weights_only=False)
     model = build_denoiser(family, config["denoiser"])
-    weights = state["ema"]["denoiser"] if state.get("ema") else state["modules"]["denoiser"]
+    if run.checkpoint.exists():
+        state = torch.load(run.checkpoint, map_location="cpu", weights_only=False)
+        weights = state["ema"]["denoiser"] if state.get("ema") else state["modules"]["denoiser"]
+        step, wall, train = int(state["step"]), float(state["wall_s"]), state.get("config", config.get("train"))
+    elif (run.path / "final" / "config.json").exists() and (run.path / "metrics.json").exists():
+        weights = type(model).from_pretrained(str(run.path / "final"), torch_dtype=torch.float32).state_dict()
+        metrics = json.loads((run.path / "metrics.json").read_text())
+        step, wall, train = int(metrics["step"]), float(metrics["wall_s"]), config.get("train")
+    else:
+        raise FileNotFoundError(f"{run.path}: neither checkpoint.pt nor final/ + metrics.json")
     model.load_state_dict(weights)
     model.eval().requires_grad_(False)
-    evals = [e for e in run.read_log("evals.jsonl") if e["step"] <= state["step"]]
+    evals = [e for e in run.read_log("evals.jsonl") if e["step"] <= step]
     curve = run.read_log("curve.jsonl")
     info = {
         "family": family,
         "size": config.get("size"),
-        "step": int(state["step"]),
-        "wall_s": float(state["wall_s"]),
-        "train": state.get("config", config.get("train")),
+        "step": step,
+        "wall_s": wall,
+        "train": train,
         "denoiser_config": config["denoiser"],
         "evals": evals,
-        "final_loss": next((r["loss"] for r in reversed(curve) if r["step"] <= state["step"]), None),
+        "final_loss": next((r["loss"] for r in reversed(curve) if r["step"] <= step), None),
         "pool_size": config.get("pool_size"),
         "world": config.get("world", {"max_objects": 3}),
         "offset_noise": config.get("offset_noise", {"strength": 0.0, "from_step": 0}),
+        "device": config.get("device"),
+        "init_from": config.get("init_from"),
+        "object_loss_weight": config.get("object_loss_weight", 1.0),
     }
     return model, info
+
+
+def training_record(info: dict[str, Any]) -> dict[str, Any]:
+    """The part of a run's summary that a model folder keeps in ``training.json`` (what a later phase cites)."""
+    keys = ("family", "step", "wall_s", "train", "pool_size", "world", "offset_noise", "device", "init_from", "object_loss_weight")
+    return {k: info.get(k) for k in keys}
 
 
 def _fp16_save(pipe: Any, dest: Path) -> None:
@@ -71,6 +92,7 @@ def assemble(
     pipe = build_pipeline(family, model, comps)
     _fp16_save(pipe, dest)
     registry.write_world(dest, info["world"])
+    atomic_write_json(dest / "training.json", training_record(info))
     if card:
         cards.write_pipeline_card(dest, info, Path(components))
     logger.info("assembled %s at step %d into %s", family, info["step"], dest)

@@ -35,6 +35,7 @@ __all__ = [
     "atomic_write_json",
     "atomic_torch_save",
     "count_params",
+    "device_name",
     "lr_at",
     "pick_device",
     "step_generator",
@@ -46,9 +47,22 @@ __all__ = [
 def pick_device(threads: int = 2) -> torch.device:
     """CUDA when present, else the CPU limited to ``threads`` intra-op threads (the machine is shared)."""
     if torch.cuda.is_available():
+        torch.set_num_threads(threads)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
         return torch.device("cuda")
     torch.set_num_threads(threads)
     return torch.device("cpu")
+
+
+def device_name(device: torch.device | str) -> str:
+    """Human-readable name of the device a run trained on (the GPU's name, or the CPU model)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    from retouch.bench.provenance import cpu_model
+
+    return f"cpu: {cpu_model()}"
 
 
 def step_rng(seed: int, step: int, stream: int = 0) -> np.random.Generator:
@@ -153,8 +167,7 @@ class RunDir:
 
 def _ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
     with torch.no_grad():
-        for pe, pm in zip(ema.parameters(), model.parameters(), strict=True):
-            pe.lerp_(pm.detach(), 1 - decay)
+        torch._foreach_lerp_(list(ema.parameters()), [p.detach() for p in model.parameters()], 1 - decay)
 
 
 LossFn = Callable[[int], tuple[torch.Tensor, dict[str, float]]]
@@ -188,7 +201,8 @@ def train_loop(
         ``{"step", "wall_s", "loss", "ema"}``; ``ema`` maps names to the EMA modules (or the modules).
     """
     params = [p for m in modules.values() for p in m.parameters() if p.requires_grad] + list(extra_params)
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
+    fused = bool(params) and all(p.is_cuda for p in params)  # one kernel per step on a GPU
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99), fused=fused or None)
     ema = {k: copy.deepcopy(m).requires_grad_(False) for k, m in modules.items()} if cfg.ema > 0 else None
     step, wall = 0, 0.0
     if resume and run.checkpoint.exists():

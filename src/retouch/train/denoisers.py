@@ -17,6 +17,7 @@ curve (oracle attribute accuracy of generated images on held-out canonical capti
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from pathlib import Path
@@ -34,6 +35,7 @@ from retouch.train.common import (
     atomic_torch_save,
     atomic_write_json,
     count_params,
+    device_name,
     step_generator,
     step_rng,
     train_loop,
@@ -89,8 +91,8 @@ def encode_latents(vae: Any, scenes: list, family: str, batch: int = 128) -> tor
 
 def _pool(
     run: RunDir, comps: Components, family: str, size: int, seed: int, max_objects: int
-) -> tuple[list, torch.Tensor]:
-    """Training scenes and their latents; cached in ``pool.pt`` (recomputed if the size, family or world
+) -> tuple[list, torch.Tensor, torch.Tensor]:
+    """Training scenes, their latents and latent-resolution object masks; cached in ``pool.pt`` (recomputed if the size, family or world
     changed)."""
     scenes = data.sample_scenes(np.random.default_rng([seed, 424242]), size, max_objects)
     path = run.path / "pool.pt"
@@ -98,11 +100,15 @@ def _pool(
     if path.exists():
         cached = torch.load(path, map_location="cpu")
         if all(cached.get(k, 3 if k == "max_objects" else None) == v for k, v in key.items()):
-            return scenes, cached["latents"]
+            if "masks" not in cached:  # pools written before the object-weighted loss existed
+                cached["masks"] = latent_object_masks(scenes)
+                atomic_torch_save(cached, path)
+            return scenes, cached["latents"], cached["masks"]
     logger.info("encoding a pool of %d training scenes", size)
     latents = encode_latents(comps.vae, scenes, family)
-    atomic_torch_save({**key, "latents": latents}, path)
-    return scenes, latents
+    masks = latent_object_masks(scenes)
+    atomic_torch_save({**key, "latents": latents, "masks": masks}, path)
+    return scenes, latents, masks
 
 
 def _conditioning(pipe: Any, family: str, prompts: list[str], device: torch.device) -> dict[str, torch.Tensor]:
@@ -132,6 +138,7 @@ def diffusion_loss(
     cond: dict[str, torch.Tensor],
     g: torch.Generator,
     offset_noise: float = 0.0,
+    weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One training loss for a batch of clean latents ``z0`` ``[B, C, 16, 16]`` under conditioning ``cond``.
 
@@ -156,7 +163,7 @@ def diffusion_loss(
             pred = model(xt, timestep=t, added_cond_kwargs={"resolution": None, "aspect_ratio": None}, **cond).sample[
                 :, : z0.shape[1]
             ]
-        return F.mse_loss(pred, noise)
+        return _weighted_mse(pred, noise, weight)
     # flux: rectified flow with logit-normal, shifted t
     s = torch.sigmoid(torch.randn((b,), generator=g, device=device))
     shift = math.exp(flux_mu(z0.shape[-2] * z0.shape[-1] // 4))
@@ -170,7 +177,25 @@ def diffusion_loss(
     guidance = 1 + 4 * torch.rand((b,), generator=g, device=device)
     pred = model(hidden_states=packed, timestep=t, guidance=guidance, img_ids=img_ids, return_dict=False, **cond)[0]
     pred = pipe._unpack_latents(pred, h * pipe.vae_scale_factor, w * pipe.vae_scale_factor, pipe.vae_scale_factor)
-    return F.mse_loss(pred, target)
+    return _weighted_mse(pred, target, weight)
+
+
+def _weighted_mse(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+    """Mean squared error, weighted per latent pixel (``weight`` ``[B, 1, h, w]``, normalised to mean 1)."""
+    if weight is None:
+        return F.mse_loss(pred, target)
+    return ((pred - target).square() * weight).mean() / weight.mean()
+
+
+def latent_object_masks(scenes: list, factor: int = 4, batch: int = 4096) -> torch.Tensor:
+    """``[N, 1, H/f, W/f]`` bool: latent pixels that an object (or the pixel ring around it) touches."""
+    from retouch.train.vae import object_masks
+
+    out = [
+        F.max_pool2d(object_masks(scenes[i : i + batch], 64, 64), factor).bool()
+        for i in range(0, len(scenes), batch)
+    ]
+    return torch.cat(out)
 
 
 @torch.no_grad()
@@ -201,6 +226,33 @@ def oracle_eval(
     return {k: round(v, 4) for k, v in oracle.attribute_accuracy(images, scenes).items()}
 
 
+def init_weights(model: nn.Module, source: str | Path) -> None:
+    """Load ``source``'s weights into ``model`` (same class and config; float16 folders are upcast)."""
+    source = Path(source)
+    sub = next((d for d in ("unet", "transformer") if (source / d / "config.json").exists()), None)
+    folder = source / sub if sub else source
+    if not (folder / "config.json").exists():
+        raise FileNotFoundError(f"--init-from {source}: no diffusers model folder (config.json) there")
+    src = type(model).from_pretrained(str(folder), torch_dtype=torch.float32)
+    mismatched = {k for k, v in src.state_dict().items() if k in model.state_dict() and model.state_dict()[k].shape != v.shape}
+    if mismatched or set(src.state_dict()) != set(model.state_dict()):
+        raise ValueError(f"--init-from {folder}: its weights do not fit this denoiser's config")
+    model.load_state_dict(src.state_dict())
+    logger.info("initialised the denoiser from %s", folder)
+
+
+def _init_record(source: str | Path | None) -> dict[str, Any] | None:
+    """What a run started from, for its config and card: the folder and, if present, its world and card."""
+    if source is None:
+        return None
+    source = Path(source)
+    record: dict[str, Any] = {"path": str(source)}
+    for name in ("world.json", "training.json"):
+        if (source / name).exists():
+            record[name.removesuffix(".json")] = json.loads((source / name).read_text())
+    return record
+
+
 def train_denoiser(
     family: str,
     out: str | Path,
@@ -215,6 +267,8 @@ def train_denoiser(
     max_objects: int = 3,
     offset_noise: float = 0.0,
     offset_from: int = 0,
+    init_from: str | Path | None = None,
+    object_loss_weight: float = 1.0,
     device: torch.device | None = None,
 ) -> nn.Module:
     """Train one family's denoiser in run directory ``out``; the EMA weights go to ``out/final``.
@@ -227,6 +281,12 @@ def train_denoiser(
         eval_n: held-out captions per learning-curve evaluation (0 = no evaluation).
         max_objects: the world the model learns: scenes of 1..``max_objects`` objects (training and evaluation).
         offset_noise: offset-noise strength (see :func:`diffusion_loss`), applied from step ``offset_from`` on.
+        init_from: a diffusers folder (a model, or a pipeline with a ``unet`` / ``transformer`` folder) whose
+            weights start a new run (ignored when resuming from a checkpoint): a later training phase, e.g. on
+            a wider world or another machine, continues from an earlier phase's (EMA) weights.
+        object_loss_weight: weight of the loss on latent pixels that objects touch, relative to background
+            ones (1 = plain MSE). Objects cover a few percent of a scene, so an unweighted loss is dominated by
+            the background; shape and fill are carried by the object pixels.
     """
     device = device or torch.device("cpu")
     run = RunDir(Path(out))
@@ -234,7 +294,10 @@ def train_denoiser(
     config = denoiser_config(
         family, size, text_width=comps.text_width, t5_width=comps.t5_width, latent_channels=comps.latent_channels
     )
-    model = build_denoiser(family, config).to(device)
+    model = build_denoiser(family, config)
+    if init_from is not None and not (resume and run.checkpoint.exists()):
+        init_weights(model, init_from)
+    model = model.to(device)
     atomic_write_json(
         run.path / "config.json",
         {
@@ -245,22 +308,28 @@ def train_denoiser(
             "pool_size": pool_size,
             "world": {"max_objects": max_objects},
             "offset_noise": {"strength": offset_noise, "from_step": offset_from},
+            "init_from": _init_record(init_from),
+            "object_loss_weight": object_loss_weight,
+            "device": device_name(device),
         },
     )
     logger.info("%s denoiser: %d parameters", family, count_params(model))
     pipe = build_pipeline(family, model, comps)
     pipe.set_progress_bar_config(disable=True)
-    scenes, latents = _pool(run, comps, family, pool_size, cfg.seed, max_objects)
+    scenes, latents, masks = _pool(run, comps, family, pool_size, cfg.seed, max_objects)
 
     def loss_fn(step: int) -> tuple[torch.Tensor, dict[str, float]]:
         rng = step_rng(cfg.seed, step)
         idx = rng.integers(len(scenes), size=cfg.batch_size)
         prompts = ["" if rng.random() < dropout else data.caption_of(scenes[i], rng) for i in idx]
         z0 = latents[torch.from_numpy(idx)].float().to(device)
+        weight = None
+        if object_loss_weight != 1.0:
+            weight = 1.0 + (object_loss_weight - 1.0) * masks[torch.from_numpy(idx)].float().to(device)
         cond = _conditioning(pipe, family, prompts, device)
         offset = offset_noise if step >= offset_from else 0.0
         g = step_generator(cfg.seed, step, device)
-        return diffusion_loss(family, model, pipe, z0, cond, g, offset_noise=offset), {}
+        return diffusion_loss(family, model, pipe, z0, cond, g, offset_noise=offset, weight=weight), {}
 
     def eval_fn(step: int, modules: dict[str, nn.Module]) -> dict[str, float]:
         eval_pipe = build_pipeline(family, modules["denoiser"], comps)
