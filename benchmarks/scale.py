@@ -738,6 +738,7 @@ def time_nfes(
                 "finite": bool(torch.isfinite(pred.x0).all()),
                 "attention_calls": state.calls if state else None,
                 "materialised_calls": state.prob_calls if state else None,
+                "block_calls": state.block_calls if state else None,
                 "merge": merger.report() if merger is not None else None,
             }
         log.info("  %-28s %8.2fs  (load %s)", v.name, elapsed, load_average())

@@ -58,7 +58,49 @@ def test_p2p_changes_target_and_materialises_only_where_needed(family):
     p2p = _run(bb, "ddim+p2p", solver="ddim")
     assert not torch.allclose(p2p.latents[1], ident.latents[1], atol=1e-6)
     calls = p2p.report["attention_calls"]
-    assert 0 < calls["materialised"] < calls["total"]
+    edited = calls["materialised"] + calls["block"]
+    assert 0 < edited < calls["total"]
+    if family in ("sd3", "flux"):  # joint attention: only the image->text block, never the full map
+        assert calls["materialised"] == 0 and calls["block"] > 0
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_p2p_joint_block_path_equals_full_map(family, monkeypatch):
+    """The fused-output + block-correction path gives the same edit as materialising the whole joint map."""
+    from retouch.control.p2p import PromptToPrompt
+
+    bb = tiny_backbone(family)
+    opts = {"blend_words": "red green"}
+    block = _run(bb, "ddim+p2p", solver="ddim", options=opts)
+    monkeypatch.setattr(PromptToPrompt, "probs_block", lambda self, ctx, seq_len: None)
+    full = _run(bb, "ddim+p2p", solver="ddim", options=opts)
+    assert full.report["attention_calls"]["block"] == 0 and full.report["attention_calls"]["materialised"] > 0
+    assert torch.allclose(block.latents, full.latents, atol=1e-4, rtol=1e-4)
+    ident = _run(bb, "identity")
+    assert not torch.allclose(block.latents[1], ident.latents[1], atol=1e-4)
+
+
+@pytest.mark.parametrize("mask", [None, "bool", "float"])
+@pytest.mark.parametrize("path", ["kernel", "chunked"])
+def test_attention_with_lse_and_blocks_match_the_softmax(mask, path):
+    import retouch.control.installer as inst
+
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(2, 3, n, 8, generator=g) for n in (20, 26, 26))
+    m = None
+    if mask == "bool":
+        m = torch.rand(2, 1, 20, 26, generator=g) > 0.3
+        m[..., 0] = True  # every row keeps a key
+    elif mask == "float":
+        m = torch.randn(2, 1, 1, 26, generator=g)
+    if path == "chunked":
+        out, lse = inst.F.scaled_dot_product_attention(q, k, v, attn_mask=m), inst._chunked_lse(q, k, m, chunk=7)
+    else:
+        out, lse = inst.attention_with_lse(q, k, v, m)
+    probs = inst.attention_probs(q, k, m)
+    assert torch.allclose(out, probs @ v, atol=1e-5)
+    rows, cols = slice(4, 17), slice(20, 26)
+    assert torch.allclose(inst.attention_block(q, k, lse, rows, cols, m), probs[:, :, rows, cols], atol=1e-6)
 
 
 def test_masactrl_keeps_fused_attention():

@@ -399,7 +399,11 @@ def edit(
         "nfe": {"inversion": traj.nfe, "sampling": model.nfe, "total": traj.nfe + model.nfe},
         "timings": {k: round(v, 4) for k, v in timings.items()},
         "size": size_note,
-        "attention_calls": {"total": state.calls, "materialised": state.prob_calls},
+        "attention_calls": {
+            "total": state.calls,
+            "materialised": state.prob_calls,
+            "block": state.block_calls,
+        },
         "merge": merger.report() if merger is not None else None,
         "inversion_extras": {k: v for k, v in traj.extras.items() if isinstance(v, (int, float, tuple, list))},
         "config": cfg.to_dict(),

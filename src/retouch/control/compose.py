@@ -33,6 +33,27 @@ class ComposedEditor:
             q, k, v = e.edit_qkv(q, k, v, ctx)
         return q, k, v
 
+    def probs_block(self, ctx: AttnContext, seq_len: int) -> tuple[slice, slice] | None:
+        """The block every active editor that needs probabilities edits, if they all name the same one."""
+        blocks = set()
+        for e in self._active(ctx):
+            if e.needs_probs(ctx):
+                fn = getattr(e, "probs_block", None)
+                block = fn(ctx, seq_len) if fn is not None else None
+                if block is None:
+                    return None
+                blocks.add((block[0].start, block[0].stop, block[1].start, block[1].stop))
+        if len(blocks) != 1:
+            return None
+        r0, r1, c0, c1 = blocks.pop()
+        return slice(r0, r1), slice(c0, c1)
+
+    def edit_block(self, block: Tensor, ctx: AttnContext) -> Tensor:
+        for e in self._active(ctx):
+            if e.needs_probs(ctx):
+                block = e.edit_block(block, ctx)
+        return block
+
     def edit_probs(self, probs: Tensor, ctx: AttnContext) -> Tensor:
         for e in self._active(ctx):
             if e.needs_probs(ctx):

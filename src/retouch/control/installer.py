@@ -36,6 +36,92 @@ def attention_probs(q: Tensor, k: Tensor, attn_mask: Tensor | None = None) -> Te
     return scores.softmax(dim=-1)
 
 
+def _additive(attn_mask: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    if attn_mask is None or attn_mask.dtype != torch.bool:
+        return attn_mask
+    return torch.zeros(attn_mask.shape, dtype=dtype, device=attn_mask.device).masked_fill(~attn_mask, float("-inf"))
+
+
+def _chunked_lse(q: Tensor, k: Tensor, attn_mask: Tensor | None, chunk: int = 1024) -> Tensor:
+    """``logsumexp`` of each query row's scaled scores, ``chunk`` query rows at a time (no full map)."""
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    mask = _additive(attn_mask, q.dtype)
+    out = []
+    for i in range(0, q.shape[-2], chunk):
+        scores = (q[:, :, i : i + chunk] @ k.transpose(-1, -2)) * scale
+        if mask is not None:
+            scores = scores + mask[..., i : i + chunk, :] if mask.shape[-2] > 1 else scores + mask
+        out.append(scores.float().logsumexp(-1))
+    return torch.cat(out, dim=-1)
+
+
+_CUDA_LSE_OK: dict[tuple[str, torch.dtype], bool] = {}
+
+
+def _cuda_fused_lse(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None) -> tuple[Tensor, Tensor] | None:
+    """The memory-efficient CUDA kernel's output and log-sum-exp, or None where it is unavailable. Checked
+    once per device and dtype against the chunked computation before it is trusted."""
+    op = getattr(torch.ops.aten, "_scaled_dot_product_efficient_attention", None)
+    if op is None:
+        return None
+
+    def run(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
+        if mask is not None:
+            mask = mask.expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2]).to(q.dtype)
+        res = op(q, k, v, mask, True)
+        return res[0], res[1][..., : q.shape[-2]].float()
+
+    key = (str(q.device), q.dtype)
+    try:
+        if key not in _CUDA_LSE_OK:
+            g = torch.Generator(device=q.device).manual_seed(0)
+            tq, tk, tv = (
+                torch.randn((1, 2, n, q.shape[-1]), generator=g, device=q.device, dtype=q.dtype) for n in (40, 50, 50)
+            )
+            _, lse = run(tq, tk, tv, None)
+            _CUDA_LSE_OK[key] = bool(torch.allclose(lse, _chunked_lse(tq, tk, None), atol=1e-2, rtol=1e-2))
+        if not _CUDA_LSE_OK[key]:
+            return None
+        return run(q, k, v, _additive(attn_mask, q.dtype))
+    except (RuntimeError, NotImplementedError):
+        _CUDA_LSE_OK[key] = False
+        return None
+
+
+def attention_with_lse(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Fused attention ``[B, h, Nq, d]`` and the log-sum-exp of every query row's scores ``[B, h, Nq]``.
+
+    The fused kernels compute the log-sum-exp anyway (the CPU flash kernel and CUDA's memory-efficient kernel
+    return it); elsewhere it is computed a chunk of rows at a time. With it, any block of the probabilities
+    is ``exp(q_rows k_colsᵀ / sqrt(d) - lse_rows)`` without the full map.
+    """
+    if q.device.type == "cpu":
+        try:
+            out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+                q, k, v, attn_mask=_additive(attn_mask, q.dtype)
+            )
+            return out, lse.float()
+        except (RuntimeError, NotImplementedError):
+            pass
+    elif q.device.type == "cuda":
+        res = _cuda_fused_lse(q, k, v, attn_mask)
+        if res is not None:
+            return res
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask), _chunked_lse(q, k, attn_mask)
+
+
+def attention_block(
+    q: Tensor, k: Tensor, lse: Tensor, rows: slice, cols: slice, attn_mask: Tensor | None = None
+) -> Tensor:
+    """Softmax probabilities of query ``rows`` against key ``cols`` ``[B, h, Nr, Nc]`` from the rows' ``lse``."""
+    scores = (q[:, :, rows] @ k[:, :, cols].transpose(-1, -2)) * (1.0 / math.sqrt(q.shape[-1]))
+    mask = _additive(attn_mask, q.dtype)
+    if mask is not None:
+        m = mask[..., rows, :] if mask.shape[-2] > 1 else mask
+        scores = scores + m[..., cols]
+    return torch.exp(scores.float() - lse[:, :, rows, None]).to(q.dtype)
+
+
 @dataclass
 class EditState:
     """Mutable per-run state the sampling loop updates: step, phase, batch layout, latent size."""
@@ -47,7 +133,8 @@ class EditState:
     layout: BatchLayout = field(default_factory=lambda: BatchLayout(1, False))
     latent_hw: tuple[int, int] = (0, 0)
     calls: int = 0
-    prob_calls: int = 0
+    prob_calls: int = 0  # calls that materialised the full probability map
+    block_calls: int = 0  # calls that edited only a block of it (fused output + a low-rank correction)
     merger: Any = None  # a retouch.merging.TokenMerger, or None
 
     def merge(self, hidden: Tensor, layer: LayerInfo) -> tuple[Tensor, Any]:
@@ -89,10 +176,37 @@ class EditState:
             return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
         q, k, v = editor.edit_qkv(q, k, v, ctx)
         if editor.needs_probs(ctx):
+            block = getattr(editor, "probs_block", None)
+            rows_cols = block(ctx, k.shape[-2]) if block is not None else None
+            if rows_cols is not None:
+                return self._attend_block(editor, ctx, q, k, v, rows_cols, attn_mask)
             self.prob_calls += 1
             probs = editor.edit_probs(attention_probs(q, k, attn_mask), ctx)
             return probs.to(v.dtype) @ v
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+
+    def _attend_block(
+        self,
+        editor: Any,
+        ctx: AttnContext,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        rows_cols: tuple[slice, slice],
+        attn_mask: Tensor | None,
+    ) -> Tensor:
+        """Exact attention when the editor changes only the block ``rows × cols`` of the probabilities:
+        ``out = fused(q, k, v)`` then ``out[rows] += (P'_block - P_block) @ v[cols]``."""
+        self.block_calls += 1
+        rows, cols = rows_cols
+        out, lse = attention_with_lse(q, k, v, attn_mask)
+        p = attention_block(q, k, lse, rows, cols, attn_mask)
+        new = editor.edit_block(p, ctx)
+        if new is p:
+            return out
+        out = out.clone()
+        out[:, :, rows] += (new - p).to(v.dtype) @ v[:, :, cols]
+        return out
 
 
 @contextmanager

@@ -5,7 +5,10 @@ The target branch's image→text attention is rewritten from the source branch's
 ``self_steps`` (at layers with at most ``self_max_tokens`` image tokens, as P2P does at 32x32 and below);
 the copy is done on queries and keys, so no self-attention map is materialised.
 Only the conditional half of a CFG batch is edited. Works on cross-attention (SD, PixArt) and on the
-image-query / text-key block of joint attention (SD3, Flux double and single blocks).
+image-query / text-key block of joint attention (SD3, Flux double and single blocks). There the engine
+never builds the full map either: it runs the fused kernel, takes its log-sum-exp, forms only the N_img × T
+block of probabilities and adds ``(P'_block - P_block) @ v_text`` to the fused output (exact; see
+``retouch.control.installer.EditState._attend_block``).
 
 Text positions are aligned per tokenizer segment (CLIP BPE for SD / SD3's first 77 tokens, T5
 SentencePiece for PixArt, Flux and SD3's T5 part) by :mod:`retouch.control.tokens`.
@@ -223,35 +226,48 @@ class PromptToPrompt:
             new = a_src[..., al.mapper] * alphas + a_tgt * (1 - alphas)
         return new * al.weights.to(a_src.dtype)
 
-    def edit_probs(self, probs: Tensor, ctx: AttnContext) -> Tensor:
+    def probs_block(self, ctx: AttnContext, seq_len: int) -> tuple[slice, slice] | None:
+        """In joint attention only the image-query / text-key block is read or changed (see ``edit_block``)."""
+        if ctx.layer.kind in ("joint", "single"):
+            return ctx.image_slice(seq_len), ctx.text_slice(seq_len)
+        return None
+
+    def edit_block(self, block: Tensor, ctx: AttnContext) -> Tensor:
+        """Edit the image-query / text-key probabilities ``[B, h, N_img, T]`` (cross-attention maps, or that
+        block of a joint map); returns ``block`` itself when nothing changes."""
         layout = ctx.layout
         src = layout.row(0, cond=True)
-        kind = ctx.layer.kind
-        if kind == "self":  # reached only by callers that force maps (edit_qkv already copied q and k)
+        text_len = self.alignment.weights.shape[0]
+        if self.local_blend is not None:
+            self.local_blend.record(block[..., :text_len], ctx, src, layout.row(1, True))
+        if not self._cross_active(ctx):
+            return block
+        n = min(text_len, block.shape[-1])
+        out = block.clone()
+        a_src = block[src, ..., :text_len]
+        for b in range(1, layout.branches):
+            tgt = layout.row(b, True)
+            out[tgt, ..., :n] = self._rewrite(a_src, block[tgt, ..., :text_len])[..., :n]
+        return out
+
+    def edit_probs(self, probs: Tensor, ctx: AttnContext) -> Tensor:
+        layout = ctx.layout
+        if ctx.layer.kind == "self":  # reached only by callers that force maps (edit_qkv already copied q and k)
+            src = layout.row(0, cond=True)
             probs = probs.clone()
             for b in range(1, layout.branches):
                 probs[layout.row(b, True)] = probs[src]
             return probs
+        if ctx.layer.kind == "cross":
+            return self.edit_block(probs, ctx)
         seq = probs.shape[-1]
-        if kind == "cross":
-            rows, cols = slice(None), slice(None)
-        else:
-            rows, cols = ctx.image_slice(seq), ctx.text_slice(seq)
-        text_len = self.alignment.weights.shape[0]
-        if self.local_blend is not None:
-            img_txt = probs[:, :, rows, cols][..., :text_len]
-            self.local_blend.record(img_txt, ctx, src, layout.row(1, True))
-        if not self._cross_active(ctx):
+        rows, cols = ctx.image_slice(seq), ctx.text_slice(seq)
+        block = probs[:, :, rows, cols]
+        new = self.edit_block(block, ctx)
+        if new is block:
             return probs
         probs = probs.clone()
-        for b in range(1, layout.branches):
-            tgt = layout.row(b, True)
-            block = probs[tgt, :, rows, cols]
-            a_src = probs[src, :, rows, cols]
-            n = min(text_len, block.shape[-1])
-            block = block.clone()
-            block[..., :n] = self._rewrite(a_src[..., :text_len], block[..., :text_len])[..., :n]
-            probs[tgt, :, rows, cols] = block
+        probs[:, :, rows, cols] = new
         return probs
 
     def after_step(self, i: int, x: Tensor, state: Any) -> Tensor | None:

@@ -46,10 +46,20 @@ class AttentionRecorder:
     def edit_qkv(self, q: Tensor, k: Tensor, v: Tensor, ctx: AttnContext) -> tuple[Tensor, Tensor, Tensor]:
         return q, k, v
 
+    def probs_block(self, ctx: AttnContext, seq_len: int) -> tuple[slice, slice] | None:
+        """Joint attention: only the image-query / text-key block is read (the full map is never built)."""
+        if ctx.layer.kind in ("joint", "single"):
+            return ctx.image_slice(seq_len), ctx.text_slice(seq_len)
+        return None
+
     def edit_probs(self, probs: Tensor, ctx: AttnContext) -> Tensor:
         seq = probs.shape[-1]
         cross = ctx.layer.kind == "cross"
-        block = probs if cross else probs[:, :, ctx.image_slice(seq), ctx.text_slice(seq)]
+        self.edit_block(probs if cross else probs[:, :, ctx.image_slice(seq), ctx.text_slice(seq)], ctx)
+        return probs
+
+    def edit_block(self, block: Tensor, ctx: AttnContext) -> Tensor:
+        """Record the image-query / text-key probabilities ``[B, h, N_img, T]``; returns them unchanged."""
         hh, ww = ctx.image_hw
         size = (self.grid, max(1, round(self.grid * ww / hh)))
         for b, per_word in enumerate(self.words):
@@ -58,7 +68,7 @@ class AttentionRecorder:
             maps = F.interpolate(maps.reshape(1, -1, hh, ww), size=size, mode="bilinear", align_corners=False)[0]
             self.sums[b] = maps if self.sums[b] is None else self.sums[b] + maps
         self.count += 1
-        return probs
+        return block
 
     def maps(self) -> list[dict[str, np.ndarray]]:
         """Per branch: {"<index>_<word>": [h, w] map normalised to [0, 1]}."""

@@ -69,7 +69,19 @@ def load_denoiser(family: str, run: str | Path) -> tuple[torch.nn.Module, dict[s
 
 def training_record(info: dict[str, Any]) -> dict[str, Any]:
     """The part of a run's summary that a model folder keeps in ``training.json`` (what a later phase cites)."""
-    keys = ("family", "step", "wall_s", "train", "pool_size", "world", "offset_noise", "device", "init_from", "object_loss_weight")
+    keys = (
+        "family",
+        "size",
+        "step",
+        "wall_s",
+        "train",
+        "pool_size",
+        "world",
+        "offset_noise",
+        "device",
+        "init_from",
+        "object_loss_weight",
+    )
     return {k: info.get(k) for k in keys}
 
 

@@ -106,6 +106,60 @@ def _world_text(world: dict[str, Any]) -> str:
     )
 
 
+def _phases(info: dict[str, Any]) -> list[dict[str, Any]]:
+    """The training phases behind a model, oldest first: each later phase started from the weights of the one
+    before (``init_from`` → that model folder's ``training.json``)."""
+    chain = [info]
+    source = info.get("init_from") or {}
+    while source.get("training"):
+        chain.append(source["training"])
+        source = source["training"].get("init_from") or {}
+    return chain[::-1]
+
+
+def _phase_flags(rec: dict[str, Any]) -> str:
+    """``train_embedded.py`` flags that reproduce one phase (its steps pinned with ``--stop-at``)."""
+    train = rec.get("train") or {}
+    flags = (
+        f"--size {rec.get('size') or 'small'} --batch-size {train.get('batch_size')} --lr {train.get('lr')} "
+        f"--warmup {train.get('warmup')} --ema {train.get('ema')} --pool {rec.get('pool_size')} "
+        f"--max-objects {(rec.get('world') or {}).get('max_objects', 3)} --steps {train.get('steps')} "
+        f"--stop-at {rec['step']}"
+    )
+    offset = rec.get("offset_noise") or {}
+    if offset.get("strength", 0) > 0:
+        flags += f" --offset-noise {offset['strength']} --offset-from {offset.get('from_step', 0)}"
+    if (rec.get("object_loss_weight") or 1.0) != 1.0:
+        flags += f" --object-loss-weight {rec['object_loss_weight']}"
+    return flags
+
+
+def _phases_table(phases: list[dict[str, Any]]) -> str:
+    lines = [
+        "| phase | device | world | steps | batch | lr | EMA | object loss weight | offset noise | wall (min) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for i, rec in enumerate(phases, 1):
+        train = rec.get("train") or {}
+        n = int((rec.get("world") or {}).get("max_objects", 3))
+        world = "1 object" if n == 1 else f"1–{n} objects"
+        lines.append(
+            f"| {i} | {rec.get('device') or 'cpu'} | {world} | {rec['step']} | {train.get('batch_size')} | "
+            f"{train.get('lr')} | {train.get('ema')} | {rec.get('object_loss_weight') or 1.0} | "
+            f"{_offset_text(rec.get('offset_noise') or {})} | {rec['wall_s'] / 60:.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def _phase_commands(family: str, phases: list[dict[str, Any]]) -> str:
+    lines = []
+    for i, rec in enumerate(phases, 1):
+        init = f" --init-from src/retouch/models/embedded/shapes-{family}" if i > 1 else ""
+        lines.append(f"python scripts/train_embedded.py {family} --out runs/{family}-{i} {_phase_flags(rec)}{init}")
+        lines.append(f"python scripts/train_embedded.py assemble --family {family} --run runs/{family}-{i}")
+    return "\n".join(lines)
+
+
 def write_pipeline_card(dest: Path, info: dict[str, Any], components: Path) -> None:
     """README.md of a denoiser pipeline folder."""
     family = info["family"]
@@ -135,15 +189,6 @@ def write_pipeline_card(dest: Path, info: dict[str, Any], components: Path) -> N
         "so `guidance_scale` has no real effect. For classifier-free guidance use `true_cfg_scale > 1` "
         'with `negative_prompt=""` (10% caption dropout was used in training).',
     }[family]
-    flags = (
-        f"--size {info.get('size')} --batch-size {train.get('batch_size')} --lr {train.get('lr')} "
-        f"--warmup {train.get('warmup')} --ema {train.get('ema')} --pool {info.get('pool_size')} "
-        f"--max-objects {(info.get('world') or {}).get('max_objects', 3)} --steps {train.get('steps')} "
-        f"--stop-at {info['step']}"
-    )
-    offset = info.get("offset_noise") or {}
-    if offset.get("strength", 0) > 0:
-        flags += f" --offset-noise {offset['strength']} --offset-from {offset.get('from_step', 0)}"
     clip_flags = _stage_flags(_metrics(components, "clip"), "1500 --batch-size 64 --warmup 100")
     t5_flags = _stage_flags(_metrics(components, "t5"), "1000 --batch-size 64 --warmup 50")
     vae_metrics = _metrics(components, "vae")
@@ -155,6 +200,7 @@ def write_pipeline_card(dest: Path, info: dict[str, Any], components: Path) -> N
         + (f" --stop-at {vae_metrics['step']}" if vae_metrics.get("step", 0) < vae_train.get("steps", 0) else "")
     )
     n_params = _params(dest / ("unet" if family == "sd" else "transformer"))
+    phases = _phases(info)
     evals_md = _table(evals, ATTRIBUTES) if evals else "(no evaluation yet)"
     bench_md = ""
     if bench:
@@ -191,13 +237,18 @@ Config: `{json.dumps(info.get("denoiser_config"))}`
   scenes encoded once by the frozen VAE; captions re-drawn with varied wording every step; 10% of captions
   dropped to "" for classifier-free guidance. Held-out evaluation scenes are
   `retouch.train.data.held_out_scenes(n, max_objects=...)` (seeds 7_000_000 + i).
-* Offset noise (see `retouch.train.denoisers.diffusion_loss`): {_offset_text(info.get("offset_noise") or {})}.
-* Optimiser: AdamW lr {train.get("lr")}, {train.get("warmup")}-step linear warm-up, batch {train.get("batch_size")},
-  EMA {train.get("ema")}, seed {train.get("seed")}.
-* Steps: **{info["step"]}**, CPU time **{info["wall_s"] / 60:.0f} min** (2 shared CPU cores, torch
-  {_torch_version()}); final training loss {info.get("final_loss")}.
+* Offset noise (see `retouch.train.denoisers.diffusion_loss`) and an object-weighted loss (latent pixels that
+  objects touch weigh more; `--object-loss-weight`) where the phase says so.
+* Phases (each later one starts from the EMA weights of the one before; AdamW, constant lr after a linear
+  warm-up, seed {train.get("seed")}):
 
-## Learning curve (oracle attribute accuracy, {_eval_n(evals)} held-out canonical captions)
+{_phases_table(phases)}
+
+  In all **{info["step"] if len(phases) == 1 else sum(p["step"] for p in phases)} steps**; final training loss
+  {info.get("final_loss")}. The world column is the scenes a phase trained on; this folder's `world.json`
+  names the world of the last one.
+
+## Learning curve of the last phase (oracle attribute accuracy, {_eval_n(evals)} held-out canonical captions)
 
 {evals_md}
 {bench_md}
@@ -212,15 +263,14 @@ python scripts/train_embedded.py tokenizers --out runs/tokenizers
 python scripts/train_embedded.py vae --out runs/vae {vae_flags}
 python scripts/train_embedded.py clip --out runs/clip {clip_flags}
 python scripts/train_embedded.py t5 --out runs/t5 {t5_flags}
-python scripts/train_embedded.py {family} --out runs/{family} {flags} --eval-min 10 --eval-n 32
-python scripts/train_embedded.py assemble --family {family}
+{_phase_commands(family, phases)}
 ```
 
 Add `--minutes N` to stop a call after N minutes and `--resume` to continue it (`--threads N` sets the CPU
-threads; a CUDA GPU is used when present). This folder holds the EMA
-weights of step {info["step"]}; to continue from there, run the `{family}` command with `--resume` and a
-later `--stop-at` (or none), then `assemble` again. Changing the VAE or the text encoders requires
-retraining the denoisers.
+threads; a CUDA GPU is used when present, and `scripts/train_denoisers_gpu.sh` runs the three families' phase
+at once on one GPU). This folder holds the EMA weights of the last phase's step {info["step"]}; to continue,
+start a new phase with `--init-from` this folder (or `--resume` the last run directory with a later
+`--stop-at`), then `assemble` again. Changing the VAE or the text encoders requires retraining the denoisers.
 """
     (dest / "README.md").write_text(text)
 
@@ -268,9 +318,3 @@ def _benchmark(name: str) -> dict[str, Any]:
 
 def _eval_n(evals: list[dict[str, Any]]) -> str:
     return str(evals[-1].get("n", 100)) if evals else "100"
-
-
-def _torch_version() -> str:
-    import torch
-
-    return torch.__version__

@@ -92,8 +92,8 @@ def encode_latents(vae: Any, scenes: list, family: str, batch: int = 128) -> tor
 def _pool(
     run: RunDir, comps: Components, family: str, size: int, seed: int, max_objects: int
 ) -> tuple[list, torch.Tensor, torch.Tensor]:
-    """Training scenes, their latents and latent-resolution object masks; cached in ``pool.pt`` (recomputed if the size, family or world
-    changed)."""
+    """Training scenes, their latents and latent-resolution object masks; cached in ``pool.pt`` (recomputed if
+    the size, family or world changed)."""
     scenes = data.sample_scenes(np.random.default_rng([seed, 424242]), size, max_objects)
     path = run.path / "pool.pt"
     key = {"size": size, "family": family, "seed": seed, "max_objects": max_objects}
@@ -192,8 +192,7 @@ def latent_object_masks(scenes: list, factor: int = 4, batch: int = 4096) -> tor
     from retouch.train.vae import object_masks
 
     out = [
-        F.max_pool2d(object_masks(scenes[i : i + batch], 64, 64), factor).bool()
-        for i in range(0, len(scenes), batch)
+        F.max_pool2d(object_masks(scenes[i : i + batch], 64, 64), factor).bool() for i in range(0, len(scenes), batch)
     ]
     return torch.cat(out)
 
@@ -234,8 +233,8 @@ def init_weights(model: nn.Module, source: str | Path) -> None:
     if not (folder / "config.json").exists():
         raise FileNotFoundError(f"--init-from {source}: no diffusers model folder (config.json) there")
     src = type(model).from_pretrained(str(folder), torch_dtype=torch.float32)
-    mismatched = {k for k, v in src.state_dict().items() if k in model.state_dict() and model.state_dict()[k].shape != v.shape}
-    if mismatched or set(src.state_dict()) != set(model.state_dict()):
+    theirs, ours = src.state_dict(), model.state_dict()
+    if set(theirs) != set(ours) or any(theirs[k].shape != ours[k].shape for k in ours):
         raise ValueError(f"--init-from {folder}: its weights do not fit this denoiser's config")
     model.load_state_dict(src.state_dict())
     logger.info("initialised the denoiser from %s", folder)
