@@ -166,3 +166,71 @@ def test_vae_object_weight_mask_covers_objects():
     union = np.any(shapes.render_masks(scene), axis=0)
     assert m.shape == (1, 1, 64, 64) and bool(m[0, 0][torch.from_numpy(union)].all())
     assert 0 < float(m.mean()) < 0.5
+
+
+def test_training_phases_chain_and_read_back_without_checkpoint(tiny_runs, tmp_path):
+    """Phase 2 starts from phase 1's assembled weights, records it, trains with the object-weighted loss, and
+    a run directory without checkpoint.pt (as it comes back from a GPU machine) assembles from final/."""
+    from retouch.train import assemble, denoisers
+    from retouch.train.pipelines import build_denoiser
+
+    family = "sd"
+    p1, p2 = tmp_path / "p1", tmp_path / "p2"
+    denoisers.train_denoiser(
+        family, p1, _cfg(2, batch_size=4), components=tiny_runs, size="tiny", pool_size=8, eval_n=0, max_objects=1
+    )
+    dest = assemble.assemble(family, run=p1, components=tiny_runs, dest=tmp_path / "shapes-sd")
+    assert json.loads((dest / "training.json").read_text())["step"] == 2
+
+    config = json.loads((p1 / "config.json").read_text())["denoiser"]
+    fresh = build_denoiser(family, config)
+    denoisers.init_weights(fresh, dest)
+    saved = type(fresh).from_pretrained(str(dest / "unet"), torch_dtype=torch.float32).state_dict()
+    assert all(torch.equal(v, saved[k]) for k, v in fresh.state_dict().items())
+
+    denoisers.train_denoiser(
+        family, p2, _cfg(3, batch_size=4), components=tiny_runs, size="tiny", pool_size=8, eval_n=0,
+        init_from=dest, object_loss_weight=4.0,
+    )  # fmt: skip
+    cfg2 = json.loads((p2 / "config.json").read_text())
+    assert cfg2["init_from"]["training"]["step"] == 2 and cfg2["object_loss_weight"] == 4.0
+    assert cfg2["device"].startswith("cpu")
+    assert torch.load(p2 / "pool.pt")["masks"].shape == (8, 1, 16, 16)
+
+    (p2 / "checkpoint.pt").unlink()
+    model, info = assemble.load_denoiser(family, p2)
+    assert info["step"] == 3 and info["object_loss_weight"] == 4.0
+    final = type(model).from_pretrained(str(p2 / "final"), torch_dtype=torch.float32).state_dict()
+    assert all(torch.equal(v, final[k]) for k, v in model.state_dict().items())
+    dest2 = assemble.assemble(family, run=p2, components=tiny_runs, dest=tmp_path / "shapes-sd-2")
+    card = (dest2 / "README.md").read_text()
+    assert "5 steps in 2 phase(s)" in card
+    assert "--init-from src/retouch/models/embedded/shapes-sd" in card and "--object-loss-weight 4.0" in card
+
+
+def test_init_from_rejects_other_configs(tiny_runs, tmp_path):
+    from retouch.train import denoisers
+    from retouch.train.pipelines import build_denoiser, denoiser_config
+
+    small = build_denoiser("sd", denoiser_config("sd", "tiny", text_width=32, t5_width=32, latent_channels=8))
+    small.save_pretrained(tmp_path / "m")
+    other = build_denoiser("sd", denoiser_config("sd", "small", text_width=32, t5_width=32, latent_channels=8))
+    with pytest.raises(ValueError, match="do not fit"):
+        denoisers.init_weights(other, tmp_path / "m")
+    with pytest.raises(FileNotFoundError, match="no diffusers model folder"):
+        denoisers.init_weights(other, tmp_path / "missing")
+
+
+def test_object_weighted_loss_reduces_to_mse_and_weights_objects():
+    from retouch.train.denoisers import _weighted_mse
+
+    g = torch.Generator().manual_seed(0)
+    pred, target = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
+    ones = torch.ones(2, 1, 8, 8)
+    assert torch.allclose(_weighted_mse(pred, target, ones), torch.nn.functional.mse_loss(pred, target))
+    w = ones.clone()
+    w[:, :, :2] = 9.0  # an error only on weighted pixels counts more than the same error elsewhere
+    err = torch.zeros_like(pred)
+    err_obj, err_bg = err.clone(), err.clone()
+    err_obj[:, :, 0, 0], err_bg[:, :, 7, 7] = 1.0, 1.0
+    assert _weighted_mse(err_obj, err, w) > _weighted_mse(err_bg, err, w) > 0

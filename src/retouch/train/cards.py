@@ -167,11 +167,13 @@ def write_pipeline_card(dest: Path, info: dict[str, Any], components: Path) -> N
     evals = info.get("evals") or []
     last = evals[-1] if evals else {}
     bench = _benchmark(dest.name)
+    phases = _phases(info)
+    total_steps = sum(p["step"] for p in phases)
     status = (
-        f"**Status: partially trained** ({info['step']} steps). Its text-to-image accuracy is far below the "
-        "≥ 90% goal; training resumes with the command below."
+        f"**Status: partially trained** ({total_steps} steps in {len(phases)} phase(s)). Its text-to-image "
+        "accuracy is below the ≥ 90% goal; training resumes with the commands below."
         if not last or min(last.get(k, 0) for k in ("position", "shape", "colour")) < 0.9
-        else f"Trained {info['step']} steps."
+        else f"Trained {total_steps} steps."
     )
     notes = {
         "sd": "SD 1.x UNet block layout (3× CrossAttnDownBlock2D + DownBlock2D, UNetMidBlock2DCrossAttn, "
@@ -200,7 +202,6 @@ def write_pipeline_card(dest: Path, info: dict[str, Any], components: Path) -> N
         + (f" --stop-at {vae_metrics['step']}" if vae_metrics.get("step", 0) < vae_train.get("steps", 0) else "")
     )
     n_params = _params(dest / ("unet" if family == "sd" else "transformer"))
-    phases = _phases(info)
     evals_md = _table(evals, ATTRIBUTES) if evals else "(no evaluation yet)"
     bench_md = ""
     if bench:
@@ -244,7 +245,7 @@ Config: `{json.dumps(info.get("denoiser_config"))}`
 
 {_phases_table(phases)}
 
-  In all **{info["step"] if len(phases) == 1 else sum(p["step"] for p in phases)} steps**; final training loss
+  In all **{total_steps} steps**; final training loss
   {info.get("final_loss")}. The world column is the scenes a phase trained on; this folder's `world.json`
   names the world of the last one.
 
