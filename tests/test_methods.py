@@ -196,3 +196,18 @@ def test_p2p_self_copy_on_queries_keys_equals_map_copy():
     plain = torch.nn.functional.scaled_dot_product_attention(q, k, v)
     assert torch.allclose(out[: layout.branches + 1], plain[: layout.branches + 1], atol=1e-6)
     assert not torch.allclose(out[layout.row(1, True)], plain[layout.row(1, True)], atol=1e-3)
+
+
+def test_p2p_replace_rewrite_touches_only_replaced_columns_and_equals_the_full_product():
+    from retouch.control.p2p import PromptToPrompt, TextAlignment
+
+    g = torch.Generator().manual_seed(2)
+    matrix = torch.eye(12)
+    matrix[3, 3], matrix[3, 4], matrix[5, 4] = 0.0, 0.5, 0.5  # a word of one token replaced by two
+    weights = torch.ones(12)
+    weights[7] = 2.0
+    al = TextAlignment(mode="replace", matrix=matrix, mapper=None, alphas=None, weights=weights)
+    assert al.changed_columns.tolist() == [3, 4] and al.reweighted
+    a_src = torch.rand(2, 9, 12, generator=g)
+    new = PromptToPrompt(al)._rewrite(a_src, torch.rand(2, 9, 12, generator=g))
+    assert torch.allclose(new, (a_src @ matrix) * weights, atol=1e-6)

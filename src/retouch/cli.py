@@ -40,7 +40,7 @@ def _default_model() -> str:
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", "-m", help="embedded model name, local diffusers folder or hub id (default: shapes-sd)")
+    p.add_argument("--model", "-m", help="embedded model name, local diffusers folder or hub id (default: shapes-flux)")
     p.add_argument("--device", default=None, help="torch device, e.g. cpu, cuda, cuda:1 (default: cpu)")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"], help="model precision")
     p.add_argument("--offload", action="store_true", help="CPU offload of model components (needs --device)")

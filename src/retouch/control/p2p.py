@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import torch
@@ -43,6 +44,18 @@ class TextAlignment:
     mapper: Tensor | None  # refine: [T] source position for each target position
     alphas: Tensor | None  # refine: [T] 1 where the target token is aligned to a source token
     weights: Tensor  # reweight: [T] multiplier on the target's text columns
+
+    @cached_property
+    def changed_columns(self) -> Tensor:
+        """Replace mode: the columns where ``matrix`` differs from the identity (the replaced words)."""
+        if self.matrix is None:
+            return torch.zeros(0, dtype=torch.long)
+        eye = torch.eye(self.matrix.shape[0], dtype=self.matrix.dtype)
+        return torch.nonzero((self.matrix != eye).any(0)).flatten()
+
+    @cached_property
+    def reweighted(self) -> bool:
+        return bool((self.weights != 1).any())
 
 
 def align_prompts(
@@ -217,14 +230,22 @@ class PromptToPrompt:
 
     # --- rules ----------------------------------------------------------------------------------------
     def _rewrite(self, a_src: Tensor, a_tgt: Tensor) -> Tensor:
-        """P2P's edit of target text maps ``[h, N, T]`` from source ones."""
+        """P2P's edit of target text maps ``[h, N, T]`` from source ones.
+
+        Replace: ``A_src @ M``. M is the identity except in the columns of the replaced words, so only those
+        columns are multiplied (a text of T tokens would otherwise cost N·T² per head)."""
         al = self.alignment
         if al.mode == "replace":
-            new = a_src @ al.matrix.to(a_src.dtype)
+            cols = al.changed_columns
+            new = a_src.clone()
+            if cols.numel():
+                new[..., cols] = a_src @ al.matrix[:, cols].to(device=a_src.device, dtype=a_src.dtype)
         else:
             alphas = al.alphas.to(a_src.dtype)
             new = a_src[..., al.mapper] * alphas + a_tgt * (1 - alphas)
-        return new * al.weights.to(a_src.dtype)
+        if al.reweighted:
+            new = new * al.weights.to(a_src.dtype)
+        return new
 
     def probs_block(self, ctx: AttnContext, seq_len: int) -> tuple[slice, slice] | None:
         """In joint attention only the image-query / text-key block is read or changed (see ``edit_block``)."""

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 EMBEDDED_DIR = Path(__file__).parent / "embedded"
-DEFAULT_MODEL = "shapes-sd"
+DEFAULT_MODEL = "shapes-flux"
 
 
 def embedded_dir() -> Path:
