@@ -48,6 +48,18 @@ class ComposedEditor:
         r0, r1, c0, c1 = blocks.pop()
         return slice(r0, r1), slice(c0, c1)
 
+    def block_batch_rows(self, ctx: AttnContext) -> list[int] | None:
+        """The union of the batch rows the block editors read or change (None: all rows)."""
+        out: set[int] = set()
+        for e in self._active(ctx):
+            if e.needs_probs(ctx):
+                fn = getattr(e, "block_batch_rows", None)
+                rows = fn(ctx) if fn is not None else None
+                if rows is None:
+                    return None
+                out.update(rows)
+        return sorted(out)
+
     def edit_block(self, block: Tensor, ctx: AttnContext) -> Tensor:
         for e in self._active(ctx):
             if e.needs_probs(ctx):

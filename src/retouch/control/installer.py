@@ -196,16 +196,29 @@ class EditState:
         attn_mask: Tensor | None,
     ) -> Tensor:
         """Exact attention when the editor changes only the block ``rows × cols`` of the probabilities:
-        ``out = fused(q, k, v)`` then ``out[rows] += (P'_block - P_block) @ v[cols]``."""
+        ``out = fused(q, k, v)`` then ``out[rows] += (P'_block - P_block) @ v[cols]``. The block is formed only
+        for the batch rows the editor names (``block_batch_rows``, e.g. the conditional half); it is zero in
+        the others, which the editor must leave unchanged."""
         self.block_calls += 1
         rows, cols = rows_cols
         out, lse = attention_with_lse(q, k, v, attn_mask)
-        p = attention_block(q, k, lse, rows, cols, attn_mask)
+        pick = getattr(editor, "block_batch_rows", None)
+        bi = pick(ctx) if pick is not None else None
+        if bi is None or len(bi) == q.shape[0]:
+            bi = list(range(q.shape[0]))
+            p = attention_block(q, k, lse, rows, cols, attn_mask)
+        else:
+            mask = attn_mask[bi] if attn_mask is not None and attn_mask.shape[0] > 1 else attn_mask
+            n_rows = len(range(*rows.indices(q.shape[2])))
+            n_cols = len(range(*cols.indices(k.shape[2])))
+            p = q.new_zeros(q.shape[0], q.shape[1], n_rows, n_cols)
+            p[bi] = attention_block(q[bi], k[bi], lse[bi], rows, cols, mask)
         new = editor.edit_block(p, ctx)
         if new is p:
             return out
+        delta = (new - p)[bi].to(v.dtype)
         out = out.clone()
-        out[:, :, rows] += (new - p).to(v.dtype) @ v[:, :, cols]
+        out[bi, :, rows] += delta @ v[bi][:, :, cols]
         return out
 
 

@@ -253,6 +253,10 @@ class PromptToPrompt:
             return ctx.image_slice(seq_len), ctx.text_slice(seq_len)
         return None
 
+    def block_batch_rows(self, ctx: AttnContext) -> list[int]:
+        """The conditional rows of every branch: the only ones read or changed (unconditional rows stay)."""
+        return [ctx.layout.row(b, True) for b in range(ctx.layout.branches)]
+
     def edit_block(self, block: Tensor, ctx: AttnContext) -> Tensor:
         """Edit the image-query / text-key probabilities ``[B, h, N_img, T]`` (cross-attention maps, or that
         block of a joint map); returns ``block`` itself when nothing changes."""

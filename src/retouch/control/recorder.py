@@ -58,6 +58,9 @@ class AttentionRecorder:
         self.edit_block(probs if cross else probs[:, :, ctx.image_slice(seq), ctx.text_slice(seq)], ctx)
         return probs
 
+    def block_batch_rows(self, ctx: AttnContext) -> list[int]:
+        return [ctx.layout.row(b, True) for b in range(ctx.layout.branches)]
+
     def edit_block(self, block: Tensor, ctx: AttnContext) -> Tensor:
         """Record the image-query / text-key probabilities ``[B, h, N_img, T]``; returns them unchanged."""
         hh, ww = ctx.image_hw
