@@ -60,11 +60,18 @@ class ComposedEditor:
                 out.update(rows)
         return sorted(out)
 
-    def edit_block(self, block: Tensor, ctx: AttnContext) -> Tensor:
+    def edit_block(self, block: Tensor, ctx: AttnContext) -> dict[int, Tensor]:
+        """Each block editor in turn sees the rows the ones before it changed; returns every changed row."""
+        current, changed = block, {}
         for e in self._active(ctx):
             if e.needs_probs(ctx):
-                block = e.edit_block(block, ctx)
-        return block
+                changes = e.edit_block(current, ctx)
+                if changes:
+                    current = current.clone() if current is block else current
+                    for r, new in changes.items():
+                        current[r] = new
+                    changed.update(changes)
+        return {r: current[r] for r in changed}
 
     def edit_probs(self, probs: Tensor, ctx: AttnContext) -> Tensor:
         for e in self._active(ctx):

@@ -113,13 +113,20 @@ def attention_with_lse(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None
 def attention_block(
     q: Tensor, k: Tensor, lse: Tensor, rows: slice, cols: slice, attn_mask: Tensor | None = None
 ) -> Tensor:
-    """Softmax probabilities of query ``rows`` against key ``cols`` ``[B, h, Nr, Nc]`` from the rows' ``lse``."""
-    scores = (q[:, :, rows] @ k[:, :, cols].transpose(-1, -2)) * (1.0 / math.sqrt(q.shape[-1]))
+    """Softmax probabilities of query ``rows`` against key ``cols`` ``[B, h, Nr, Nc]`` from the rows' ``lse``.
+
+    ``exp(q k^T / sqrt(d) - lse)`` in one product: ``[q / sqrt(d), -lse] @ [k, 1]^T``, then ``exp`` in place
+    (the block can be large, so it is written once and exponentiated where it lies)."""
+    qr = q[:, :, rows] * (1.0 / math.sqrt(q.shape[-1]))
+    kc = k[:, :, cols]
+    qa = torch.cat([qr, -lse[:, :, rows, None].to(q.dtype)], dim=-1)
+    ka = torch.cat([kc, torch.ones_like(kc[..., :1])], dim=-1)
+    scores = qa @ ka.transpose(-1, -2)
     mask = _additive(attn_mask, q.dtype)
     if mask is not None:
         m = mask[..., rows, :] if mask.shape[-2] > 1 else mask
-        scores = scores + m[..., cols]
-    return torch.exp(scores.float() - lse[:, :, rows, None]).to(q.dtype)
+        scores += m[..., cols]
+    return scores.exp_()
 
 
 @dataclass
@@ -196,16 +203,15 @@ class EditState:
         attn_mask: Tensor | None,
     ) -> Tensor:
         """Exact attention when the editor changes only the block ``rows × cols`` of the probabilities:
-        ``out = fused(q, k, v)`` then ``out[rows] += (P'_block - P_block) @ v[cols]``. The block is formed only
-        for the batch rows the editor names (``block_batch_rows``, e.g. the conditional half); it is zero in
-        the others, which the editor must leave unchanged."""
+        ``out = fused(q, k, v)`` then ``out[rows] += (P'_block - P_block) @ v[cols]`` for the batch rows the
+        editor changed (``edit_block`` returns ``{batch row: new block row}``). The block is formed only for the
+        batch rows the editor reads (``block_batch_rows``, e.g. the conditional half); it is zero elsewhere."""
         self.block_calls += 1
         rows, cols = rows_cols
         out, lse = attention_with_lse(q, k, v, attn_mask)
         pick = getattr(editor, "block_batch_rows", None)
         bi = pick(ctx) if pick is not None else None
         if bi is None or len(bi) == q.shape[0]:
-            bi = list(range(q.shape[0]))
             p = attention_block(q, k, lse, rows, cols, attn_mask)
         else:
             mask = attn_mask[bi] if attn_mask is not None and attn_mask.shape[0] > 1 else attn_mask
@@ -213,12 +219,12 @@ class EditState:
             n_cols = len(range(*cols.indices(k.shape[2])))
             p = q.new_zeros(q.shape[0], q.shape[1], n_rows, n_cols)
             p[bi] = attention_block(q[bi], k[bi], lse[bi], rows, cols, mask)
-        new = editor.edit_block(p, ctx)
-        if new is p:
+        changes = editor.edit_block(p, ctx)
+        if not changes:
             return out
-        delta = (new - p)[bi].to(v.dtype)
         out = out.clone()
-        out[bi, :, rows] += delta @ v[bi][:, :, cols]
+        for r, new in changes.items():
+            out[r, :, rows] += (new - p[r]).to(v.dtype) @ v[r, :, cols]
         return out
 
 

@@ -257,23 +257,25 @@ class PromptToPrompt:
         """The conditional rows of every branch: the only ones read or changed (unconditional rows stay)."""
         return [ctx.layout.row(b, True) for b in range(ctx.layout.branches)]
 
-    def edit_block(self, block: Tensor, ctx: AttnContext) -> Tensor:
-        """Edit the image-query / text-key probabilities ``[B, h, N_img, T]`` (cross-attention maps, or that
-        block of a joint map); returns ``block`` itself when nothing changes."""
+    def edit_block(self, block: Tensor, ctx: AttnContext) -> dict[int, Tensor]:
+        """Read the image-query / text-key probabilities ``[B, h, N_img, T]`` (cross-attention maps, or that
+        block of a joint map) and return the target rows' new blocks ``{batch row: [h, N_img, T]}``."""
         layout = ctx.layout
         src = layout.row(0, cond=True)
         text_len = self.alignment.weights.shape[0]
         if self.local_blend is not None:
             self.local_blend.record(block[..., :text_len], ctx, src, layout.row(1, True))
         if not self._cross_active(ctx):
-            return block
+            return {}
         n = min(text_len, block.shape[-1])
-        out = block.clone()
         a_src = block[src, ..., :text_len]
+        changes = {}
         for b in range(1, layout.branches):
             tgt = layout.row(b, True)
-            out[tgt, ..., :n] = self._rewrite(a_src, block[tgt, ..., :text_len])[..., :n]
-        return out
+            new = block[tgt].clone()
+            new[..., :n] = self._rewrite(a_src, block[tgt, ..., :text_len])[..., :n]
+            changes[tgt] = new
+        return changes
 
     def edit_probs(self, probs: Tensor, ctx: AttnContext) -> Tensor:
         layout = ctx.layout
@@ -283,16 +285,15 @@ class PromptToPrompt:
             for b in range(1, layout.branches):
                 probs[layout.row(b, True)] = probs[src]
             return probs
-        if ctx.layer.kind == "cross":
-            return self.edit_block(probs, ctx)
         seq = probs.shape[-1]
-        rows, cols = ctx.image_slice(seq), ctx.text_slice(seq)
-        block = probs[:, :, rows, cols]
-        new = self.edit_block(block, ctx)
-        if new is block:
+        cross = ctx.layer.kind == "cross"
+        rows, cols = (slice(None), slice(None)) if cross else (ctx.image_slice(seq), ctx.text_slice(seq))
+        changes = self.edit_block(probs[:, :, rows, cols], ctx)
+        if not changes:
             return probs
         probs = probs.clone()
-        probs[:, :, rows, cols] = new
+        for r, new in changes.items():
+            probs[r, :, rows, cols] = new
         return probs
 
     def after_step(self, i: int, x: Tensor, state: Any) -> Tensor | None:

@@ -61,8 +61,8 @@ class AttentionRecorder:
     def block_batch_rows(self, ctx: AttnContext) -> list[int]:
         return [ctx.layout.row(b, True) for b in range(ctx.layout.branches)]
 
-    def edit_block(self, block: Tensor, ctx: AttnContext) -> Tensor:
-        """Record the image-query / text-key probabilities ``[B, h, N_img, T]``; returns them unchanged."""
+    def edit_block(self, block: Tensor, ctx: AttnContext) -> dict[int, Tensor]:
+        """Record the image-query / text-key probabilities ``[B, h, N_img, T]``; changes nothing."""
         hh, ww = ctx.image_hw
         size = (self.grid, max(1, round(self.grid * ww / hh)))
         for b, per_word in enumerate(self.words):
@@ -71,7 +71,7 @@ class AttentionRecorder:
             maps = F.interpolate(maps.reshape(1, -1, hh, ww), size=size, mode="bilinear", align_corners=False)[0]
             self.sums[b] = maps if self.sums[b] is None else self.sums[b] + maps
         self.count += 1
-        return block
+        return {}
 
     def maps(self) -> list[dict[str, np.ndarray]]:
         """Per branch: {"<index>_<word>": [h, w] map normalised to [0, 1]}."""
