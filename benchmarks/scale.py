@@ -1137,11 +1137,14 @@ def _scale_section(data: Mapping[str, Any]) -> list[str]:
             f"{e['nfe_timed']} timed NFE(s) after {e['warmup']} warm-up) · load average "
             f"{e['load_average_start']} → {e['load_average_end']} · {e['wall_s']:.0f} s",
             "",
-            "| variant | step | s / NFE | × plain | peak MiB | materialised / attention calls | merge applied |",
+            "| variant | step | s / NFE | × plain | peak MiB | full maps (+blocks) / attn calls | merge applied |",
             "|---|---|---|---|---|---|---|",
         ]
         for v in e["variants"]:
-            mat = "—" if v.get("attention_calls") is None else f"{v['materialised_calls']} / {v['attention_calls']}"
+            mat = "—"
+            if v.get("attention_calls") is not None:
+                blocks = f" (+{v['block_calls']})" if v.get("block_calls") else ""
+                mat = f"{v['materialised_calls']}{blocks} / {v['attention_calls']}"
             mg = v.get("merge") or {}
             applied = f"{mg['applied_ratio']:.3f}" if mg else "—"
             lines.append(
@@ -1151,7 +1154,7 @@ def _scale_section(data: Mapping[str, Any]) -> list[str]:
         lines += [
             "",
             "| preset | overhead (worst step) | run-average bound | run average | active steps "
-            "| layers touched / prob | memory × plain | ≤ 1.10 |",
+            "| layers touched / reading probabilities | memory × plain | ≤ 1.10 |",
             "|---|---|---|---|---|---|---|---|",
         ]
         for o in e["overheads"]:

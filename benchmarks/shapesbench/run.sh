@@ -17,3 +17,7 @@ $R bench shapes --model shapes-sd --methods ddim+p2p,direct+p2p --types 1,6 --ca
 $R bench shapes --model shapes-pixart --methods-file $HERE/pixart_methods.json --cases 10 --out "$OUT/pixart" --no-progress
 # RF-Inversion / RF-Solver / FireFlow vs plain flow-Euler inversion on shapes-flux
 $R bench shapes --model shapes-flux --methods-file $HERE/flux_methods.json --cases 10 --out "$OUT/flux" --no-progress
+# Colour edits (type 6) across backbones: direct+p2p vs ddim+p2p on shapes-flux and shapes-pixart, 20 cases each
+for m in flux pixart; do
+  $R bench shapes --model shapes-$m --methods direct+p2p,ddim+p2p --types 6 --cases 20 --out "$OUT/colour-$m" --no-progress
+done
