@@ -37,7 +37,7 @@ def test_models_json_lists_the_three_pipelines(capsys):
     names = {m["name"]: m for m in info["embedded"]}
     for name, cls in PIPELINES.items():
         assert names[name]["pipeline"] == cls and Path(names[name]["card"]).is_file()
-    assert registry.default_model() == "shapes-sd"
+    assert registry.default_model() == "shapes-flux"
 
 
 def test_total_weights_stay_under_60_mb():
