@@ -31,6 +31,11 @@ class BatchLayout:
             return branch
         return (self.branches if cond else 0) + branch
 
+    @property
+    def cond_rows(self) -> list[int]:
+        """The conditional row of every branch (source first)."""
+        return [self.row(b, True) for b in range(self.branches)]
+
     def split(self, t: Tensor) -> Tensor:
         """``[halves*branches, ...] -> [halves, branches, ...]``."""
         return t.view(self.halves, self.branches, *t.shape[1:])
@@ -56,6 +61,15 @@ class AttnContext:
         if self.layer.kind not in ("joint", "single"):
             raise ValueError("only joint attention has a text span in its sequence")
         return slice(0, self.num_text) if self.layer.text_first else slice(seq_len - self.num_text, seq_len)
+
+    def image_text_block(self, seq_len: int) -> tuple[slice, slice] | None:
+        """Image-query / text-key block of this layer's map: the whole map of a cross-attention layer, that
+        block of a joint / single one, None for self-attention."""
+        if self.layer.kind == "cross":
+            return slice(None), slice(None)
+        if self.layer.kind in ("joint", "single"):
+            return self.image_slice(seq_len), self.text_slice(seq_len)
+        return None
 
     def image_slice(self, seq_len: int) -> slice:
         if self.layer.kind not in ("joint", "single"):

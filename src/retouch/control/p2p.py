@@ -249,13 +249,11 @@ class PromptToPrompt:
 
     def probs_block(self, ctx: AttnContext, seq_len: int) -> tuple[slice, slice] | None:
         """In joint attention only the image-query / text-key block is read or changed (see ``edit_block``)."""
-        if ctx.layer.kind in ("joint", "single"):
-            return ctx.image_slice(seq_len), ctx.text_slice(seq_len)
-        return None
+        return ctx.image_text_block(seq_len) if ctx.layer.kind in ("joint", "single") else None
 
     def block_batch_rows(self, ctx: AttnContext) -> list[int]:
         """The conditional rows of every branch: the only ones read or changed (unconditional rows stay)."""
-        return [ctx.layout.row(b, True) for b in range(ctx.layout.branches)]
+        return ctx.layout.cond_rows
 
     def edit_block(self, block: Tensor, ctx: AttnContext) -> dict[int, Tensor]:
         """Read the image-query / text-key probabilities ``[B, h, N_img, T]`` (cross-attention maps, or that
@@ -285,9 +283,7 @@ class PromptToPrompt:
             for b in range(1, layout.branches):
                 probs[layout.row(b, True)] = probs[src]
             return probs
-        seq = probs.shape[-1]
-        cross = ctx.layer.kind == "cross"
-        rows, cols = (slice(None), slice(None)) if cross else (ctx.image_slice(seq), ctx.text_slice(seq))
+        rows, cols = ctx.image_text_block(probs.shape[-1])
         changes = self.edit_block(probs[:, :, rows, cols], ctx)
         if not changes:
             return probs

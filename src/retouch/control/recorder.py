@@ -48,18 +48,15 @@ class AttentionRecorder:
 
     def probs_block(self, ctx: AttnContext, seq_len: int) -> tuple[slice, slice] | None:
         """Joint attention: only the image-query / text-key block is read (the full map is never built)."""
-        if ctx.layer.kind in ("joint", "single"):
-            return ctx.image_slice(seq_len), ctx.text_slice(seq_len)
-        return None
+        return ctx.image_text_block(seq_len) if ctx.layer.kind in ("joint", "single") else None
 
     def edit_probs(self, probs: Tensor, ctx: AttnContext) -> Tensor:
-        seq = probs.shape[-1]
-        cross = ctx.layer.kind == "cross"
-        self.edit_block(probs if cross else probs[:, :, ctx.image_slice(seq), ctx.text_slice(seq)], ctx)
+        rows, cols = ctx.image_text_block(probs.shape[-1])
+        self.edit_block(probs[:, :, rows, cols], ctx)
         return probs
 
     def block_batch_rows(self, ctx: AttnContext) -> list[int]:
-        return [ctx.layout.row(b, True) for b in range(ctx.layout.branches)]
+        return ctx.layout.cond_rows
 
     def edit_block(self, block: Tensor, ctx: AttnContext) -> dict[int, Tensor]:
         """Record the image-query / text-key probabilities ``[B, h, N_img, T]``; changes nothing."""

@@ -45,13 +45,13 @@ __all__ = [
 
 
 def pick_device(threads: int = 2) -> torch.device:
-    """CUDA when present, else the CPU limited to ``threads`` intra-op threads (the machine is shared)."""
+    """CUDA when present (TF32 matmuls), else the CPU; either way ``threads`` intra-op CPU threads (the machine
+    is shared)."""
+    torch.set_num_threads(threads)
     if torch.cuda.is_available():
-        torch.set_num_threads(threads)
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
         return torch.device("cuda")
-    torch.set_num_threads(threads)
     return torch.device("cpu")
 
 

@@ -236,12 +236,13 @@ def init_weights(model: nn.Module, source: str | Path) -> None:
     theirs, ours = src.state_dict(), model.state_dict()
     if set(theirs) != set(ours) or any(theirs[k].shape != ours[k].shape for k in ours):
         raise ValueError(f"--init-from {folder}: its weights do not fit this denoiser's config")
-    model.load_state_dict(src.state_dict())
+    model.load_state_dict(theirs)
     logger.info("initialised the denoiser from %s", folder)
 
 
 def _init_record(source: str | Path | None) -> dict[str, Any] | None:
-    """What a run started from, for its config and card: the folder and, if present, its world and card."""
+    """What a run started from, for its config and card: the folder and, if present, its ``world.json`` and
+    ``training.json`` (the earlier phase's record)."""
     if source is None:
         return None
     source = Path(source)
