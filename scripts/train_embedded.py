@@ -69,6 +69,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--offset-from", type=int, default=0, help="sd/pixart: first step with offset noise")
     p.add_argument("--max-objects", type=int, default=3, help="denoisers: scenes of 1..N objects (world subset)")
     p.add_argument("--object-loss-weight", type=float, default=1.0, help="denoisers: loss weight on object pixels")
+    p.add_argument(
+        "--train-text-encoder",
+        action="store_true",
+        help="pixart/flux: fine-tune the T5 jointly with the denoiser (the shapes-clip tower stays frozen)",
+    )
     p.add_argument("--init-from", type=Path, help="denoisers: start a new run from this model's weights")
     p.add_argument("--components", type=Path, default=RUNS, help="runs directory with vae/clip/t5 final folders")
     p.add_argument("--family", choices=["sd", "pixart", "flux", "clip"], help="assemble: which model")
@@ -133,6 +138,7 @@ def main(argv: list[str] | None = None) -> None:
             offset_from=args.offset_from,
             init_from=args.init_from,
             object_loss_weight=args.object_loss_weight,
+            train_text_encoder=args.train_text_encoder,
             device=device,
         )
     elif args.stage == "assemble":

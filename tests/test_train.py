@@ -208,6 +208,80 @@ def test_training_phases_chain_and_read_back_without_checkpoint(tiny_runs, tmp_p
     assert "--init-from src/retouch/models/embedded/shapes-sd" in card and "--object-loss-weight 4.0" in card
 
 
+def test_trained_t5_changes_goes_to_the_folder_and_seeds_the_next_phase(tiny_runs, tmp_path):
+    """--train-text-encoder fine-tunes the T5 with the denoiser: the run's final_t5 and the assembled folder hold
+    the trained T5 (not the components' one), a later frozen phase starts from it, and SD refuses the option."""
+    from transformers import T5EncoderModel
+
+    from retouch.train import assemble, denoisers
+
+    family = "flux"
+    p1, p2 = tmp_path / "p1", tmp_path / "p2"
+    denoisers.train_denoiser(
+        family, p1, _cfg(3, batch_size=4, ema=0.5), components=tiny_runs, size="tiny", pool_size=8, eval_n=0,
+        max_objects=1, train_text_encoder=True,
+    )  # fmt: skip
+    base = T5EncoderModel.from_pretrained(str(tiny_runs / "t5" / "final")).state_dict()
+    trained = T5EncoderModel.from_pretrained(str(p1 / "final_t5")).state_dict()
+    assert set(base) == set(trained)
+    assert any(not torch.equal(base[k], trained[k]) for k in base), "the T5 did not change"
+    ckpt = torch.load(p1 / "checkpoint.pt", weights_only=False)
+    assert all(torch.equal(v, trained[k]) for k, v in ckpt["ema"]["text_encoder"].items())
+
+    dest = assemble.assemble(family, run=p1, components=tiny_runs, dest=tmp_path / "shapes-flux")
+    folder = T5EncoderModel.from_pretrained(str(dest / "text_encoder_2"), torch_dtype=torch.float32).state_dict()
+    assert all(torch.equal(v, trained[k].half().float()) for k, v in folder.items())
+    assert json.loads((dest / "training.json").read_text())["train_text_encoder"] is True
+    card = (dest / "README.md").read_text()
+    assert "--train-text-encoder" in card and "| trained |" in card
+
+    # a frozen later phase trains on (and ships) the folder's fine-tuned T5, not the components' one
+    denoisers.train_denoiser(
+        family, p2, _cfg(2, batch_size=4), components=tiny_runs, size="tiny", pool_size=8, eval_n=0,
+        max_objects=1, init_from=dest,
+    )  # fmt: skip
+    second = T5EncoderModel.from_pretrained(str(p2 / "final_t5")).state_dict()
+    assert all(torch.equal(v, folder[k]) for k, v in second.items())
+    assert "text_encoder" not in torch.load(p2 / "checkpoint.pt", weights_only=False)["modules"]
+
+    with pytest.raises(ValueError, match="no T5"):
+        denoisers.train_denoiser(
+            "sd", tmp_path / "sd", _cfg(1, batch_size=2), components=tiny_runs, size="tiny", pool_size=4,
+            eval_n=0, train_text_encoder=True,
+        )  # fmt: skip
+
+
+def test_card_keeps_component_section_when_components_lack_metrics(tiny_runs, tmp_path):
+    """A runs directory rebuilt from an embedded folder's weights (no metrics.json) re-writes a card without
+    losing what was measured on the components; with metrics present the section is written afresh."""
+    import shutil
+
+    from retouch.train import assemble, cards, denoisers
+
+    run = tmp_path / "sd"
+    denoisers.train_denoiser(
+        "sd", run, _cfg(1, batch_size=2), components=tiny_runs, size="tiny", pool_size=4, eval_n=0, max_objects=1
+    )
+    dest = assemble.assemble("sd", run=run, components=tiny_runs, dest=tmp_path / "shapes-sd")
+    before = (dest / "README.md").read_text()
+    section = before[before.index("## Shared components") : before.index("## Retrain / continue")]
+    assert "2 steps" in section
+
+    bare = tmp_path / "bare"
+    for stage in ("vae", "clip", "t5"):
+        shutil.copytree(tiny_runs / stage / "final", bare / stage / "final")
+    _, info = assemble.load_denoiser("sd", run)
+    cards.write_pipeline_card(dest, info, bare)
+    after = (dest / "README.md").read_text()
+    assert section in after
+    vae_line = next(ln for ln in before.splitlines() if ln.startswith("python scripts/train_embedded.py vae "))
+    assert vae_line in after.splitlines()
+
+    (dest / "README.md").write_text("# old card without sections\n")
+    cards.write_pipeline_card(dest, info, bare)
+    assert "? params" in (dest / "README.md").read_text()  # nothing to keep: written from (missing) metrics
+
+
 def test_init_from_rejects_other_configs(tiny_runs, tmp_path):
     from retouch.train import denoisers
     from retouch.train.pipelines import build_denoiser, denoiser_config

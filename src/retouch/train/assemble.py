@@ -7,6 +7,7 @@ weights of its latest checkpoint, and its card says so.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import shutil
@@ -18,11 +19,12 @@ import torch
 from retouch.models import registry
 from retouch.train import cards
 from retouch.train.common import RunDir, atomic_write_json
-from retouch.train.pipelines import build_denoiser, build_pipeline, load_components
+from retouch.train.denoisers import T5_FOLDER
+from retouch.train.pipelines import Components, build_denoiser, build_pipeline, load_components
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["assemble", "assemble_clip", "load_denoiser"]
+__all__ = ["assemble", "assemble_clip", "load_denoiser", "load_t5"]
 
 
 def load_denoiser(family: str, run: str | Path) -> tuple[torch.nn.Module, dict[str, Any]]:
@@ -63,8 +65,31 @@ def load_denoiser(family: str, run: str | Path) -> tuple[torch.nn.Module, dict[s
         "device": config.get("device"),
         "init_from": config.get("init_from"),
         "object_loss_weight": config.get("object_loss_weight", 1.0),
+        "train_text_encoder": config.get("train_text_encoder", False),
     }
     return model, info
+
+
+def load_t5(family: str, run: str | Path, comps: Components) -> Any:
+    """The T5 a PixArt / Flux run's denoiser goes with: the EMA T5 of the latest checkpoint when the run trains
+    it, else the run's ``final_t5``, else the T5 of the folder it started from, else the components' T5."""
+    from transformers import T5EncoderModel
+
+    run = RunDir(Path(run))
+    if run.checkpoint.exists():
+        state = torch.load(run.checkpoint, map_location="cpu", weights_only=False)
+        weights = (state.get("ema") or state["modules"]).get("text_encoder")
+        if weights is not None:
+            t5 = copy.deepcopy(comps.t5)
+            t5.load_state_dict(weights)
+            return t5.eval().requires_grad_(False)
+    if (run.path / "final_t5" / "config.json").exists():
+        return T5EncoderModel.from_pretrained(str(run.path / "final_t5")).float().eval()
+    init = (json.loads((run.path / "config.json").read_text()).get("init_from") or {}).get("path")
+    folder = Path(init) / T5_FOLDER[family] if init else None
+    if folder is not None and (folder / "config.json").exists():
+        return T5EncoderModel.from_pretrained(str(folder)).float().eval()
+    return comps.t5
 
 
 def training_record(info: dict[str, Any]) -> dict[str, Any]:
@@ -81,6 +106,7 @@ def training_record(info: dict[str, Any]) -> dict[str, Any]:
         "device",
         "init_from",
         "object_loss_weight",
+        "train_text_encoder",
     )
     return {k: info.get(k) for k in keys}
 
@@ -99,8 +125,10 @@ def assemble(
 ) -> Path:
     """Write the ``shapes-<family>`` pipeline folder from the run's latest checkpoint (EMA weights)."""
     dest = Path(dest) if dest is not None else registry.embedded_dir() / f"shapes-{family}"
-    comps = load_components(components)
+    comps = copy.copy(load_components(components))
     model, info = load_denoiser(family, run)
+    if family in T5_FOLDER:
+        comps.t5 = load_t5(family, run, comps)
     pipe = build_pipeline(family, model, comps)
     _fp16_save(pipe, dest)
     registry.write_world(dest, info["world"])

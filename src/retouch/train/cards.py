@@ -74,6 +74,36 @@ def _components_section(components: Path) -> str:
 """
 
 
+def _previous_card(dest: Path, components: Path) -> tuple[str, list[str]] | None:
+    """The shared-components section and component commands of ``dest``'s current card, when ``components``
+    lacks the stage metrics to write them afresh (a runs directory rebuilt from the embedded folders' weights
+    only): a card re-written after a denoiser phase keeps what was measured when the components were trained."""
+    card = dest / "README.md"
+    if all((components / s / "metrics.json").exists() for s in ("vae", "clip", "t5")) or not card.exists():
+        return None
+    text = card.read_text()
+    start, end = text.find("## Shared components"), text.find("## Retrain / continue")
+    if start < 0 or end < start:
+        return None
+    stages = ("tokenizers", "vae", "clip", "t5")
+    commands = [
+        ln for ln in text.splitlines() if any(ln.startswith(f"python scripts/train_embedded.py {s} ") for s in stages)
+    ]
+    return text[start:end].rstrip() + "\n", commands
+
+
+def _t5_note(family: str, phases: list[dict[str, Any]]) -> str:
+    trained = [str(i) for i, rec in enumerate(phases, 1) if rec.get("train_text_encoder")]
+    if family == "sd" or not trained:
+        return ""
+    folder = "text_encoder_2" if family == "flux" else "text_encoder"
+    return (
+        f"\n* The T5 was fine-tuned jointly with the denoiser in phase(s) {', '.join(trained)} "
+        f"(`--train-text-encoder`; same optimiser and EMA): this folder's `{folder}` is that T5, not the shared "
+        "one below. The shapes-clip text tower stayed frozen."
+    )
+
+
 def _vae_channels(components: Path) -> int | str:
     p = components / "vae" / "final" / "config.json"
     return json.loads(p.read_text()).get("latent_channels", "?") if p.exists() else "?"
@@ -131,22 +161,26 @@ def _phase_flags(rec: dict[str, Any]) -> str:
         flags += f" --offset-noise {offset['strength']} --offset-from {offset.get('from_step', 0)}"
     if (rec.get("object_loss_weight") or 1.0) != 1.0:
         flags += f" --object-loss-weight {rec['object_loss_weight']}"
+    if rec.get("train_text_encoder"):
+        flags += " --train-text-encoder"
     return flags
 
 
 def _phases_table(phases: list[dict[str, Any]]) -> str:
     lines = [
-        "| phase | device | world | steps | batch | lr | EMA | object loss weight | offset noise | wall (min) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| phase | device | world | steps | batch | lr | EMA | object loss weight | offset noise | T5 | wall (min) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for i, rec in enumerate(phases, 1):
         train = rec.get("train") or {}
+        t5 = "trained" if rec.get("train_text_encoder") else "frozen"
         n = int((rec.get("world") or {}).get("max_objects", 3))
         world = "1 object" if n == 1 else f"1–{n} objects"
         lines.append(
             f"| {i} | {rec.get('device') or 'cpu'} | {world} | {rec['step']} | {train.get('batch_size')} | "
             f"{train.get('lr')} | {train.get('ema')} | {rec.get('object_loss_weight') or 1.0} | "
-            f"{_offset_text(rec.get('offset_noise') or {})} | {rec['wall_s'] / 60:.0f} |"
+            f"{_offset_text(rec.get('offset_noise') or {})} | {t5} | "
+            f"{rec['wall_s'] / 60:.0f} |"
         )
     return "\n".join(lines)
 
@@ -201,6 +235,16 @@ def write_pipeline_card(dest: Path, info: dict[str, Any], components: Path) -> N
         f"--latent-channels {_vae_channels(components)} --object-weight 8"
         + (f" --stop-at {vae_metrics['step']}" if vae_metrics.get("step", 0) < vae_train.get("steps", 0) else "")
     )
+    previous = _previous_card(dest, components)
+    components_md = previous[0] if previous else _components_section(components)
+    component_commands = (
+        "\n".join(previous[1])
+        if previous
+        else f"""python scripts/train_embedded.py tokenizers --out runs/tokenizers
+python scripts/train_embedded.py vae --out runs/vae {vae_flags}
+python scripts/train_embedded.py clip --out runs/clip {clip_flags}
+python scripts/train_embedded.py t5 --out runs/t5 {t5_flags}"""
+    )
     n_params = _params(dest / ("unet" if family == "sd" else "transformer"))
     evals_md = _table(evals, ATTRIBUTES) if evals else "(no evaluation yet)"
     bench_md = ""
@@ -239,7 +283,7 @@ Config: `{json.dumps(info.get("denoiser_config"))}`
   dropped to "" for classifier-free guidance. Held-out evaluation scenes are
   `retouch.train.data.held_out_scenes(n, max_objects=...)` (seeds 7_000_000 + i).
 * Offset noise (see `retouch.train.denoisers.diffusion_loss`) and an object-weighted loss (latent pixels that
-  objects touch weigh more; `--object-loss-weight`) where the phase says so.
+  objects touch weigh more; `--object-loss-weight`) where the phase says so.{_t5_note(family, phases)}
 * Phases (each later one starts from the EMA weights of the one before; AdamW, constant lr after a linear
   warm-up, seed {train.get("seed")}):
 
@@ -253,17 +297,14 @@ Config: `{json.dumps(info.get("denoiser_config"))}`
 
 {evals_md}
 {bench_md}
-{_components_section(components)}
+{components_md}
 ## Retrain / continue
 
 The exact commands (the shared components first; every stage is seeded and resumable):
 
 ```
 export HF_HUB_OFFLINE=1
-python scripts/train_embedded.py tokenizers --out runs/tokenizers
-python scripts/train_embedded.py vae --out runs/vae {vae_flags}
-python scripts/train_embedded.py clip --out runs/clip {clip_flags}
-python scripts/train_embedded.py t5 --out runs/t5 {t5_flags}
+{component_commands}
 {_phase_commands(family, phases)}
 ```
 

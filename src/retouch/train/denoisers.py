@@ -9,14 +9,20 @@
   guidance distillation): sampling without CFG gives the conditional model at any ``guidance_scale``; use
   ``true_cfg_scale > 1`` with ``negative_prompt=""`` for classifier-free guidance (10% caption dropout).
 
-Prompts are encoded with the pipeline's own ``encode_prompt`` (frozen text encoders), so training sees exactly
-the conditioning the stock pipeline produces. Latents come from a pool of renders encoded once by the frozen
-VAE (``pool.pt`` in the run directory), captions are re-drawn with varied wording every step. The learning
-curve (oracle attribute accuracy of generated images on held-out canonical captions) goes to ``evals.jsonl``.
+Prompts are encoded with the pipeline's own ``encode_prompt``, so training sees exactly the conditioning the
+stock pipeline produces. The text encoders are frozen, except that PixArt's and Flux's T5 can be fine-tuned
+jointly with the denoiser (``train_text_encoder``): the denoiser has to bind each attribute word to its object,
+and a T5 trained only contrastively does not contextualise the tokens enough for that. The shapes-clip text
+tower (SD's encoder, Flux's pooled vector) stays frozen: it is also ShapesBench's CLIP score.
+
+Latents come from a pool of renders encoded once by the frozen VAE (``pool.pt`` in the run directory), captions
+are re-drawn with varied wording every step. The learning curve (oracle attribute accuracy of generated images on
+held-out canonical captions) goes to ``evals.jsonl``.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -111,9 +117,12 @@ def _pool(
     return scenes, latents, masks
 
 
-def _conditioning(pipe: Any, family: str, prompts: list[str], device: torch.device) -> dict[str, torch.Tensor]:
-    """Encode prompts with the pipeline's own ``encode_prompt`` (no CFG), as keyword inputs of the denoiser."""
-    with torch.no_grad():
+def _conditioning(
+    pipe: Any, family: str, prompts: list[str], device: torch.device, grad: bool = False
+) -> dict[str, torch.Tensor]:
+    """Encode prompts with the pipeline's own ``encode_prompt`` (no CFG), as keyword inputs of the denoiser;
+    ``grad`` keeps the graph (a trained text encoder)."""
+    with torch.set_grad_enabled(grad):
         if family == "sd":
             emb, _ = pipe.encode_prompt(prompts, device, 1, False)
             return {"encoder_hidden_states": emb}
@@ -240,6 +249,25 @@ def init_weights(model: nn.Module, source: str | Path) -> None:
     logger.info("initialised the denoiser from %s", folder)
 
 
+T5_FOLDER = {"pixart": "text_encoder", "flux": "text_encoder_2"}
+"""Where a pipeline folder of each T5 family keeps its T5 encoder."""
+
+
+def _t5_of(family: str, comps: Components, init_from: str | Path | None) -> Any:
+    """The T5 a phase starts from: the one in ``init_from``'s pipeline folder when it has one (an earlier phase
+    may have fine-tuned it, and its denoiser was trained on it), else the components' T5."""
+    from transformers import T5EncoderModel
+
+    folder = Path(init_from) / T5_FOLDER[family] if init_from is not None else None
+    if folder is not None and (folder / "config.json").exists():
+        t5 = T5EncoderModel.from_pretrained(str(folder)).float()
+        if t5.config.d_model != comps.t5_width or t5.config.vocab_size != comps.t5.config.vocab_size:
+            raise ValueError(f"--init-from {init_from}: its T5 does not fit the components' T5")
+        logger.info("T5 from %s", folder)
+        return t5
+    return copy.deepcopy(comps.t5)
+
+
 def _init_record(source: str | Path | None) -> dict[str, Any] | None:
     """What a run started from, for its config and card: the folder and, if present, its ``world.json`` and
     ``training.json`` (the earlier phase's record)."""
@@ -269,6 +297,7 @@ def train_denoiser(
     offset_from: int = 0,
     init_from: str | Path | None = None,
     object_loss_weight: float = 1.0,
+    train_text_encoder: bool = False,
     device: torch.device | None = None,
 ) -> nn.Module:
     """Train one family's denoiser in run directory ``out``; the EMA weights go to ``out/final``.
@@ -287,10 +316,21 @@ def train_denoiser(
         object_loss_weight: weight of the loss on latent pixels that objects touch, relative to background
             ones (1 = plain MSE). Objects cover a few percent of a scene, so an unweighted loss is dominated by
             the background; shape and fill are carried by the object pixels.
+        train_text_encoder: fine-tune the T5 (PixArt, Flux) jointly with the denoiser, same optimiser and EMA;
+            its EMA weights go to ``out/final_t5``. PixArt and Flux runs always write ``final_t5`` (the T5 their
+            denoiser was trained on: from ``init_from`` when that folder has one) and ``assemble`` uses it.
     """
+    if train_text_encoder and family not in T5_FOLDER:
+        raise ValueError(
+            f"train_text_encoder: {family} has no T5; its CLIP text tower is shared with shapes-clip and stays frozen"
+        )
     device = device or torch.device("cpu")
     run = RunDir(Path(out))
-    comps = load_components(components, device)
+    comps = copy.copy(load_components(components, device))
+    if family in T5_FOLDER:
+        # A trained T5 is then overwritten by the checkpoint when the run resumes.
+        comps.t5 = _t5_of(family, comps, init_from).to(device)
+        comps.t5.requires_grad_(train_text_encoder).train(train_text_encoder)
     config = denoiser_config(
         family, size, text_width=comps.text_width, t5_width=comps.t5_width, latent_channels=comps.latent_channels
     )
@@ -310,6 +350,7 @@ def train_denoiser(
             "offset_noise": {"strength": offset_noise, "from_step": offset_from},
             "init_from": _init_record(init_from),
             "object_loss_weight": object_loss_weight,
+            "train_text_encoder": train_text_encoder,
             "device": device_name(device),
         },
     )
@@ -326,22 +367,32 @@ def train_denoiser(
         weight = None
         if object_loss_weight != 1.0:
             weight = 1.0 + (object_loss_weight - 1.0) * masks[torch.from_numpy(idx)].float().to(device)
-        cond = _conditioning(pipe, family, prompts, device)
+        cond = _conditioning(pipe, family, prompts, device, grad=train_text_encoder)
         offset = offset_noise if step >= offset_from else 0.0
         g = step_generator(cfg.seed, step, device)
         return diffusion_loss(family, model, pipe, z0, cond, g, offset_noise=offset, weight=weight), {}
 
     def eval_fn(step: int, modules: dict[str, nn.Module]) -> dict[str, float]:
-        eval_pipe = build_pipeline(family, modules["denoiser"], comps)
+        eval_comps = copy.copy(comps)
+        if "text_encoder" in modules:
+            eval_comps.t5 = modules["text_encoder"]
+        eval_pipe = build_pipeline(family, modules["denoiser"], eval_comps)
         eval_pipe.set_progress_bar_config(disable=True)
         return {
             "n": eval_n,
             **oracle_eval(eval_pipe, family, n=eval_n, max_objects=max_objects, num_inference_steps=20),
         }
 
-    result = train_loop(run, {"denoiser": model}, loss_fn, cfg, resume=resume, eval_fn=eval_fn if eval_n > 0 else None)
+    modules: dict[str, nn.Module] = {"denoiser": model}
+    if train_text_encoder:
+        modules["text_encoder"] = comps.t5
+    result = train_loop(run, modules, loss_fn, cfg, resume=resume, eval_fn=eval_fn if eval_n > 0 else None)
     final = result["ema"]["denoiser"]
     final.save_pretrained(run.path / "final")
+    if family in T5_FOLDER:
+        t5 = result["ema"].get("text_encoder", comps.t5)
+        t5.save_pretrained(run.path / "final_t5")
+        comps.t5_tokenizer.save_pretrained(run.path / "final_t5")
     atomic_write_json(
         run.path / "metrics.json",
         {

@@ -176,10 +176,11 @@ class Components:
     def __init__(self, runs: str | Path, device: torch.device | None = None) -> None:
         runs = Path(runs)
         device = device or torch.device("cpu")
-        self.vae = AutoencoderKL.from_pretrained(str(runs / "vae" / "final")).to(device)
-        self.text_encoder = CLIPTextModel.from_pretrained(str(runs / "clip" / "final")).to(device)
+        # float32 also when a stage folder holds float16 weights (e.g. taken from an embedded model folder)
+        self.vae = AutoencoderKL.from_pretrained(str(runs / "vae" / "final")).float().to(device)
+        self.text_encoder = CLIPTextModel.from_pretrained(str(runs / "clip" / "final")).float().to(device)
         self.tokenizer = CLIPTokenizer.from_pretrained(str(runs / "clip" / "final"))
-        self.t5 = T5EncoderModel.from_pretrained(str(runs / "t5" / "final")).to(device)
+        self.t5 = T5EncoderModel.from_pretrained(str(runs / "t5" / "final")).float().to(device)
         self.t5_tokenizer = T5TokenizerFast.from_pretrained(str(runs / "t5" / "final"))
         for m in (self.vae, self.text_encoder, self.t5):
             m.eval().requires_grad_(False)
