@@ -78,12 +78,18 @@ def text_to_image(name: str, n: int, seed: int) -> dict[str, Any]:
     t = time.perf_counter()
     images = denoisers.generate(pipe, family, [data.caption_of(s) for s in scenes], seed=seed)
     acc = oracle.attribute_accuracy(images, scenes)
+    by_count = {}
+    for k in sorted({len(s.objects) for s in scenes}):
+        idx = [i for i, s in enumerate(scenes) if len(s.objects) == k]
+        sub = oracle.attribute_accuracy([images[i] for i in idx], [scenes[i] for i in idx])
+        by_count[str(k)] = {"n": len(idx), **{a: round(v, 4) for a, v in sub.items()}}
     return {
         "family": family,
         "n_captions": n,
         "world": world,
         "sampler": denoisers.SAMPLING[family],
         "oracle_accuracy": {k: round(v, 4) for k, v in acc.items()},
+        "oracle_accuracy_by_objects": by_count,
         "t2i_seconds": round(time.perf_counter() - t, 1),
     }
 

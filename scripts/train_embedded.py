@@ -74,6 +74,12 @@ def main(argv: list[str] | None = None) -> None:
         action="store_true",
         help="pixart/flux: fine-tune the T5 jointly with the denoiser (the shapes-clip tower stays frozen)",
     )
+    p.add_argument(
+        "--binding-loss-weight",
+        type=float,
+        default=0.0,
+        help="pixart/flux with --train-text-encoder: weight of the auxiliary attribute-binding loss on the T5",
+    )
     p.add_argument("--init-from", type=Path, help="denoisers: start a new run from this model's weights")
     p.add_argument("--components", type=Path, default=RUNS, help="runs directory with vae/clip/t5 final folders")
     p.add_argument("--family", choices=["sd", "pixart", "flux", "clip"], help="assemble: which model")
@@ -139,6 +145,7 @@ def main(argv: list[str] | None = None) -> None:
             init_from=args.init_from,
             object_loss_weight=args.object_loss_weight,
             train_text_encoder=args.train_text_encoder,
+            binding_loss_weight=args.binding_loss_weight,
             device=device,
         )
     elif args.stage == "assemble":

@@ -282,6 +282,28 @@ def test_card_keeps_component_section_when_components_lack_metrics(tiny_runs, tm
     assert "? params" in (dest / "README.md").read_text()  # nothing to keep: written from (missing) metrics
 
 
+def test_denoiser_training_with_binding_loss(tiny_runs, tmp_path):
+    """Flux phase with the binding loss logs its parts; the loss needs a trained T5."""
+    from retouch.train import denoisers
+
+    runs = tiny_runs
+    run = tmp_path / "flux"
+    denoisers.train_denoiser(
+        "flux", run, _cfg(2, batch_size=4), components=runs, size="tiny", pool_size=8, eval_n=0,
+        train_text_encoder=True, binding_loss_weight=0.5,
+    )  # fmt: skip
+    rows = [json.loads(line) for line in (run / "curve.jsonl").read_text().splitlines()]
+    last = rows[-1]
+    assert np.isclose(last["loss"], last["diffusion"] + 0.5 * last["binding"], rtol=1e-4)
+    assert {"bind_colour", "bind_position"} <= set(last)
+    assert json.loads((run / "config.json").read_text())["binding_loss_weight"] == 0.5
+    with pytest.raises(ValueError, match="needs train_text_encoder"):
+        denoisers.train_denoiser(
+            "flux", tmp_path / "x", _cfg(1, batch_size=2), components=runs, size="tiny", pool_size=4, eval_n=0,
+            binding_loss_weight=0.5,
+        )  # fmt: skip
+
+
 def test_init_from_rejects_other_configs(tiny_runs, tmp_path):
     from retouch.train import denoisers
     from retouch.train.pipelines import build_denoiser, denoiser_config

@@ -66,6 +66,7 @@ def load_denoiser(family: str, run: str | Path) -> tuple[torch.nn.Module, dict[s
         "init_from": config.get("init_from"),
         "object_loss_weight": config.get("object_loss_weight", 1.0),
         "train_text_encoder": config.get("train_text_encoder", False),
+        "binding_loss_weight": config.get("binding_loss_weight", 0.0),
     }
     return model, info
 
@@ -107,6 +108,7 @@ def training_record(info: dict[str, Any]) -> dict[str, Any]:
         "init_from",
         "object_loss_weight",
         "train_text_encoder",
+        "binding_loss_weight",
     )
     return {k: info.get(k) for k in keys}
 

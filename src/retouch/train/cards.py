@@ -163,6 +163,8 @@ def _phase_flags(rec: dict[str, Any]) -> str:
         flags += f" --object-loss-weight {rec['object_loss_weight']}"
     if rec.get("train_text_encoder"):
         flags += " --train-text-encoder"
+    if rec.get("binding_loss_weight"):
+        flags += f" --binding-loss-weight {rec['binding_loss_weight']}"
     return flags
 
 
@@ -174,6 +176,8 @@ def _phases_table(phases: list[dict[str, Any]]) -> str:
     for i, rec in enumerate(phases, 1):
         train = rec.get("train") or {}
         t5 = "trained" if rec.get("train_text_encoder") else "frozen"
+        if rec.get("binding_loss_weight"):
+            t5 += f", binding loss {rec['binding_loss_weight']}"
         n = int((rec.get("world") or {}).get("max_objects", 3))
         world = "1 object" if n == 1 else f"1–{n} objects"
         lines.append(

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from retouch.train import data
+from retouch.train import binding, data
 from retouch.train.common import (
     RunDir,
     TrainConfig,
@@ -55,7 +55,7 @@ from retouch.train.pipelines import (
     denoiser_config,
     load_components,
 )
-from retouch.worlds import oracle
+from retouch.worlds import captions, oracle
 
 logger = logging.getLogger(__name__)
 
@@ -64,9 +64,11 @@ __all__ = ["encode_latents", "generate", "oracle_eval", "train_denoiser", "flux_
 SAMPLING: dict[str, dict[str, Any]] = {
     "sd": {"num_inference_steps": 25, "guidance_scale": 4.0},
     "pixart": {"num_inference_steps": 20, "guidance_scale": 4.0},
-    "flux": {"num_inference_steps": 25, "guidance_scale": 3.5},
+    # not guidance-distilled: guidance_scale is inert, true CFG with the empty prompt (benchmarks/sampler_sweep.py)
+    "flux": {"num_inference_steps": 25, "guidance_scale": 3.5, "true_cfg_scale": 4.0, "negative_prompt": ""},
 }
-"""Default text-to-image settings for evaluation (Flux: no CFG, see the module docstring)."""
+"""Default text-to-image settings for evaluation, chosen by ``benchmarks/sampler_sweep.py`` on validation
+captions (Flux: true classifier-free guidance, see the module docstring)."""
 
 
 def flux_mu(image_seq_len: int = 64) -> float:
@@ -220,7 +222,10 @@ def generate(
     for i in range(0, len(prompts), batch):
         chunk = prompts[i : i + batch]
         g = torch.Generator().manual_seed(seed + i)
-        out = pipe(prompt=chunk, height=64, width=64, generator=g, output_type="np", **kwargs).images
+        call = dict(kwargs)
+        if isinstance(call.get("negative_prompt"), str):  # one negative prompt per prompt of the batch
+            call["negative_prompt"] = [call["negative_prompt"]] * len(chunk)
+        out = pipe(prompt=chunk, height=64, width=64, generator=g, output_type="np", **call).images
         images.extend((np.clip(out, 0, 1) * 255).round().astype(np.uint8))
     return images
 
@@ -298,6 +303,7 @@ def train_denoiser(
     init_from: str | Path | None = None,
     object_loss_weight: float = 1.0,
     train_text_encoder: bool = False,
+    binding_loss_weight: float = 0.0,
     device: torch.device | None = None,
 ) -> nn.Module:
     """Train one family's denoiser in run directory ``out``; the EMA weights go to ``out/final``.
@@ -319,11 +325,15 @@ def train_denoiser(
         train_text_encoder: fine-tune the T5 (PixArt, Flux) jointly with the denoiser, same optimiser and EMA;
             its EMA weights go to ``out/final_t5``. PixArt and Flux runs always write ``final_t5`` (the T5 their
             denoiser was trained on: from ``init_from`` when that folder has one) and ``assemble`` uses it.
+        binding_loss_weight: weight of the auxiliary attribute-binding loss on the trained T5's token states
+            (:mod:`retouch.train.binding`; needs ``train_text_encoder``); 0 = off.
     """
     if train_text_encoder and family not in T5_FOLDER:
         raise ValueError(
             f"train_text_encoder: {family} has no T5; its CLIP text tower is shared with shapes-clip and stays frozen"
         )
+    if binding_loss_weight and not train_text_encoder:
+        raise ValueError("binding_loss_weight needs train_text_encoder (the loss trains the T5)")
     device = device or torch.device("cpu")
     run = RunDir(Path(out))
     comps = copy.copy(load_components(components, device))
@@ -351,6 +361,7 @@ def train_denoiser(
             "init_from": _init_record(init_from),
             "object_loss_weight": object_loss_weight,
             "train_text_encoder": train_text_encoder,
+            "binding_loss_weight": binding_loss_weight,
             "device": device_name(device),
         },
     )
@@ -359,10 +370,18 @@ def train_denoiser(
     pipe.set_progress_bar_config(disable=True)
     scenes, latents, masks = _pool(run, comps, family, pool_size, cfg.seed, max_objects)
 
+    heads = binding.BindingHeads(comps.t5_width).to(device) if binding_loss_weight else None
+    t5_tokenizer = pipe.tokenizer_2 if family == "flux" else pipe.tokenizer
+    t5_length = FLUX_T5_LENGTH if family == "flux" else PIXART_T5_LENGTH
+
     def loss_fn(step: int) -> tuple[torch.Tensor, dict[str, float]]:
         rng = step_rng(cfg.seed, step)
         idx = rng.integers(len(scenes), size=cfg.batch_size)
-        prompts = ["" if rng.random() < dropout else data.caption_of(scenes[i], rng) for i in idx]
+        # the same draws as data.caption_of(scene, rng), keeping the wording for the binding labels
+        wordings = [None if rng.random() < dropout else captions.sample_wording(rng) for _ in idx]
+        prompts = [
+            "" if w is None else captions.caption(scenes[i], wording=w) for i, w in zip(idx, wordings, strict=True)
+        ]
         z0 = latents[torch.from_numpy(idx)].float().to(device)
         weight = None
         if object_loss_weight != 1.0:
@@ -370,7 +389,14 @@ def train_denoiser(
         cond = _conditioning(pipe, family, prompts, device, grad=train_text_encoder)
         offset = offset_noise if step >= offset_from else 0.0
         g = step_generator(cfg.seed, step, device)
-        return diffusion_loss(family, model, pipe, z0, cond, g, offset_noise=offset, weight=weight), {}
+        loss = diffusion_loss(family, model, pipe, z0, cond, g, offset_noise=offset, weight=weight)
+        if heads is None:
+            return loss, {}
+        objs = [None if w is None else scenes[i] for i, w in zip(idx, wordings, strict=True)]
+        labels = binding.token_labels(t5_tokenizer, prompts, objs, wordings, t5_length)
+        bind, metrics = binding.binding_loss(heads, cond["encoder_hidden_states"], labels)
+        parts = {"diffusion": float(loss.detach()), "binding": float(bind.detach())}
+        return loss + binding_loss_weight * bind, {**parts, **metrics}
 
     def eval_fn(step: int, modules: dict[str, nn.Module]) -> dict[str, float]:
         eval_comps = copy.copy(comps)
@@ -386,6 +412,8 @@ def train_denoiser(
     modules: dict[str, nn.Module] = {"denoiser": model}
     if train_text_encoder:
         modules["text_encoder"] = comps.t5
+    if heads is not None:
+        modules["binding_heads"] = heads
     result = train_loop(run, modules, loss_fn, cfg, resume=resume, eval_fn=eval_fn if eval_n > 0 else None)
     final = result["ema"]["denoiser"]
     final.save_pretrained(run.path / "final")

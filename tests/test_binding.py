@@ -1,0 +1,90 @@
+"""The auxiliary attribute-binding loss: token labels follow the object phrases, and it trains."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from retouch.train import binding
+from retouch.worlds import captions, shapes
+from retouch.worlds.shapes import Background, Object, Scene
+
+
+def _scene() -> Scene:
+    return Scene(
+        objects=(
+            Object("star", "red", "small", "top left", "striped"),
+            Object("circle", "blue", "large", "center", "solid"),
+        ),
+        background=Background("gray", "checkered"),
+        style="flat",
+    )
+
+
+@pytest.fixture(scope="module")
+def t5_tokenizer(tmp_path_factory):
+    from retouch.train import text
+
+    path = tmp_path_factory.mktemp("tok")
+    text.build_tokenizers(path)
+    return text.load_tokenizers(path)[1]
+
+
+def test_object_spans_in_every_wording():
+    scene = _scene()
+    for seed in range(20):
+        wording = captions.sample_wording(seed)
+        text = captions.caption(scene, wording=wording)
+        spans = binding.object_spans(scene, wording, text)
+        assert [text[a:b] for a, b in spans] == [captions.describe_object(o, wording) for o in scene.objects]
+    with pytest.raises(ValueError, match="not found"):
+        binding.object_spans(scene, captions.CANONICAL_WORDING, "a plain gray background")
+
+
+def test_token_labels_follow_the_object_phrases(t5_tokenizer):
+    scene = _scene()
+    wording = captions.Wording(layout="background first")
+    text = captions.caption(scene, wording=wording)
+    labels = binding.token_labels(t5_tokenizer, [text, ""], [scene, None], [wording, None], 64)
+    assert labels.shape == (2, 64, len(binding.ATTRIBUTES))
+    assert bool((labels[1] == binding.IGNORE).all())
+    ids = t5_tokenizer(text, padding="max_length", max_length=64, truncation=True)["input_ids"]
+    words = [t5_tokenizer.convert_ids_to_tokens(i).lstrip("▁") for i in ids]
+    attrs = list(binding.ATTRIBUTES)
+
+    def row(word: str, nth: int = 0) -> list[int]:
+        return labels[0, [i for i, w in enumerate(words) if w == word][nth]].tolist()
+
+    red = [binding.ATTRIBUTES[a].index(getattr(scene.objects[0], a)) for a in attrs]
+    blue = [binding.ATTRIBUTES[a].index(getattr(scene.objects[1], a)) for a in attrs]
+    # every token of an object's phrase carries all of that object's attributes, the cell words included
+    assert row("red") == red and row("left") == red and row("star") == red
+    assert row("blue") == blue and row("center") == blue
+    # background, style and padding tokens are not supervised
+    assert row("gray") == [binding.IGNORE] * len(attrs) and row("flat") == [binding.IGNORE] * len(attrs)
+    n_tokens = sum(i != t5_tokenizer.pad_token_id for i in ids)
+    assert bool((labels[0, n_tokens:] == binding.IGNORE).all())
+
+
+def test_binding_loss_trains_heads_on_token_states():
+    torch.manual_seed(0)
+    heads = binding.BindingHeads(16)
+    states = torch.randn(4, 10, 16)
+    labels = torch.full((4, 10, 5), binding.IGNORE, dtype=torch.long)
+    labels[:, :3] = torch.tensor([1, 2, 0, 1, 3])
+    opt = torch.optim.Adam(heads.parameters(), lr=0.05)
+    first, _ = binding.binding_loss(heads, states, labels)
+    for _ in range(30):
+        loss, metrics = binding.binding_loss(heads, states, labels)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert float(loss.detach()) < 0.1 * float(first.detach()) and metrics["bind_colour"] == 1.0
+    none = torch.full_like(labels, binding.IGNORE)
+    zero, m = binding.binding_loss(heads, states, none)
+    assert float(zero) == 0.0 and m == {}
+
+
+def test_attribute_vocabularies_match_the_world():
+    assert binding.ATTRIBUTES["shape"] == tuple(shapes.SHAPES)
+    assert set(binding.ATTRIBUTES["position"]) == set(shapes.POSITIONS)
