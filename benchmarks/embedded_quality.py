@@ -60,20 +60,10 @@ def _psnr(a: np.ndarray, b: np.ndarray) -> float:
 
 def text_to_image(name: str, n: int, seed: int) -> dict[str, Any]:
     """Oracle attribute accuracy of ``n`` generated images."""
-    import diffusers
-
-    from retouch.models import registry
     from retouch.train import data, denoisers
     from retouch.worlds import oracle
 
-    path = registry.resolve(name)
-    index = json.loads((Path(path) / "model_index.json").read_text())
-    family = {"StableDiffusionPipeline": "sd", "PixArtAlphaPipeline": "pixart", "FluxPipeline": "flux"}[
-        index["_class_name"]
-    ]
-    pipe = getattr(diffusers, index["_class_name"]).from_pretrained(str(path), torch_dtype=torch.float32)
-    pipe.set_progress_bar_config(disable=True)
-    world = registry.world_of(path)
+    pipe, family, world = denoisers.load_pipeline(name)
     scenes = data.held_out_scenes(n, max_objects=world["max_objects"])
     t = time.perf_counter()
     images = denoisers.generate(pipe, family, [data.caption_of(s) for s in scenes], seed=seed)

@@ -41,20 +41,10 @@ SETTINGS: dict[str, list[dict[str, Any]]] = {
 
 
 def sweep(name: str, n: int, seed: int) -> dict[str, Any]:
-    import diffusers
-
-    from retouch.models import registry
     from retouch.train import data, denoisers
     from retouch.worlds import oracle
 
-    path = registry.resolve(name)
-    index = json.loads((Path(path) / "model_index.json").read_text())
-    family = {"StableDiffusionPipeline": "sd", "PixArtAlphaPipeline": "pixart", "FluxPipeline": "flux"}[
-        index["_class_name"]
-    ]
-    pipe = getattr(diffusers, index["_class_name"]).from_pretrained(str(path), torch_dtype=torch.float32)
-    pipe.set_progress_bar_config(disable=True)
-    world = registry.world_of(path)
+    pipe, family, world = denoisers.load_pipeline(name)
     scenes = data.held_out_scenes(n, offset=VALIDATION_OFFSET, max_objects=world["max_objects"])
     prompts = [data.caption_of(s) for s in scenes]
     rows = []

@@ -330,3 +330,13 @@ def test_object_weighted_loss_reduces_to_mse_and_weights_objects():
     err_obj, err_bg = err.clone(), err.clone()
     err_obj[:, :, 0, 0], err_bg[:, :, 7, 7] = 1.0, 1.0
     assert _weighted_mse(err_obj, err, w) > _weighted_mse(err_bg, err, w) > 0
+
+
+def test_load_pipeline_names_family_and_world():
+    from retouch.train import denoisers
+
+    pipe, family, world = denoisers.load_pipeline("shapes-pixart")
+    assert family == "pixart" and type(pipe).__name__ == "PixArtAlphaPipeline" and world == {"max_objects": 3}
+    assert all(p.dtype == torch.float32 for p in pipe.transformer.parameters())
+    with pytest.raises(ValueError, match="not a diffusers pipeline"):
+        denoisers.load_pipeline(registry.resolve("shapes-clip"))

@@ -227,7 +227,8 @@ def write_pipeline_card(dest: Path, info: dict[str, Any], components: Path) -> N
         "`max_sequence_length=64`). The guidance embedding exists (as in Flux-dev) and was fed a scalar "
         "g ~ U[1, 5] during training, but the model is **not guidance-distilled**: the target ignores g, "
         "so `guidance_scale` has no real effect. For classifier-free guidance use `true_cfg_scale > 1` "
-        'with `negative_prompt=""` (10% caption dropout was used in training).',
+        'with `negative_prompt=""` (10% caption dropout was used in training); the benchmark below samples '
+        "with `true_cfg_scale=4` (chosen on validation captions, `benchmarks/results/sampler_sweep.json`).",
     }[family]
     clip_flags = _stage_flags(_metrics(components, "clip"), "1500 --batch-size 64 --warmup 100")
     t5_flags = _stage_flags(_metrics(components, "t5"), "1000 --batch-size 64 --warmup 50")
@@ -253,16 +254,23 @@ python scripts/train_embedded.py t5 --out runs/t5 {t5_flags}"""
     evals_md = _table(evals, ATTRIBUTES) if evals else "(no evaluation yet)"
     bench_md = ""
     if bench:
-        acc = bench.get("oracle_accuracy", {})
+        rows = [("all", bench.get("oracle_accuracy", {}))]
+        rows += [
+            (f"{k} object(s), n={v.get('n')}", v) for k, v in (bench.get("oracle_accuracy_by_objects") or {}).items()
+        ]
+        sampler = ", ".join(f"{k}={v!r}" for k, v in (bench.get("sampler") or {}).items())
         bench_md = (
             f"\n## Benchmark (`benchmarks/embedded_quality.py`, {bench.get('n_captions')} held-out captions)\n\n"
-            + "| "
+            + f"Sampler: {sampler or 'pipeline defaults'}.\n\n"
+            + "| captions | "
             + " | ".join(ATTRIBUTES)
-            + " |\n|"
+            + " |\n|---|"
             + "---|" * len(ATTRIBUTES)
-            + "\n| "
-            + " | ".join(f"{100 * acc.get(k, 0):.0f}%" for k in ATTRIBUTES)
-            + " |\n\n"
+            + "\n"
+            + "\n".join(
+                f"| {name} | " + " | ".join(f"{100 * a.get(k, 0):.0f}%" for k in ATTRIBUTES) + " |" for name, a in rows
+            )
+            + "\n\n"
             + f"Inversion → reconstruction PSNR: {bench.get('reconstruction_psnr', float('nan')):.1f} dB "
             + f"({bench.get('inversion', '?')}).\n"
         )

@@ -59,7 +59,7 @@ from retouch.worlds import captions, oracle
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["encode_latents", "generate", "oracle_eval", "train_denoiser", "flux_mu", "SAMPLING"]
+__all__ = ["encode_latents", "generate", "load_pipeline", "oracle_eval", "train_denoiser", "flux_mu", "SAMPLING"]
 
 SAMPLING: dict[str, dict[str, Any]] = {
     "sd": {"num_inference_steps": 25, "guidance_scale": 4.0},
@@ -228,6 +228,26 @@ def generate(
         out = pipe(prompt=chunk, height=64, width=64, generator=g, output_type="np", **call).images
         images.extend((np.clip(out, 0, 1) * 255).round().astype(np.uint8))
     return images
+
+
+def load_pipeline(name: str | Path) -> tuple[Any, str, dict[str, Any]]:
+    """An embedded model (name or folder) in its stock pipeline class, float32, progress bars off; with its
+    family and the world it learned (``world.json``)."""
+    import diffusers
+
+    from retouch.models import registry
+
+    path = Path(registry.resolve(str(name)))
+    index = path / "model_index.json"
+    if not index.exists():
+        raise ValueError(f"{path}: no model_index.json, not a diffusers pipeline folder")
+    cls = json.loads(index.read_text())["_class_name"]
+    family = {"StableDiffusionPipeline": "sd", "PixArtAlphaPipeline": "pixart", "FluxPipeline": "flux"}.get(cls)
+    if family is None:
+        raise ValueError(f"{path}: {cls} is not an embedded text-to-image pipeline (sd, pixart, flux)")
+    pipe = getattr(diffusers, cls).from_pretrained(str(path), torch_dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe, family, registry.world_of(path)
 
 
 def oracle_eval(
