@@ -80,6 +80,7 @@ def text_to_image(name: str, n: int, seed: int) -> dict[str, Any]:
         "sampler": denoisers.SAMPLING[family],
         "oracle_accuracy": {k: round(v, 4) for k, v in acc.items()},
         "oracle_accuracy_by_objects": by_count,
+        "binding_errors": oracle.binding_errors(images, scenes),
         "t2i_seconds": round(time.perf_counter() - t, 1),
     }
 

@@ -22,6 +22,7 @@ from retouch.worlds import (
     Object,
     Scene,
     attribute_accuracy,
+    binding_errors,
     bracket_changes,
     caption,
     compare,
@@ -390,3 +391,27 @@ def test_load_real_pie_layout(tmp_path):
     )
     assert rec.blended_words == ("cat", "dog") and rec.type_id == 1
     assert rec.mask[10:20, 30:40].all() and rec.mask[0].all() and not rec.mask[30, 10]
+
+
+def test_binding_errors_count_swapped_attributes():
+    a = Object("star", "red", "large", "top left", "solid")
+    b = Object("circle", "blue", "large", "bottom right", "solid")
+    scene = Scene(objects=(a, b), background=Background("gray", "plain"))
+    swapped = Scene(
+        objects=(
+            Object("star", "blue", "large", "top left", "solid"),
+            Object("circle", "red", "large", "bottom right", "solid"),
+        ),
+        background=Background("gray", "plain"),
+    )
+    other = Scene(
+        objects=(Object("star", "green", "large", "top left", "solid"), b), background=Background("gray", "plain")
+    )
+    one = Scene(objects=(a,), background=Background("gray", "plain"))
+    counts = binding_errors(
+        [render(scene), render(swapped), render(other), render(one)],
+        [scene, scene, scene, one],
+    )
+    assert counts["colour"] == {"right": 3, "wrong": 3, "from_another_object": 2}
+    assert counts["shape"] == {"right": 6, "wrong": 0, "from_another_object": 0}
+    assert counts["missing"] == {"objects": 0}

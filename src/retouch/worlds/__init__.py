@@ -22,7 +22,16 @@ from .captions import (
     vocabulary,
 )
 from .cases import EDIT_TYPES, PIE_TYPE_FOLDERS, EditCase, edit_mask, make_edit_case
-from .oracle import ATTRIBUTES, ParsedObject, ParsedScene, attribute_accuracy, average_scores, compare, parse
+from .oracle import (
+    ATTRIBUTES,
+    ParsedObject,
+    ParsedScene,
+    attribute_accuracy,
+    average_scores,
+    binding_errors,
+    compare,
+    parse,
+)
 from .pie_format import PieRecord, export_pie, load_pie, mask_decode, mask_encode
 from .shapes import (
     BACKGROUND_COLOURS,
@@ -63,6 +72,7 @@ __all__ = [
     "Scene",
     "Wording",
     "attribute_accuracy",
+    "binding_errors",
     "average_scores",
     "bracket_changes",
     "caption",

@@ -76,6 +76,7 @@ __all__ = [
     "ParsedScene",
     "attribute_accuracy",
     "average_scores",
+    "binding_errors",
     "compare",
     "parse",
     "ATTRIBUTES",
@@ -487,6 +488,35 @@ def compare(parsed: ParsedScene, scene: Scene) -> dict[str, float]:
     result["style"] = float(parsed.style == scene.style)
     result["scene"] = float(all(v == 1.0 for v in result.values()))
     return {k: float(result[k]) for k in ATTRIBUTES}
+
+
+def binding_errors(images: Iterable[np.ndarray], scenes: Iterable[Scene], **parse_kwargs) -> dict[str, dict[str, int]]:
+    """Where the wrong attributes of multi-object scenes come from.
+
+    For every true object of a scene with two or more objects and its matched parsed object (as in
+    :func:`compare`), and for each of shape, colour, size and fill: ``right``, ``wrong`` and, of the wrong
+    ones, ``from_another_object`` (the value is that of another object of the same scene: the attribute was
+    drawn but bound to the wrong object) — a model that binds at random has about as many of those as right.
+    Unmatched objects count in ``missing``.
+    """
+    out = {a: {"right": 0, "wrong": 0, "from_another_object": 0} for a in ("shape", "colour", "size", "fill")}
+    missing = 0
+    for img, scene in zip(images, scenes, strict=True):
+        if len(scene.objects) < 2:
+            continue
+        for obj, got in _match_objects(parse(img, **parse_kwargs), scene):
+            if got is None:
+                missing += 1
+                continue
+            for attr, counts in out.items():
+                if getattr(got, attr) == getattr(obj, attr):
+                    counts["right"] += 1
+                    continue
+                counts["wrong"] += 1
+                counts["from_another_object"] += any(
+                    getattr(got, attr) == getattr(o, attr) for o in scene.objects if o is not obj
+                )
+    return {**out, "missing": {"objects": missing}}
 
 
 def average_scores(results: Iterable[Mapping[str, float]]) -> dict[str, float]:
