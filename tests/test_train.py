@@ -270,14 +270,14 @@ def test_card_keeps_component_section_when_components_lack_metrics(tiny_runs, tm
     bare = tmp_path / "bare"
     for stage in ("vae", "clip", "t5"):
         shutil.copytree(tiny_runs / stage / "final", bare / stage / "final")
-    _, info = assemble.load_denoiser("sd", run)
-    cards.write_pipeline_card(dest, info, bare)
+    assemble.assemble("sd", run=run, components=bare, dest=dest)  # replaces the folder, card included
     after = (dest / "README.md").read_text()
     assert section in after
     vae_line = next(ln for ln in before.splitlines() if ln.startswith("python scripts/train_embedded.py vae "))
     assert vae_line in after.splitlines()
 
     (dest / "README.md").write_text("# old card without sections\n")
+    _, info = assemble.load_denoiser("sd", run)
     cards.write_pipeline_card(dest, info, bare)
     assert "? params" in (dest / "README.md").read_text()  # nothing to keep: written from (missing) metrics
 

@@ -48,7 +48,8 @@ def load_denoiser(family: str, run: str | Path) -> tuple[torch.nn.Module, dict[s
         raise FileNotFoundError(f"{run.path}: neither checkpoint.pt nor final/ + metrics.json")
     model.load_state_dict(weights)
     model.eval().requires_grad_(False)
-    evals = [e for e in run.read_log("evals.jsonl") if e["step"] <= step]
+    # one row per step (a run stopped right after a timed evaluation evaluates that step again at its end)
+    evals = list({e["step"]: e for e in run.read_log("evals.jsonl") if e["step"] <= step}.values())
     curve = run.read_log("curve.jsonl")
     info = {
         "family": family,
@@ -132,11 +133,12 @@ def assemble(
     if family in T5_FOLDER:
         comps.t5 = load_t5(family, run, comps)
     pipe = build_pipeline(family, model, comps)
+    previous_card = (dest / "README.md").read_text() if (dest / "README.md").exists() else None
     _fp16_save(pipe, dest)
     registry.write_world(dest, info["world"])
     atomic_write_json(dest / "training.json", training_record(info))
     if card:
-        cards.write_pipeline_card(dest, info, Path(components))
+        cards.write_pipeline_card(dest, info, Path(components), previous=previous_card)
     logger.info("assembled %s at step %d into %s", family, info["step"], dest)
     return dest
 

@@ -74,22 +74,23 @@ def _components_section(components: Path) -> str:
 """
 
 
-def _previous_card(dest: Path, components: Path) -> tuple[str, list[str]] | None:
-    """The shared-components section and component commands of ``dest``'s current card, when ``components``
-    lacks the stage metrics to write them afresh (a runs directory rebuilt from the embedded folders' weights
-    only): a card re-written after a denoiser phase keeps what was measured when the components were trained."""
-    card = dest / "README.md"
-    if all((components / s / "metrics.json").exists() for s in ("vae", "clip", "t5")) or not card.exists():
+def _previous_card(previous: str | None, components: Path) -> tuple[str, list[str]] | None:
+    """The shared-components section and component commands of a folder's previous card (its text), when
+    ``components`` lacks the stage metrics to write them afresh (a runs directory rebuilt from the embedded
+    folders' weights only): a card re-written after a denoiser phase keeps what was measured when the
+    components were trained."""
+    if previous is None or all((components / s / "metrics.json").exists() for s in ("vae", "clip", "t5")):
         return None
-    text = card.read_text()
-    start, end = text.find("## Shared components"), text.find("## Retrain / continue")
+    start, end = previous.find("## Shared components"), previous.find("## Retrain / continue")
     if start < 0 or end < start:
         return None
     stages = ("tokenizers", "vae", "clip", "t5")
     commands = [
-        ln for ln in text.splitlines() if any(ln.startswith(f"python scripts/train_embedded.py {s} ") for s in stages)
+        ln
+        for ln in previous.splitlines()
+        if any(ln.startswith(f"python scripts/train_embedded.py {s} ") for s in stages)
     ]
-    return text[start:end].rstrip() + "\n", commands
+    return previous[start:end].rstrip() + "\n", commands
 
 
 def _t5_note(family: str, phases: list[dict[str, Any]]) -> str:
@@ -198,8 +199,11 @@ def _phase_commands(family: str, phases: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def write_pipeline_card(dest: Path, info: dict[str, Any], components: Path) -> None:
-    """README.md of a denoiser pipeline folder."""
+def write_pipeline_card(dest: Path, info: dict[str, Any], components: Path, previous: str | None = None) -> None:
+    """README.md of a denoiser pipeline folder; ``previous`` is the text of the card it replaces (default: the
+    folder's current README.md), read for what ``components`` cannot say (see :func:`_previous_card`)."""
+    if previous is None and (dest / "README.md").exists():
+        previous = (dest / "README.md").read_text()
     family = info["family"]
     train = info.get("train") or {}
     evals = info.get("evals") or []
@@ -207,11 +211,13 @@ def write_pipeline_card(dest: Path, info: dict[str, Any], components: Path) -> N
     bench = _benchmark(dest.name)
     phases = _phases(info)
     total_steps = sum(p["step"] for p in phases)
+    judged = (bench.get("oracle_accuracy") if bench else None) or last
     status = (
         f"**Status: partially trained** ({total_steps} steps in {len(phases)} phase(s)). Its text-to-image "
         "accuracy is below the ≥ 90% goal; training resumes with the commands below."
-        if not last or min(last.get(k, 0) for k in ("position", "shape", "colour")) < 0.9
-        else f"Trained {total_steps} steps."
+        if min(judged.get(k, 0) for k in ATTRIBUTES if k != "scene") < 0.9
+        else f"Trained {total_steps} steps in {len(phases)} phase(s); every attribute ≥ 90% by the oracle "
+        f"({'the benchmark below' if bench else 'the last evaluation of the learning curve'})."
     )
     notes = {
         "sd": "SD 1.x UNet block layout (3× CrossAttnDownBlock2D + DownBlock2D, UNetMidBlock2DCrossAttn, "
@@ -240,11 +246,11 @@ def write_pipeline_card(dest: Path, info: dict[str, Any], components: Path) -> N
         f"--latent-channels {_vae_channels(components)} --object-weight 8"
         + (f" --stop-at {vae_metrics['step']}" if vae_metrics.get("step", 0) < vae_train.get("steps", 0) else "")
     )
-    previous = _previous_card(dest, components)
-    components_md = previous[0] if previous else _components_section(components)
+    kept = _previous_card(previous, components)
+    components_md = kept[0] if kept else _components_section(components)
     component_commands = (
-        "\n".join(previous[1])
-        if previous
+        "\n".join(kept[1])
+        if kept
         else f"""python scripts/train_embedded.py tokenizers --out runs/tokenizers
 python scripts/train_embedded.py vae --out runs/vae {vae_flags}
 python scripts/train_embedded.py clip --out runs/clip {clip_flags}
