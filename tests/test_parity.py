@@ -115,7 +115,9 @@ def test_identity_editor_reproduces_default_processors(family, materialize):
             out = _pipeline_latents(bb, x_t, 2, 4.0, hw)
         assert state.calls > 0
         assert (state.prob_calls > 0) == materialize
-    assert torch.allclose(out, ref, atol=1e-5), (out - ref).abs().max()
+    # float32 round-off relative to the latents' scale (random tiny PixArt latents reach |x| ~ 400 at CFG 4)
+    atol = max(1e-5, 1e-6 * float(ref.abs().max()))
+    assert torch.allclose(out, ref, rtol=0, atol=atol), ((out - ref).abs().max(), atol)
     after = bb.denoiser.attn_processors
     assert after.keys() == before.keys() and all(after[k] is before[k] for k in before)
 
