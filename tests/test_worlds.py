@@ -409,7 +409,7 @@ def test_binding_errors_count_swapped_attributes():
     )
     one = Scene(objects=(a,), background=Background("gray", "plain"))
     counts = binding_errors(
-        [render(scene), render(swapped), render(other), render(one)],
+        [parse(render(x)) for x in (scene, swapped, other, one)],
         [scene, scene, scene, one],
     )
     assert counts["colour"] == {"right": 3, "wrong": 3, "from_another_object": 2}

@@ -19,7 +19,7 @@ import torch
 from retouch.models import registry
 from retouch.train import cards
 from retouch.train.common import RunDir, atomic_write_json
-from retouch.train.denoisers import T5_FOLDER
+from retouch.train.denoisers import T5_FOLDER, starting_t5
 from retouch.train.pipelines import Components, build_denoiser, build_pipeline, load_components
 
 logger = logging.getLogger(__name__)
@@ -88,10 +88,7 @@ def load_t5(family: str, run: str | Path, comps: Components) -> Any:
     if (run.path / "final_t5" / "config.json").exists():
         return T5EncoderModel.from_pretrained(str(run.path / "final_t5")).float().eval()
     init = (json.loads((run.path / "config.json").read_text()).get("init_from") or {}).get("path")
-    folder = Path(init) / T5_FOLDER[family] if init else None
-    if folder is not None and (folder / "config.json").exists():
-        return T5EncoderModel.from_pretrained(str(folder)).float().eval()
-    return comps.t5
+    return starting_t5(family, comps, init if init and Path(init).exists() else None).eval()
 
 
 def training_record(info: dict[str, Any]) -> dict[str, Any]:

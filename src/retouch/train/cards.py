@@ -97,7 +97,9 @@ def _t5_note(family: str, phases: list[dict[str, Any]]) -> str:
     trained = [str(i) for i, rec in enumerate(phases, 1) if rec.get("train_text_encoder")]
     if family == "sd" or not trained:
         return ""
-    folder = "text_encoder_2" if family == "flux" else "text_encoder"
+    from retouch.train.denoisers import T5_FOLDER
+
+    folder = T5_FOLDER[family]
     return (
         f"\n* The T5 was fine-tuned jointly with the denoiser in phase(s) {', '.join(trained)} "
         f"(`--train-text-encoder`; same optimiser and EMA): this folder's `{folder}` is that T5, not the shared "

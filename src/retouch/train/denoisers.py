@@ -59,7 +59,16 @@ from retouch.worlds import captions, oracle
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["encode_latents", "generate", "load_pipeline", "oracle_eval", "train_denoiser", "flux_mu", "SAMPLING"]
+__all__ = [
+    "encode_latents",
+    "generate",
+    "load_pipeline",
+    "oracle_eval",
+    "starting_t5",
+    "train_denoiser",
+    "flux_mu",
+    "SAMPLING",
+]
 
 SAMPLING: dict[str, dict[str, Any]] = {
     "sd": {"num_inference_steps": 25, "guidance_scale": 4.0},
@@ -235,6 +244,7 @@ def load_pipeline(name: str | Path) -> tuple[Any, str, dict[str, Any]]:
     family and the world it learned (``world.json``)."""
     import diffusers
 
+    from retouch.backbones import PIPELINE_FAMILIES
     from retouch.models import registry
 
     path = Path(registry.resolve(str(name)))
@@ -242,8 +252,8 @@ def load_pipeline(name: str | Path) -> tuple[Any, str, dict[str, Any]]:
     if not index.exists():
         raise ValueError(f"{path}: no model_index.json, not a diffusers pipeline folder")
     cls = json.loads(index.read_text())["_class_name"]
-    family = {"StableDiffusionPipeline": "sd", "PixArtAlphaPipeline": "pixart", "FluxPipeline": "flux"}.get(cls)
-    if family is None:
+    family = PIPELINE_FAMILIES.get(cls)
+    if family not in SAMPLING:
         raise ValueError(f"{path}: {cls} is not an embedded text-to-image pipeline (sd, pixart, flux)")
     pipe = getattr(diffusers, cls).from_pretrained(str(path), torch_dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
@@ -278,7 +288,7 @@ T5_FOLDER = {"pixart": "text_encoder", "flux": "text_encoder_2"}
 """Where a pipeline folder of each T5 family keeps its T5 encoder."""
 
 
-def _t5_of(family: str, comps: Components, init_from: str | Path | None) -> Any:
+def starting_t5(family: str, comps: Components, init_from: str | Path | None) -> Any:
     """The T5 a phase starts from: the one in ``init_from``'s pipeline folder when it has one (an earlier phase
     may have fine-tuned it, and its denoiser was trained on it), else the components' T5."""
     from transformers import T5EncoderModel
@@ -359,7 +369,7 @@ def train_denoiser(
     comps = copy.copy(load_components(components, device))
     if family in T5_FOLDER:
         # A trained T5 is then overwritten by the checkpoint when the run resumes.
-        comps.t5 = _t5_of(family, comps, init_from).to(device)
+        comps.t5 = starting_t5(family, comps, init_from).to(device)
         comps.t5.requires_grad_(train_text_encoder).train(train_text_encoder)
     config = denoiser_config(
         family, size, text_width=comps.text_width, t5_width=comps.t5_width, latent_channels=comps.latent_channels

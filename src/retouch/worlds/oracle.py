@@ -437,6 +437,10 @@ def parse(
 # --------------------------------------------------------------------------------------------------
 
 
+OBJECT_ATTRIBUTES: tuple[str, ...] = ("shape", "colour", "size", "fill")
+"""Per-object attributes scored on the matched object (position is scored on the cell itself)."""
+
+
 def _match_objects(parsed: ParsedScene, scene: Scene) -> list[tuple[Object, ParsedObject | None]]:
     """Pair each true object with a parsed one: same cell first, then the nearest free cell."""
     free = list(parsed.objects)
@@ -481,7 +485,7 @@ def compare(parsed: ParsedScene, scene: Scene) -> dict[str, float]:
         "count": float(len(parsed.objects) == n),
         "position": sum(p is not None and p.position == o.position for o, p in pairs) / max(n, len(parsed.objects)),
     }
-    for attr in ("shape", "colour", "size", "fill"):
+    for attr in OBJECT_ATTRIBUTES:
         result[attr] = sum(p is not None and getattr(p, attr) == getattr(o, attr) for o, p in pairs) / n
     result["background_colour"] = float(parsed.background.colour == scene.background.colour)
     result["background_pattern"] = float(parsed.background.pattern == scene.background.pattern)
@@ -490,21 +494,21 @@ def compare(parsed: ParsedScene, scene: Scene) -> dict[str, float]:
     return {k: float(result[k]) for k in ATTRIBUTES}
 
 
-def binding_errors(images: Iterable[np.ndarray], scenes: Iterable[Scene], **parse_kwargs) -> dict[str, dict[str, int]]:
+def binding_errors(parsed: Iterable[ParsedScene], scenes: Iterable[Scene]) -> dict[str, dict[str, int]]:
     """Where the wrong attributes of multi-object scenes come from.
 
     For every true object of a scene with two or more objects and its matched parsed object (as in
-    :func:`compare`), and for each of shape, colour, size and fill: ``right``, ``wrong`` and, of the wrong
-    ones, ``from_another_object`` (the value is that of another object of the same scene: the attribute was
-    drawn but bound to the wrong object) — a model that binds at random has about as many of those as right.
-    Unmatched objects count in ``missing``.
+    :func:`compare`; ``parsed`` are the :func:`parse` results of the images), and for each of
+    :data:`OBJECT_ATTRIBUTES`: ``right``, ``wrong`` and, of the wrong ones, ``from_another_object`` (the value
+    is that of another object of the same scene: the attribute was drawn but bound to the wrong object) — a
+    model that binds at random has about as many of those as right. Unmatched objects count in ``missing``.
     """
-    out = {a: {"right": 0, "wrong": 0, "from_another_object": 0} for a in ("shape", "colour", "size", "fill")}
+    out = {a: {"right": 0, "wrong": 0, "from_another_object": 0} for a in OBJECT_ATTRIBUTES}
     missing = 0
-    for img, scene in zip(images, scenes, strict=True):
+    for got_scene, scene in zip(parsed, scenes, strict=True):
         if len(scene.objects) < 2:
             continue
-        for obj, got in _match_objects(parse(img, **parse_kwargs), scene):
+        for obj, got in _match_objects(got_scene, scene):
             if got is None:
                 missing += 1
                 continue
