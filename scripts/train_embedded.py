@@ -45,7 +45,9 @@ def _train_config(args: argparse.Namespace, **defaults: object):
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("stage", choices=["tokenizers", "vae", "clip", "t5", "sd", "pixart", "flux", "assemble"])
+    p.add_argument(
+        "stage", choices=["tokenizers", "vae", "clip", "clip-bind", "t5", "sd", "pixart", "flux", "assemble"]
+    )
     p.add_argument("--out", type=Path, help="run directory (default runs/<stage>)")
     p.add_argument("--resume", action="store_true", help="continue from the run directory's checkpoint")
     p.add_argument("--steps", type=int)
@@ -79,6 +81,13 @@ def main(argv: list[str] | None = None) -> None:
         type=float,
         default=0.0,
         help="pixart/flux with --train-text-encoder: weight of the auxiliary attribute-binding loss on the T5",
+    )
+    p.add_argument("--clip-from", type=Path, help="clip-bind: the phase-1 shapes-clip folder (default runs/clip/final)")
+    p.add_argument(
+        "--anchor-weight",
+        type=float,
+        default=10.0,
+        help="clip-bind: weight of the loss keeping the pooled text embedding where phase 1 left it",
     )
     p.add_argument("--init-from", type=Path, help="denoisers: start a new run from this model's weights")
     p.add_argument("--components", type=Path, default=RUNS, help="runs directory with vae/clip/t5 final folders")
@@ -119,6 +128,18 @@ def main(argv: list[str] | None = None) -> None:
 
         cfg = _train_config(args, steps=2000, batch_size=128, lr=1e-3, warmup=200)
         train_clip(out, cfg, tokenizers=RUNS / "tokenizers", resume=args.resume, device=device)
+    elif args.stage == "clip-bind":
+        from retouch.train.text import train_clip_binding
+
+        cfg = _train_config(args, steps=3000, batch_size=64, lr=3e-4, warmup=100, decay="cosine")
+        train_clip_binding(
+            out,
+            cfg,
+            clip=args.clip_from or RUNS / "clip" / "final",
+            resume=args.resume,
+            anchor_weight=args.anchor_weight,
+            device=device,
+        )
     elif args.stage == "t5":
         from retouch.train.text import train_t5
 

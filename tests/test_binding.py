@@ -66,6 +66,48 @@ def test_token_labels_follow_the_object_phrases(t5_tokenizer):
     assert bool((labels[0, n_tokens:] == binding.IGNORE).all())
 
 
+def test_causal_labels_only_name_what_was_read(tmp_path_factory):
+    """CLIP's tower is causal: a token is labelled only with the attributes whose words it has seen."""
+    from transformers import CLIPTokenizerFast
+
+    from retouch.train import text as text_stage
+
+    path = tmp_path_factory.mktemp("cliptok")
+    text_stage.build_tokenizers(path)
+    tok = CLIPTokenizerFast.from_pretrained(str(path / "clip"))
+    scene = _scene()
+    wording = captions.Wording(adjective_order="size fill colour")
+    caption = captions.caption(scene, wording=wording)  # "a small striped red star at the top left and ..."
+    labels = binding.token_labels(tok, [caption], [scene], [wording], 77, causal=True)[0]
+    words = [t.removesuffix("</w>") for t in tok.convert_ids_to_tokens(tok(caption)["input_ids"])]
+    attrs = list(binding.ATTRIBUTES)
+    red = [binding.ATTRIBUTES[a].index(getattr(scene.objects[0], a)) for a in attrs]
+    ig = binding.IGNORE
+
+    def row(word: str) -> list[int]:
+        return labels[words.index(word)].tolist()
+
+    assert row("small") == [ig, ig, red[2], ig, ig]
+    assert row("striped") == [ig, ig, red[2], red[3], ig]
+    assert row("red") == [ig, red[1], red[2], red[3], ig]
+    assert row("star") == row("top") == red[:4] + [ig]  # "top" alone is no cell yet
+    assert row("left") == red  # the phrase's last token has read everything
+    full = binding.token_labels(tok, [caption], [scene], [wording], 77)[0]
+    assert full[words.index("small")].tolist() == red
+
+
+def test_attribute_ends_locate_each_word():
+    obj = _scene().objects[0]
+    for seed in range(12):
+        wording = captions.sample_wording(seed)
+        phrase = captions.describe_object(obj, wording)
+        ends = dict(zip(binding.ATTRIBUTES, binding.attribute_ends(obj, wording), strict=True))
+        for attr in ("shape", "colour", "size", "fill"):
+            value = getattr(obj, attr)
+            assert phrase[ends[attr] - len(value) : ends[attr]] == value
+        assert ends["position"] == len(phrase)
+
+
 def test_binding_loss_trains_heads_on_token_states():
     torch.manual_seed(0)
     heads = binding.BindingHeads(16)

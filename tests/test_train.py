@@ -107,6 +107,36 @@ def test_component_stages_write_metrics(tiny_runs):
     assert np.isfinite(json.loads((tiny_runs / "vae" / "metrics.json").read_text())["psnr_64x64"])
 
 
+def test_clip_binding_phase_moves_tokens_not_the_pooled_embedding(tiny_runs, tmp_path):
+    """clip-bind trains only the text tower: the image tower is untouched, the binding accuracy is reported,
+    and the anchor keeps the pooled output near phase 1's (tight with a huge anchor weight)."""
+    from transformers import CLIPModel
+
+    from retouch.train import text
+
+    before = CLIPModel.from_pretrained(str(tiny_runs / "clip" / "final"))
+    out = tmp_path / "clip-bind"
+    text.train_clip_binding(
+        out, _cfg(20, batch_size=6, lr=3e-3), clip=tiny_runs / "clip" / "final", anchor_weight=100.0, eval_n=4
+    )
+    after = CLIPModel.from_pretrained(str(out / "final"))
+    for k, v in before.vision_model.state_dict().items():
+        torch.testing.assert_close(v, after.vision_model.state_dict()[k])
+    moved = [
+        k for k, v in before.text_model.state_dict().items() if not torch.equal(v, after.text_model.state_dict()[k])
+    ]
+    assert moved, "the text tower did not change"
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["step"] == 20 and {"bind_shape", "bind_position", "i2t_top1", "zs_shape"} <= set(metrics)
+    assert {"i2t_top1", "zs_shape"} <= set(metrics["phase1"])
+    loose = tmp_path / "loose"
+    text.train_clip_binding(
+        loose, _cfg(20, batch_size=6, lr=3e-3), clip=tiny_runs / "clip" / "final", anchor_weight=0.0, eval_n=4
+    )
+    loose_metrics = json.loads((loose / "metrics.json").read_text())
+    assert metrics["pooled_rel_sq_error"] < 0.2 * loose_metrics["pooled_rel_sq_error"]
+
+
 @pytest.mark.parametrize("family", ["sd", "pixart", "flux"])
 def test_denoiser_steps_and_assembly(family, tiny_runs, tmp_path):
     """Two finite training steps, then the assembled folder loads in the stock pipeline class offline."""

@@ -146,6 +146,7 @@ def assemble_clip(components: str | Path, dest: str | Path | None = None, card: 
 
     src = Path(components) / "clip" / "final"
     dest = Path(dest) if dest is not None else registry.embedded_dir() / "shapes-clip"
+    previous_card = (dest / "README.md").read_text() if (dest / "README.md").exists() else None
     tmp = dest.with_name(dest.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     CLIPModel.from_pretrained(str(src)).to(torch.float16).save_pretrained(tmp, safe_serialization=True)
@@ -154,5 +155,5 @@ def assemble_clip(components: str | Path, dest: str | Path | None = None, card: 
     shutil.rmtree(dest, ignore_errors=True)
     tmp.rename(dest)
     if card:
-        cards.write_clip_card(dest, Path(components))
+        cards.write_clip_card(dest, Path(components), previous=previous_card)
     return dest

@@ -24,7 +24,7 @@ from torch import nn
 from retouch.worlds import captions
 from retouch.worlds.shapes import COLOURS, FILLS, POSITIONS, SHAPES, SIZES, Scene
 
-__all__ = ["ATTRIBUTES", "BindingHeads", "object_spans", "token_labels", "binding_loss"]
+__all__ = ["ATTRIBUTES", "BindingHeads", "attribute_ends", "binding_loss", "object_spans", "token_labels"]
 
 ATTRIBUTES: dict[str, tuple[str, ...]] = {
     "shape": tuple(SHAPES),
@@ -60,12 +60,37 @@ def object_spans(scene: Scene, wording: captions.Wording, text: str) -> list[tup
     return spans
 
 
+def attribute_ends(obj: Any, wording: captions.Wording) -> list[int]:
+    """Where, in the object's phrase (:func:`captions.describe_object`), the word of each attribute
+    (``ATTRIBUTES`` order) ends: the position's only at the end of the phrase ("top" alone is no cell)."""
+    phrase = captions.describe_object(obj, wording)
+    ends, cursor = {}, 0
+    for attr in (*wording.adjective_order.split(), "shape"):
+        at = phrase.find(str(getattr(obj, attr)), cursor)
+        if at < 0:  # the grammar changed under this function
+            raise ValueError(f"{attr} {getattr(obj, attr)!r} not found in {phrase!r}")
+        cursor = ends[attr] = at + len(str(getattr(obj, attr)))
+    ends["position"] = len(phrase)
+    return [ends[a] for a in ATTRIBUTES]
+
+
 def token_labels(
-    tokenizer: Any, texts: list[str], scenes: list[Scene | None], wordings: list[captions.Wording | None], length: int
+    tokenizer: Any,
+    texts: list[str],
+    scenes: list[Scene | None],
+    wordings: list[captions.Wording | None],
+    length: int,
+    *,
+    causal: bool = False,
 ) -> torch.Tensor:
     """``(B, length, 5)`` class indices (``ATTRIBUTES`` order) of the object each token belongs to, ``-100``
     elsewhere; tokenised exactly as the pipelines do (padding to ``length``, truncation). A ``None`` scene
-    (a dropped caption) gets no labels."""
+    (a dropped caption) gets no labels.
+
+    ``causal``: for an encoder whose tokens see only the tokens before them (CLIP's text tower), a token is
+    labelled with an attribute only once the attribute's word has been read (at or before the token's end);
+    the phrase's last token then carries all five. A bidirectional encoder (T5) labels every phrase token with
+    all of them."""
     enc = tokenizer(texts, padding="max_length", max_length=length, truncation=True, return_offsets_mapping=True)
     labels = torch.full((len(texts), length, len(ATTRIBUTES)), IGNORE, dtype=torch.long)
     for b, (text, scene, wording) in enumerate(zip(texts, scenes, wordings, strict=True)):
@@ -73,12 +98,16 @@ def token_labels(
             continue
         spans = object_spans(scene, wording, text)
         values = [[ATTRIBUTES[a].index(getattr(obj, a)) for a in ATTRIBUTES] for obj in scene.objects]
+        ends = [attribute_ends(obj, wording) for obj in scene.objects] if causal else None
         for t, (s, e) in enumerate(enc["offset_mapping"][b]):
             if e <= s:
                 continue  # special or padding token
-            for (lo, hi), vals in zip(spans, values, strict=True):
+            for i, ((lo, hi), vals) in enumerate(zip(spans, values, strict=True)):
                 if lo <= s < hi:
-                    labels[b, t] = torch.tensor(vals)
+                    row = torch.tensor(vals)
+                    if ends is not None:
+                        row[torch.tensor([lo + end > e for end in ends[i]])] = IGNORE
+                    labels[b, t] = row
                     break
     return labels
 

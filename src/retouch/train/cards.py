@@ -48,11 +48,31 @@ def _table(rows: list[dict[str, Any]], keys: tuple[str, ...]) -> str:
     return "\n".join(lines)
 
 
+def _zero_shot(metrics: dict[str, Any]) -> str:
+    return ", ".join(f"{k[3:]} {100 * v:.0f}%" for k, v in metrics.items() if k.startswith("zs_"))
+
+
+def _clip_phase2_bullet(clip: dict[str, Any]) -> str:
+    """The components-section line on shapes-clip's binding phase (empty when the CLIP had none)."""
+    if "anchor_weight" not in clip:
+        return ""
+    bind = ", ".join(f"{k[5:]} {100 * v:.0f}%" for k, v in clip.items() if k.startswith("bind_"))
+    steps, minutes = clip.get("step", "?"), clip.get("wall_s", 0) / 60
+    return f"""  Then phase 2 (`clip-bind`, {steps} steps, {minutes:.0f} CPU-min): the text
+  tower alone was fine-tuned so that an object phrase's tokens carry that object's attributes (auxiliary binding
+  loss, causal labels; token accuracy {bind} on 200 held-out captions), with its pooled output anchored to
+  phase 1's (mean cosine {clip.get("pooled_cosine", float("nan")):.4f}); the image tower is unchanged. Measured
+  after it (the figures above are phase 1's): zero-shot {_zero_shot(clip)}; retrieval image→text
+  {100 * clip.get("i2t_top1", 0):.0f}%.
+"""
+
+
 def _components_section(components: Path) -> str:
-    vae, clip, t5 = (_metrics(components, s) for s in ("vae", "clip", "t5"))
+    vae, phase2, t5 = (_metrics(components, s) for s in ("vae", "clip", "t5"))
+    clip = phase2.get("phase1", phase2)
     lat = (vae.get("train_args") or {}).get("latent_channels") or _vae_channels(components)
     ceiling = ", ".join(f"{k[7:]} {100 * v:.0f}%" for k, v in vae.items() if k.startswith("oracle_"))
-    zs = ", ".join(f"{k[3:]} {100 * v:.0f}%" for k, v in clip.items() if k.startswith("zs_"))
+    zs = _zero_shot(clip)
     t5zs = ", ".join(f"{k[3:]} {100 * v:.0f}%" for k, v in t5.items() if k.startswith("zs_"))
     return f"""## Shared components
 
@@ -66,7 +86,8 @@ def _components_section(components: Path) -> str:
   trained {clip.get("step", "?")} steps ({clip.get("wall_s", 0) / 60:.0f} CPU-min); zero-shot attribute accuracy {zs};
   retrieval top-1 image→text {100 * clip.get("i2t_top1", 0):.0f}%, text→image {100 * clip.get("t2i_top1", 0):.0f}%
   (200 held-out scenes).
-* **T5 encoder** (`T5EncoderModel`, {t5.get("params", "?")} params; PixArt and Flux only): trained
+{_clip_phase2_bullet(phase2)}* **T5 encoder** (`T5EncoderModel`, {t5.get("params", "?")} params; PixArt and Flux only):
+  trained
   {t5.get("step", "?")} steps against the frozen shapes-clip image tower; zero-shot {t5zs}; retrieval
   image→text {100 * t5.get("i2t_top1", 0):.0f}%.
 * **Tokenizers**: CLIP byte-level BPE (77 tokens) and T5 Unigram, built offline on the caption vocabulary
@@ -84,13 +105,41 @@ def _previous_card(previous: str | None, components: Path) -> tuple[str, list[st
     start, end = previous.find("## Shared components"), previous.find("## Retrain / continue")
     if start < 0 or end < start:
         return None
-    stages = ("tokenizers", "vae", "clip", "t5")
+    stages = ("tokenizers", "vae", "clip", "clip-bind", "t5")
     commands = [
         ln
         for ln in previous.splitlines()
         if any(ln.startswith(f"python scripts/train_embedded.py {s} ") for s in stages)
     ]
-    return previous[start:end].rstrip() + "\n", commands
+    section = previous[start:end].rstrip() + "\n"
+    # the text tower's binding phase is re-described from the components (it may be newer than the card)
+    lines = section.splitlines(keepends=True)
+    first = next((i for i, ln in enumerate(lines) if ln.startswith("  Then phase 2 (`clip-bind`")), None)
+    if first is not None:
+        last = next((i for i in range(first + 1, len(lines)) if not lines[i].startswith("  ")), len(lines))
+        del lines[first:last]
+    at = next((i for i, ln in enumerate(lines) if ln.startswith("* **T5 encoder**")), len(lines))
+    lines.insert(at, _clip_phase2_bullet(_metrics(components, "clip")))
+    return "".join(lines), _clip_commands(commands, _metrics(components, "clip"))
+
+
+def _clip_commands(commands: list[str], clip: dict[str, Any]) -> list[str]:
+    """Component commands with shapes-clip's binding phase: phase 1 runs in ``runs/clip-1`` and ``clip-bind``
+    writes the shipped tower to ``runs/clip`` (where the denoiser stages read it)."""
+    commands = [c for c in commands if not c.startswith("python scripts/train_embedded.py clip-bind ")]
+    if "anchor_weight" not in clip:
+        return commands
+    bind = (
+        "python scripts/train_embedded.py clip-bind --out runs/clip --clip-from runs/clip-1/final "
+        f"{_stage_flags(clip, '3000 --batch-size 64')} --anchor-weight {clip['anchor_weight']}"
+    )
+    out = []
+    for c in commands:
+        if c.startswith("python scripts/train_embedded.py clip "):
+            out += [c.replace("--out runs/clip ", "--out runs/clip-1 "), bind]
+        else:
+            out.append(c)
+    return out
 
 
 def _t5_note(family: str, phases: list[dict[str, Any]]) -> str:
@@ -238,7 +287,8 @@ def write_pipeline_card(dest: Path, info: dict[str, Any], components: Path, prev
         'with `negative_prompt=""` (10% caption dropout was used in training); the benchmark below samples '
         "with `true_cfg_scale=4` (chosen on validation captions, `benchmarks/results/sampler_sweep.json`).",
     }[family]
-    clip_flags = _stage_flags(_metrics(components, "clip"), "1500 --batch-size 64 --warmup 100")
+    clip_metrics = _metrics(components, "clip")
+    clip_flags = _stage_flags(clip_metrics.get("phase1", clip_metrics), "1500 --batch-size 64 --warmup 100")
     t5_flags = _stage_flags(_metrics(components, "t5"), "1000 --batch-size 64 --warmup 50")
     vae_metrics = _metrics(components, "vae")
     vae_train = vae_metrics.get("train", {})
@@ -253,10 +303,17 @@ def write_pipeline_card(dest: Path, info: dict[str, Any], components: Path, prev
     component_commands = (
         "\n".join(kept[1])
         if kept
-        else f"""python scripts/train_embedded.py tokenizers --out runs/tokenizers
-python scripts/train_embedded.py vae --out runs/vae {vae_flags}
-python scripts/train_embedded.py clip --out runs/clip {clip_flags}
-python scripts/train_embedded.py t5 --out runs/t5 {t5_flags}"""
+        else "\n".join(
+            _clip_commands(
+                [
+                    "python scripts/train_embedded.py tokenizers --out runs/tokenizers",
+                    f"python scripts/train_embedded.py vae --out runs/vae {vae_flags}",
+                    f"python scripts/train_embedded.py clip --out runs/clip {clip_flags}",
+                    f"python scripts/train_embedded.py t5 --out runs/t5 {t5_flags}",
+                ],
+                _metrics(components, "clip"),
+            )
+        )
     )
     n_params = _params(dest / ("unet" if family == "sd" else "transformer"))
     evals_md = _table(evals, ATTRIBUTES) if evals else "(no evaluation yet)"
@@ -337,11 +394,66 @@ start a new phase with `--init-from` this folder (or `--resume` the last run dir
     (dest / "README.md").write_text(text)
 
 
-def write_clip_card(dest: Path, components: Path) -> None:
-    """README.md of the shapes-clip folder."""
-    clip = _metrics(components, "clip")
+def write_clip_card(dest: Path, components: Path, previous: str | None = None) -> None:
+    """README.md of the shapes-clip folder. With a binding phase (``clip-bind``) in ``components/clip``, the card
+    shows both phases; what phase 1's metrics lack (a runs directory rebuilt from the embedded weights) is
+    taken from ``previous`` (default: the folder's current card)."""
+    if previous is None and (dest / "README.md").exists():
+        previous = (dest / "README.md").read_text()
+    phase2 = _metrics(components, "clip")
+    clip = phase2.get("phase1", phase2)
+    two = "anchor_weight" in phase2
     train = clip.get("train", {})
-    rows = "\n".join(f"| {k[3:]} | {100 * v:.0f}% |" for k, v in clip.items() if k.startswith("zs_"))
+    if clip.get("step") is not None:
+        training = (
+            f"* Training: {clip['step']} steps of symmetric InfoNCE, batch {train.get('batch_size', '?')}, AdamW lr "
+            f"{train.get('lr', '?')}; {clip.get('wall_s', 0) / 60:.0f} CPU-min."
+        )
+    else:  # kept from the card the phase-1 weights came with
+        old = [ln for ln in (previous or "").splitlines() if ln.startswith(("* Training: ", "* Phase 1: "))]
+        training = old[0].replace("* Phase 1: ", "* Training: ", 1) if old else "* Training: (record not available)."
+    if two:
+        training = training.replace("* Training: ", "* Phase 1: ", 1)
+    rows = "\n".join(
+        f"| {k[3:]} | {100 * v:.0f}% |" + (f" {100 * phase2.get(k, float('nan')):.0f}% |" if two else "")
+        for k, v in clip.items()
+        if k.startswith("zs_")
+    )
+    header = "| attribute | phase 1 | after phase 2 |\n|---|---|---|" if two else "| attribute | accuracy |\n|---|---|"
+    retrieval = f"image→text {100 * clip.get('i2t_top1', 0):.0f}%, text→image {100 * clip.get('t2i_top1', 0):.0f}%" + (
+        f"\n  (after phase 2: {100 * phase2.get('i2t_top1', 0):.0f}% and {100 * phase2.get('t2i_top1', 0):.0f}%)"
+        if two
+        else ""
+    )
+    phase2_md = ""
+    retrain = (
+        "Retrain: `HF_HUB_OFFLINE=1 python scripts/train_embedded.py clip --out runs/clip` then\n"
+        "`python scripts/train_embedded.py assemble --family clip`."
+    )
+    if two:
+        p2 = phase2.get("train", {})
+        bind = ", ".join(f"{k[5:]} {100 * v:.0f}%" for k, v in phase2.items() if k.startswith("bind_"))
+        cos, rel = phase2.get("pooled_cosine", float("nan")), phase2.get("pooled_rel_sq_error", float("nan"))
+        steps, batch, minutes = phase2.get("step", "?"), p2.get("batch_size", "?"), phase2.get("wall_s", 0) / 60
+        lr, decay = p2.get("lr", "?"), p2.get("decay", "?")
+        phase2_md = f"""* Phase 2 (`clip-bind`): {steps} steps, batch {batch}, AdamW lr {lr} ({decay});
+  {minutes:.0f} CPU-min. Only the text tower trains.
+  * Why: Stable Diffusion's UNet reads every token state of this tower, but phase 1's contrastive loss shapes
+    only the pooled one.
+  * Binding loss (`retouch.train.binding`): each token of an object's phrase predicts the attributes of that
+    object it has already read (the tower is causal), through linear heads kept out of this folder; the
+    phrase's last token carries all of them. Token accuracy on 200 held-out captions:
+    {bind}.
+  * Anchor ({phase2["anchor_weight"]} × relative squared error): the pooled output (the joint-space
+    embedding and Flux's pooled input) stays where phase 1 left it: mean cosine {cos:.4f}, relative squared
+    error {rel:.4f}.
+"""
+        retrain = (
+            "Retrain: `HF_HUB_OFFLINE=1 python scripts/train_embedded.py clip --out runs/clip-1`, then\n"
+            "`python scripts/train_embedded.py clip-bind --out runs/clip --clip-from runs/clip-1/final "
+            f"{_stage_flags(phase2, '3000 --batch-size 64')} --anchor-weight {phase2['anchor_weight']}`, then\n"
+            "`python scripts/train_embedded.py assemble --family clip`."
+        )
     text = f"""# shapes-clip
 
 A small `CLIPModel` trained contrastively on ShapesWorld renders and captions (varied wording). Its text tower
@@ -350,20 +462,16 @@ Loads offline with `transformers.CLIPModel.from_pretrained(path)` (float16 safet
 `torch_dtype=torch.float32` to compute in fp32). Images: 64×64, normalised to [-1, 1] (mean 0.5, std 0.5).
 
 * Architecture: ViT 64×64 patch 8 (64 tokens), causal text transformer (CLIP BPE, 77 tokens, bos 0 / eos 1 /
-  pad 1, pooled at the first eos); {clip.get("params", "?")} parameters.
-* Training: {clip.get("step", "?")} steps of symmetric InfoNCE, batch {train.get("batch_size", "?")}, AdamW lr
-  {train.get("lr", "?")}; {clip.get("wall_s", 0) / 60:.0f} CPU-min.
-* Retrieval top-1 on 200 held-out scenes (canonical captions): image→text {100 * clip.get("i2t_top1", 0):.0f}%,
-  text→image {100 * clip.get("t2i_top1", 0):.0f}%.
+  pad 1, pooled at the first eos); {phase2.get("params") or clip.get("params") or _params(dest)} parameters.
+{training}
+{phase2_md}* Retrieval top-1 on 200 held-out scenes (canonical captions): {retrieval}.
 
 Zero-shot attribute accuracy (true caption vs. every caption that differs in that one attribute):
 
-| attribute | accuracy |
-|---|---|
+{header}
 {rows}
 
-Retrain: `HF_HUB_OFFLINE=1 python scripts/train_embedded.py clip --out runs/clip` then
-`python scripts/train_embedded.py assemble --family clip`.
+{retrain}
 """
     (dest / "README.md").write_text(text)
 

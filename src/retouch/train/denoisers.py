@@ -378,6 +378,10 @@ def train_denoiser(
     if init_from is not None and not (resume and run.checkpoint.exists()):
         init_weights(model, init_from)
     model = model.to(device)
+    init_record = _init_record(init_from)
+    if resume and run.checkpoint.exists() and (run.path / "config.json").exists():
+        # the folder may since hold this very run's result: keep the record of what the run started from
+        init_record = json.loads((run.path / "config.json").read_text()).get("init_from", init_record)
     atomic_write_json(
         run.path / "config.json",
         {
@@ -388,7 +392,7 @@ def train_denoiser(
             "pool_size": pool_size,
             "world": {"max_objects": max_objects},
             "offset_noise": {"strength": offset_noise, "from_step": offset_from},
-            "init_from": _init_record(init_from),
+            "init_from": init_record,
             "object_loss_weight": object_loss_weight,
             "train_text_encoder": train_text_encoder,
             "binding_loss_weight": binding_loss_weight,

@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -45,10 +46,12 @@ __all__ = [
     "build_clip",
     "build_t5",
     "build_tokenizers",
+    "clip_binding_eval",
     "clip_eval",
     "load_tokenizers",
     "t5_eval",
     "train_clip",
+    "train_clip_binding",
     "train_t5",
 ]
 
@@ -272,6 +275,118 @@ def train_clip(
     ).save_pretrained(final)
     atomic_write_json(run.path / "metrics.json", metrics)
     logger.info("CLIP done: %s", metrics)
+    return model
+
+
+def clip_binding_eval(
+    text_model: nn.Module,
+    reference: nn.Module,
+    heads: nn.Module,
+    tok: Any,
+    n: int = 200,
+    device: torch.device | None = None,
+) -> dict[str, float]:
+    """Token-level binding accuracy (``bind_*``) of ``text_model`` on ``n`` held-out captions with varied
+    wording, and how far its pooled output moved from ``reference``'s (mean cosine, relative squared error)."""
+    from retouch.train import binding
+    from retouch.worlds import captions as grammar
+
+    device = device or torch.device("cpu")
+    scenes = data.held_out_scenes(n, offset=300_000)
+    rng = np.random.default_rng(3)
+    wordings = [grammar.sample_wording(rng) for _ in scenes]
+    texts = [grammar.caption(s, wording=w) for s, w in zip(scenes, wordings, strict=True)]
+    ids = tok(texts, padding="max_length", max_length=CLIP_LENGTH, truncation=True, return_tensors="pt").input_ids
+    ids = ids.to(device)
+    labels = binding.token_labels(tok, texts, list(scenes), wordings, CLIP_LENGTH, causal=True)
+    with torch.no_grad():
+        out, ref = text_model(input_ids=ids), reference(input_ids=ids)
+        _, metrics = binding.binding_loss(heads, out.last_hidden_state, labels)
+        cos = F.cosine_similarity(out.pooler_output, ref.pooler_output, dim=-1).mean()
+        rel = (out.pooler_output - ref.pooler_output).pow(2).sum() / ref.pooler_output.pow(2).sum()
+    return {**metrics, "pooled_cosine": float(cos), "pooled_rel_sq_error": float(rel)}
+
+
+def train_clip_binding(
+    out: str | Path,
+    cfg: TrainConfig,
+    *,
+    clip: str | Path,
+    resume: bool = True,
+    anchor_weight: float = 10.0,
+    eval_n: int = 200,
+    device: torch.device | None = None,
+) -> CLIPModel:
+    """shapes-clip's second phase: fine-tune the text tower so its token states bind attributes to objects,
+    keeping its pooled output (the joint-space embedding, Flux's pooled input) where it was.
+
+    Loss: :func:`retouch.train.binding.binding_loss` on the last hidden states with causal labels (a token
+    predicts the attributes of its object that it has read), plus ``anchor_weight`` × the squared error of the
+    pooled output relative to the frozen phase-1 tower's. The image tower and projections do not change.
+    Writes ``out/final`` (the whole CLIPModel + tokenizer + image processor) and ``metrics.json``.
+    """
+    from transformers import CLIPTokenizerFast
+
+    from retouch.train import binding
+    from retouch.worlds import captions as grammar
+
+    device = device or torch.device("cpu")
+    run = RunDir(Path(out))
+    model = CLIPModel.from_pretrained(str(clip)).float().to(device).requires_grad_(False)
+    reference = CLIPModel.from_pretrained(str(clip)).float().text_model.to(device).eval()
+    reference.requires_grad_(False)
+    text = model.text_model.requires_grad_(True).train()
+    tok = CLIPTokenizerFast.from_pretrained(str(clip))  # offsets for the labels; same ids as the slow tokenizer
+    clip_tok = CLIPTokenizer.from_pretrained(str(clip))
+    heads = binding.BindingHeads(model.config.text_config.hidden_size).to(device)
+    # phase 1 as it was: its run's record (when ``clip`` is a run's ``final``) and the same evaluation, now
+    parent = Path(clip).parent / "metrics.json"
+    phase1 = json.loads(parent.read_text()) if Path(clip).name == "final" and parent.exists() else {}
+    phase1 = {**phase1, **clip_eval(model, clip_tok, n=eval_n, device=device)}
+
+    def loss_fn(step: int) -> tuple[torch.Tensor, dict[str, float]]:
+        rng = step_rng(cfg.seed, step)
+        scenes = data.sample_scenes(rng, cfg.batch_size)
+        wordings = [grammar.sample_wording(rng) for _ in scenes]
+        texts = [grammar.caption(s, wording=w) for s, w in zip(scenes, wordings, strict=True)]
+        ids = tok(texts, padding="longest", truncation=True, max_length=CLIP_LENGTH, return_tensors="pt").input_ids
+        ids = ids.to(device)
+        # causal tower: the states of a 77-token input's first tokens are those of the shorter padded one
+        labels = binding.token_labels(tok, texts, scenes, wordings, CLIP_LENGTH, causal=True)[:, : ids.shape[1]]
+        res = text(input_ids=ids)
+        with torch.no_grad():
+            ref = reference(input_ids=ids).pooler_output
+        bind, metrics = binding.binding_loss(heads, res.last_hidden_state, labels)
+        anchor = (res.pooler_output - ref).pow(2).sum() / ref.pow(2).sum()
+        return bind + anchor_weight * anchor, {
+            "binding": float(bind.detach()),
+            "anchor": float(anchor.detach()),
+            **metrics,
+        }
+
+    def eval_fn(step: int, modules: dict[str, nn.Module]) -> dict[str, float]:
+        return clip_binding_eval(modules["text"], reference, modules["heads"], tok, n=min(eval_n, 100), device=device)
+
+    result = train_loop(run, {"text": text, "heads": heads}, loss_fn, cfg, resume=resume, eval_fn=eval_fn)
+    trained = result["ema"]["text"]
+    model.text_model.load_state_dict(trained.state_dict())
+    model.eval()
+    metrics = {
+        "step": result["step"],
+        "wall_s": round(result["wall_s"], 1),
+        "train": dict(cfg.__dict__),
+        "anchor_weight": anchor_weight,
+        "from": str(clip),
+        "phase1": phase1,
+        **clip_binding_eval(model.text_model, reference, result["ema"]["heads"], tok, n=eval_n, device=device),
+        **clip_eval(model, clip_tok, n=eval_n, device=device),
+    }
+    final = run.path / "final"
+    model.save_pretrained(final)
+    clip_tok.save_pretrained(final)
+    CLIPImageProcessor.from_pretrained(str(clip)).save_pretrained(final)
+    atomic_write_json(run.path / "metrics.json", metrics)
+    logger.info("CLIP binding phase done: %s", metrics)
     return model
 
 
