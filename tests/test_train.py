@@ -150,7 +150,9 @@ def test_denoiser_steps_and_assembly(family, tiny_runs, tmp_path):
         family, run, cfg, components=tiny_runs, size="tiny", pool_size=8, eval_n=0, max_objects=1, offset_noise=0.1,
         offset_from=1,
     )  # fmt: skip
-    assert json.loads((run / "config.json").read_text())["offset_noise"] == {"strength": 0.1, "from_step": 1}
+    config = json.loads((run / "config.json").read_text())
+    assert config["offset_noise"] == {"strength": 0.1, "from_step": 1}
+    assert config["clip_tower"] == "phase 1"  # tiny_runs' CLIP had no binding phase
     curve = RunDir(run).read_log("curve.jsonl")
     assert len(curve) == 2 and all(np.isfinite(r["loss"]) for r in curve)
     dest = tmp_path / f"shapes-{family}"
@@ -370,3 +372,38 @@ def test_load_pipeline_names_family_and_world():
     assert all(p.dtype == torch.float32 for p in pipe.transformer.parameters())
     with pytest.raises(ValueError, match="not a diffusers pipeline"):
         denoisers.load_pipeline(registry.resolve("shapes-clip"))
+
+
+def test_sd_card_names_the_clip_tower_and_its_binding_phase(tiny_runs, tmp_path):
+    """An SD phase trained on a shapes-clip with the binding phase records it; the card's table, components
+    section and retrain commands say so, also when the section is kept from the previous card."""
+    import shutil
+
+    from retouch.train import assemble, denoisers, text
+
+    runs = tmp_path / "runs"
+    for stage in ("tokenizers", "vae", "t5"):
+        shutil.copytree(tiny_runs / stage, runs / stage)
+    text.train_clip_binding(runs / "clip", _cfg(2, batch_size=4), clip=tiny_runs / "clip" / "final", eval_n=4)
+    run = tmp_path / "sd"
+    denoisers.train_denoiser(
+        "sd", run, _cfg(1, batch_size=2), components=runs, size="tiny", pool_size=4, eval_n=0, max_objects=1
+    )
+    assert json.loads((run / "config.json").read_text())["clip_tower"] == "phase 2 (binding)"
+    dest = assemble.assemble("sd", run=run, components=runs, dest=tmp_path / "shapes-sd")
+    card = (dest / "README.md").read_text()
+    assert "| shapes-clip phase 2 (binding) |" in card and "| CLIP text tower |" in card
+    assert card.count("Then phase 2 (`clip-bind`") == 1
+    lines = card.splitlines()
+    assert any(ln.startswith("python scripts/train_embedded.py clip --out runs/clip-1 ") for ln in lines)
+    assert any(ln.startswith("python scripts/train_embedded.py clip-bind --out runs/clip ") for ln in lines)
+
+    # components without vae/t5 metrics: the section is kept from the card, the binding bullet not doubled
+    bare = tmp_path / "bare"
+    for stage in ("vae", "t5"):
+        shutil.copytree(tiny_runs / stage / "final", bare / stage / "final")
+    shutil.copytree(runs / "clip", bare / "clip")
+    assemble.assemble("sd", run=run, components=bare, dest=dest)
+    again = (dest / "README.md").read_text()
+    assert again.count("Then phase 2 (`clip-bind`") == 1
+    assert sum(ln.startswith("python scripts/train_embedded.py clip-bind ") for ln in again.splitlines()) == 1

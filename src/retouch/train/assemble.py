@@ -68,6 +68,8 @@ def load_denoiser(family: str, run: str | Path) -> tuple[torch.nn.Module, dict[s
         "object_loss_weight": config.get("object_loss_weight", 1.0),
         "train_text_encoder": config.get("train_text_encoder", False),
         "binding_loss_weight": config.get("binding_loss_weight", 0.0),
+        # runs older than shapes-clip's binding phase did not record the tower: phase 1 was the only one
+        "clip_tower": config.get("clip_tower", "phase 1"),
     }
     return model, info
 
@@ -107,6 +109,7 @@ def training_record(info: dict[str, Any]) -> dict[str, Any]:
         "object_loss_weight",
         "train_text_encoder",
         "binding_loss_weight",
+        "clip_tower",
     )
     return {k: info.get(k) for k in keys}
 

@@ -220,9 +220,13 @@ def _phase_flags(rec: dict[str, Any]) -> str:
     return flags
 
 
-def _phases_table(phases: list[dict[str, Any]]) -> str:
+def _phases_table(phases: list[dict[str, Any]], family: str = "pixart") -> str:
+    """One row per phase. The text column: for SD, which shapes-clip text tower the phase trained on (records
+    older than the tower's binding phase lack the key: phase 1); else whether the T5 trained."""
+    text_column = "CLIP text tower" if family == "sd" else "T5"
     lines = [
-        "| phase | device | world | steps | batch | lr | EMA | object loss weight | offset noise | T5 | wall (min) |",
+        f"| phase | device | world | steps | batch | lr | EMA | object loss weight | offset noise | {text_column} "
+        "| wall (min) |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for i, rec in enumerate(phases, 1):
@@ -230,6 +234,8 @@ def _phases_table(phases: list[dict[str, Any]]) -> str:
         t5 = "trained" if rec.get("train_text_encoder") else "frozen"
         if rec.get("binding_loss_weight"):
             t5 += f", binding loss {rec['binding_loss_weight']}"
+        if family == "sd":
+            t5 = f"shapes-clip {rec.get('clip_tower', 'phase 1') or '(not recorded)'}"
         n = int((rec.get("world") or {}).get("max_objects", 3))
         world = "1 object" if n == 1 else f"1–{n} objects"
         lines.append(
@@ -364,7 +370,7 @@ Config: `{json.dumps(info.get("denoiser_config"))}`
 * Phases (each later one starts from the EMA weights of the one before; AdamW, constant lr after a linear
   warm-up, seed {train.get("seed")}):
 
-{_phases_table(phases)}
+{_phases_table(phases, family)}
 
   In all **{total_steps} steps**; final training loss
   {info.get("final_loss")}. The world column is the scenes a phase trained on; this folder's `world.json`

@@ -303,6 +303,16 @@ def starting_t5(family: str, comps: Components, init_from: str | Path | None) ->
     return copy.deepcopy(comps.t5)
 
 
+def clip_tower(components: str | Path) -> str | None:
+    """Which shapes-clip text tower the components hold: ``"phase 2 (binding)"`` after ``clip-bind``,
+    ``"phase 1"`` after the contrastive stage alone, ``None`` when the stage left no metrics (a runs directory
+    rebuilt from the embedded weights)."""
+    metrics = Path(components) / "clip" / "metrics.json"
+    if not metrics.exists():
+        return None
+    return "phase 2 (binding)" if "anchor_weight" in json.loads(metrics.read_text()) else "phase 1"
+
+
 def _init_record(source: str | Path | None) -> dict[str, Any] | None:
     """What a run started from, for its config and card: the folder and, if present, its ``world.json`` and
     ``training.json`` (the earlier phase's record)."""
@@ -396,6 +406,7 @@ def train_denoiser(
             "object_loss_weight": object_loss_weight,
             "train_text_encoder": train_text_encoder,
             "binding_loss_weight": binding_loss_weight,
+            "clip_tower": clip_tower(components),
             "device": device_name(device),
         },
     )
