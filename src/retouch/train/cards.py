@@ -378,6 +378,10 @@ Config: `{json.dumps(info.get("denoiser_config"))}`
 
 ## Learning curve of the last phase (oracle attribute accuracy, {_eval_n(evals)} held-out canonical captions)
 
+Scored during training by the oracle of the time. Until 2026-12-02 the oracle decided the style on the whole
+image, which under-reads the style of imperfectly drawn images (`retouch.worlds.oracle`); the benchmark below
+uses the current oracle.
+
 {evals_md}
 {bench_md}
 {components_md}
