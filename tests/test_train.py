@@ -393,7 +393,7 @@ def test_sd_card_names_the_clip_tower_and_its_binding_phase(tiny_runs, tmp_path)
     dest = assemble.assemble("sd", run=run, components=runs, dest=tmp_path / "shapes-sd")
     card = (dest / "README.md").read_text()
     assert "| shapes-clip phase 2 (binding) |" in card and "| CLIP text tower |" in card
-    assert card.count("Then phase 2 (`clip-bind`") == 1
+    assert card.count("* Phase 2 (`clip-bind`") == 1
     lines = card.splitlines()
     assert any(ln.startswith("python scripts/train_embedded.py clip --out runs/clip-1 ") for ln in lines)
     assert any(ln.startswith("python scripts/train_embedded.py clip-bind --out runs/clip ") for ln in lines)
@@ -405,5 +405,5 @@ def test_sd_card_names_the_clip_tower_and_its_binding_phase(tiny_runs, tmp_path)
     shutil.copytree(runs / "clip", bare / "clip")
     assemble.assemble("sd", run=run, components=bare, dest=dest)
     again = (dest / "README.md").read_text()
-    assert again.count("Then phase 2 (`clip-bind`") == 1
+    assert again.count("* Phase 2 (`clip-bind`") == 1
     assert sum(ln.startswith("python scripts/train_embedded.py clip-bind ") for ln in again.splitlines()) == 1
