@@ -26,7 +26,7 @@ import numpy as np
 from PIL import Image, ImageFilter
 
 from retouch.bench.provenance import git_commit
-from retouch.worlds import COLOURS, attribute_accuracy, render, render_masks, sample_scene
+from retouch.worlds import attribute_accuracy, render, sample_scene, thicken_objects
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "oracle_accuracy.json"
@@ -45,27 +45,13 @@ def jpeg(image: np.ndarray, quality: int = 75) -> np.ndarray:
     return np.asarray(Image.open(buf).convert("RGB"))
 
 
-def thick_objects(image: np.ndarray, scene) -> np.ndarray:
-    """Each object's painted pixels grown by one pixel (4-neighbourhood) in the object's colour."""
-    out = image.copy()
-    h, w = image.shape[:2]
-    for obj, mask in zip(scene.objects, render_masks(scene, h, w, threshold=0.5, paint=True), strict=True):
-        grown = mask.copy()
-        grown[1:] |= mask[:-1]
-        grown[:-1] |= mask[1:]
-        grown[:, 1:] |= mask[:, :-1]
-        grown[:, :-1] |= mask[:, 1:]
-        out[grown & ~mask] = COLOURS[obj.colour]
-    return out
-
-
 CONDITIONS: dict[str, tuple[tuple[int, int], Callable]] = {
     "64x64 clean": ((64, 64), lambda im, sc, seed: im),
     "64x64 noise 8": ((64, 64), lambda im, sc, seed: noisy(im, seed)),
     "64x64 blur 0.5 + noise 8": ((64, 64), lambda im, sc, seed: noisy(im, seed, blur=0.5)),
     "64x64 blur 1.0 + noise 8": ((64, 64), lambda im, sc, seed: noisy(im, seed, blur=1.0)),
     "64x64 jpeg 75": ((64, 64), lambda im, sc, seed: jpeg(im)),
-    "64x64 thick objects": ((64, 64), lambda im, sc, seed: thick_objects(im, sc)),
+    "64x64 thick objects": ((64, 64), lambda im, sc, seed: thicken_objects(im, sc)),
     "64x128 clean": ((64, 128), lambda im, sc, seed: im),
     "64x128 blur 0.5 + noise 8": ((64, 128), lambda im, sc, seed: noisy(im, seed, blur=0.5)),
 }

@@ -36,6 +36,7 @@ from retouch.worlds import (
     render_masks,
     sample_scene,
     strip_brackets,
+    thicken_objects,
     tokenize,
     vocabulary,
 )
@@ -224,16 +225,7 @@ def test_oracle_wide_canvas():
 
 
 def _thick(image: np.ndarray, seed: int) -> np.ndarray:
-    """Every object's painted pixels grown by one pixel in its colour (a drawing error; background untouched)."""
-    scene, out = sample_scene(seed), image.copy()
-    for obj, mask in zip(scene.objects, render_masks(scene, threshold=0.5, paint=True), strict=True):
-        grown = mask.copy()
-        grown[1:] |= mask[:-1]
-        grown[:-1] |= mask[1:]
-        grown[:, 1:] |= mask[:, :-1]
-        grown[:, :-1] |= mask[:, 1:]
-        out[grown & ~mask] = COLOURS[obj.colour]
-    return out
+    return thicken_objects(image, sample_scene(seed))
 
 
 def test_oracle_reads_the_style_from_the_background_not_from_how_objects_are_drawn():

@@ -48,6 +48,7 @@ from .shapes import (
     render,
     render_masks,
     sample_scene,
+    thicken_objects,
 )
 
 __all__ = [
@@ -87,6 +88,7 @@ __all__ = [
     "parse",
     "render",
     "render_masks",
+    "thicken_objects",
     "sample_scene",
     "sample_wording",
     "strip_brackets",

@@ -48,6 +48,7 @@ import numpy as np
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "thicken_objects",
     "BACKGROUND_COLOURS",
     "COLOURS",
     "FILLS",
@@ -626,3 +627,20 @@ def render_masks(
         mask[y0 : y0 + h, x0 : x0 + w] = cov > threshold
         masks.append(mask)
     return masks
+
+
+def thicken_objects(image: np.ndarray, scene: Scene) -> np.ndarray:
+    """``image`` (a render of ``scene``) with every object's painted pixels grown by one pixel (4-neighbourhood)
+    in the object's colour, the background elsewhere untouched: the kind of drawing error a generative model
+    makes. The objects become other sizes and fills; the style and background must still read the same
+    (``benchmarks/oracle_accuracy.py``, ``tests/test_worlds.py``)."""
+    out = np.array(image, copy=True)
+    height, width = out.shape[:2]
+    for obj, mask in zip(scene.objects, render_masks(scene, height, width, threshold=0.5, paint=True), strict=True):
+        grown = mask.copy()
+        grown[1:] |= mask[:-1]
+        grown[:-1] |= mask[1:]
+        grown[:, 1:] |= mask[:, :-1]
+        grown[:, :-1] |= mask[:, 1:]
+        out[grown & ~mask] = COLOURS[obj.colour]
+    return out
