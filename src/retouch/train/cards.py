@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from retouch.train.text import has_binding_phase
 from retouch.worlds.oracle import ATTRIBUTES
 
 __all__ = ["write_clip_card", "write_pipeline_card"]
@@ -54,7 +55,7 @@ def _zero_shot(metrics: dict[str, Any]) -> str:
 
 def _clip_phase2_bullet(clip: dict[str, Any]) -> str:
     """The components-section line on shapes-clip's binding phase (empty when the CLIP had none)."""
-    if "anchor_weight" not in clip:
+    if not has_binding_phase(clip):
         return ""
     bind = ", ".join(f"{k[5:]} {100 * v:.0f}%" for k, v in clip.items() if k.startswith("bind_"))
     steps, minutes = clip.get("step", "?"), clip.get("wall_s", 0) / 60
@@ -120,15 +121,16 @@ def _previous_card(previous: str | None, components: Path) -> tuple[str, list[st
         last = next((i for i in range(first + 1, len(lines)) if not lines[i].startswith("  ")), len(lines))
         del lines[first:last]
     at = next((i for i, ln in enumerate(lines) if ln.startswith("* **T5 encoder**")), len(lines))
-    lines.insert(at, _clip_phase2_bullet(_metrics(components, "clip")))
-    return "".join(lines), _clip_commands(commands, _metrics(components, "clip"))
+    clip = _metrics(components, "clip")
+    lines.insert(at, _clip_phase2_bullet(clip))
+    return "".join(lines), _clip_commands(commands, clip)
 
 
 def _clip_commands(commands: list[str], clip: dict[str, Any]) -> list[str]:
     """Component commands with shapes-clip's binding phase: phase 1 runs in ``runs/clip-1`` and ``clip-bind``
     writes the shipped tower to ``runs/clip`` (where the denoiser stages read it)."""
     commands = [c for c in commands if not c.startswith("python scripts/train_embedded.py clip-bind ")]
-    if "anchor_weight" not in clip:
+    if not has_binding_phase(clip):
         return commands
     bind = (
         "python scripts/train_embedded.py clip-bind --out runs/clip --clip-from runs/clip-1/final "
@@ -294,17 +296,13 @@ def write_pipeline_card(dest: Path, info: dict[str, Any], components: Path, prev
         'with `negative_prompt=""` (10% caption dropout was used in training); the benchmark below samples '
         "with `true_cfg_scale=4` (chosen on validation captions, `benchmarks/results/sampler_sweep.json`).",
     }[family]
-    if (
-        family == "flux"
-        and phases[-1].get("clip_tower", "phase 1") == "phase 1"
-        and "anchor_weight" in (_metrics(components, "clip"))
-    ):
+    clip_metrics = _metrics(components, "clip")
+    if family == "flux" and phases[-1].get("clip_tower", "phase 1") == "phase 1" and has_binding_phase(clip_metrics):
         notes += (
             " Its phases trained on shapes-clip's phase-1 text tower; this folder ships the phase-2 tower (below),"
             " whose pooled output, the only CLIP input Flux reads, stays within cosine 0.999 of phase 1's. The"
             " benchmark below was measured with the shipped tower."
         )
-    clip_metrics = _metrics(components, "clip")
     clip_flags = _stage_flags(clip_metrics.get("phase1", clip_metrics), "1500 --batch-size 64 --warmup 100")
     t5_flags = _stage_flags(_metrics(components, "t5"), "1000 --batch-size 64 --warmup 50")
     vae_metrics = _metrics(components, "vae")
@@ -328,7 +326,7 @@ def write_pipeline_card(dest: Path, info: dict[str, Any], components: Path, prev
                     f"python scripts/train_embedded.py clip --out runs/clip {clip_flags}",
                     f"python scripts/train_embedded.py t5 --out runs/t5 {t5_flags}",
                 ],
-                _metrics(components, "clip"),
+                clip_metrics,
             )
         )
     )
@@ -423,7 +421,7 @@ def write_clip_card(dest: Path, components: Path, previous: str | None = None) -
         previous = (dest / "README.md").read_text()
     phase2 = _metrics(components, "clip")
     clip = phase2.get("phase1", phase2)
-    two = "anchor_weight" in phase2
+    two = has_binding_phase(phase2)
     train = clip.get("train", {})
     if clip.get("step") is not None:
         training = (

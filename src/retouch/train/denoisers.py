@@ -310,7 +310,9 @@ def clip_tower(components: str | Path) -> str | None:
     metrics = Path(components) / "clip" / "metrics.json"
     if not metrics.exists():
         return None
-    return "phase 2 (binding)" if "anchor_weight" in json.loads(metrics.read_text()) else "phase 1"
+    from retouch.train.text import has_binding_phase
+
+    return "phase 2 (binding)" if has_binding_phase(json.loads(metrics.read_text())) else "phase 1"
 
 
 def _init_record(source: str | Path | None) -> dict[str, Any] | None:

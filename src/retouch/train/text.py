@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 from collections.abc import Sequence
@@ -48,6 +49,7 @@ __all__ = [
     "build_tokenizers",
     "clip_binding_eval",
     "clip_eval",
+    "has_binding_phase",
     "load_tokenizers",
     "t5_eval",
     "train_clip",
@@ -278,6 +280,16 @@ def train_clip(
     return model
 
 
+def has_binding_phase(metrics: dict[str, Any]) -> bool:
+    """Whether a shapes-clip run's ``metrics.json`` is that of the binding phase (:func:`train_clip_binding`)."""
+    return "anchor_weight" in metrics
+
+
+def _relative_sq_error(x: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """``‖x − reference‖² / ‖reference‖²`` over the whole batch."""
+    return (x - reference).pow(2).sum() / reference.pow(2).sum()
+
+
 def clip_binding_eval(
     text_model: nn.Module,
     reference: nn.Module,
@@ -303,7 +315,7 @@ def clip_binding_eval(
         out, ref = text_model(input_ids=ids), reference(input_ids=ids)
         _, metrics = binding.binding_loss(heads, out.last_hidden_state, labels)
         cos = F.cosine_similarity(out.pooler_output, ref.pooler_output, dim=-1).mean()
-        rel = (out.pooler_output - ref.pooler_output).pow(2).sum() / ref.pooler_output.pow(2).sum()
+        rel = _relative_sq_error(out.pooler_output, ref.pooler_output)
     return {**metrics, "pooled_cosine": float(cos), "pooled_rel_sq_error": float(rel)}
 
 
@@ -333,8 +345,7 @@ def train_clip_binding(
     device = device or torch.device("cpu")
     run = RunDir(Path(out))
     model = CLIPModel.from_pretrained(str(clip)).float().to(device).requires_grad_(False)
-    reference = CLIPModel.from_pretrained(str(clip)).float().text_model.to(device).eval()
-    reference.requires_grad_(False)
+    reference = copy.deepcopy(model.text_model).eval()  # the frozen phase-1 tower
     text = model.text_model.requires_grad_(True).train()
     tok = CLIPTokenizerFast.from_pretrained(str(clip))  # offsets for the labels; same ids as the slow tokenizer
     clip_tok = CLIPTokenizer.from_pretrained(str(clip))
@@ -357,7 +368,7 @@ def train_clip_binding(
         with torch.no_grad():
             ref = reference(input_ids=ids).pooler_output
         bind, metrics = binding.binding_loss(heads, res.last_hidden_state, labels)
-        anchor = (res.pooler_output - ref).pow(2).sum() / ref.pow(2).sum()
+        anchor = _relative_sq_error(res.pooler_output, ref)
         return bind + anchor_weight * anchor, {
             "binding": float(bind.detach()),
             "anchor": float(anchor.detach()),
