@@ -72,6 +72,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max-objects", type=int, default=3, help="denoisers: scenes of 1..N objects (world subset)")
     p.add_argument("--object-loss-weight", type=float, default=1.0, help="denoisers: loss weight on object pixels")
     p.add_argument(
+        "--timestep-weighting",
+        choices=["eps", "v"],
+        default="eps",
+        help="sd/pixart: weigh the eps loss per timestep (v = 1/alpha_bar, the v-prediction loss)",
+    )
+    p.add_argument(
         "--train-text-encoder",
         action="store_true",
         help="pixart/flux: fine-tune the T5 jointly with the denoiser (the shapes-clip tower stays frozen)",
@@ -165,6 +171,7 @@ def main(argv: list[str] | None = None) -> None:
             offset_from=args.offset_from,
             init_from=args.init_from,
             object_loss_weight=args.object_loss_weight,
+            timestep_weighting=args.timestep_weighting,
             train_text_encoder=args.train_text_encoder,
             binding_loss_weight=args.binding_loss_weight,
             device=device,

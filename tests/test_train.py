@@ -407,3 +407,51 @@ def test_sd_card_names_the_clip_tower_and_its_binding_phase(tiny_runs, tmp_path)
     again = (dest / "README.md").read_text()
     assert again.count("* Phase 2 (`clip-bind`") == 1
     assert sum(ln.startswith("python scripts/train_embedded.py clip-bind ") for ln in again.splitlines()) == 1
+
+
+def test_v_timestep_weighting_is_the_v_loss_of_the_eps_model():
+    """Weighing the ε error by 1/ᾱ_t (mean 1 over the schedule) is the v-prediction loss up to a constant: the
+    v error of an ε-parameterised model is its ε error / √ᾱ_t. High-noise steps weigh more; "eps" is flat."""
+    from diffusers import DDIMScheduler
+
+    from retouch.train.denoisers import timestep_weights
+
+    ab = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012).alphas_cumprod.float()
+    assert torch.equal(timestep_weights(ab, "eps"), torch.ones(1000))
+    w = timestep_weights(ab, "v")
+    assert abs(float(w.mean()) - 1) < 1e-5 and bool((w[1:] > w[:-1]).all())
+    assert float(w[999] / w[0]) == pytest.approx(float(ab[0] / ab[999]), rel=1e-4)
+    with pytest.raises(ValueError, match="timestep weighting 'x0'"):
+        timestep_weights(ab, "x0")
+
+    g = torch.Generator().manual_seed(0)
+    t = torch.tensor([0, 400, 961])
+    a = ab[t].view(3, 1, 1, 1)
+    z0, eps, eps_hat = (torch.randn(3, 4, 8, 8, generator=g) for _ in range(3))
+    xt = a.sqrt() * z0 + (1 - a).sqrt() * eps
+    x0_hat = (xt - (1 - a).sqrt() * eps_hat) / a.sqrt()
+    v, v_hat = a.sqrt() * eps - (1 - a).sqrt() * z0, a.sqrt() * eps_hat - (1 - a).sqrt() * x0_hat
+    per_sample_v = (v_hat - v).square().mean(dim=(1, 2, 3))
+    per_sample_weighted = ((eps_hat - eps).square() * w[t].view(3, 1, 1, 1)).mean(dim=(1, 2, 3))
+    ratio = per_sample_weighted / per_sample_v
+    assert torch.allclose(ratio, ratio[0].expand(3), rtol=1e-4)
+
+
+def test_timestep_weighting_is_recorded_and_carried_to_the_card(tiny_runs, tmp_path):
+    from retouch.train import assemble, denoisers
+
+    run = tmp_path / "sd"
+    denoisers.train_denoiser(
+        "sd", run, _cfg(1, batch_size=2), components=tiny_runs, size="tiny", pool_size=4, eval_n=0,
+        max_objects=1, timestep_weighting="v",
+    )  # fmt: skip
+    assert json.loads((run / "config.json").read_text())["timestep_weighting"] == "v"
+    dest = assemble.assemble("sd", run=run, components=tiny_runs, dest=tmp_path / "shapes-sd")
+    assert json.loads((dest / "training.json").read_text())["timestep_weighting"] == "v"
+    card = (dest / "README.md").read_text()
+    assert "| timestep weighting |" in card and "| v (ε MSE × 1/ᾱ_t) |" in card
+    assert "--timestep-weighting v" in card
+    with pytest.raises(ValueError, match="only 'eps' applies"):
+        denoisers.train_denoiser("flux", tmp_path / "f", _cfg(1), components=tiny_runs, timestep_weighting="v")
+    with pytest.raises(ValueError, match="timestep_weighting 'snr'"):
+        denoisers.train_denoiser("sd", tmp_path / "s", _cfg(1), components=tiny_runs, timestep_weighting="snr")

@@ -66,6 +66,7 @@ def load_denoiser(family: str, run: str | Path) -> tuple[torch.nn.Module, dict[s
         "device": config.get("device"),
         "init_from": config.get("init_from"),
         "object_loss_weight": config.get("object_loss_weight", 1.0),
+        "timestep_weighting": config.get("timestep_weighting", "eps"),
         "train_text_encoder": config.get("train_text_encoder", False),
         "binding_loss_weight": config.get("binding_loss_weight", 0.0),
         # runs older than shapes-clip's binding phase did not record the tower: phase 1 was the only one
@@ -107,6 +108,7 @@ def training_record(info: dict[str, Any]) -> dict[str, Any]:
         "device",
         "init_from",
         "object_loss_weight",
+        "timestep_weighting",
         "train_text_encoder",
         "binding_loss_weight",
         "clip_tower",

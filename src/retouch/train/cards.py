@@ -216,6 +216,8 @@ def _phase_flags(rec: dict[str, Any]) -> str:
         flags += f" --offset-noise {offset['strength']} --offset-from {offset.get('from_step', 0)}"
     if (rec.get("object_loss_weight") or 1.0) != 1.0:
         flags += f" --object-loss-weight {rec['object_loss_weight']}"
+    if (rec.get("timestep_weighting") or "eps") != "eps":
+        flags += f" --timestep-weighting {rec['timestep_weighting']}"
     if rec.get("train_text_encoder"):
         flags += " --train-text-encoder"
     if rec.get("binding_loss_weight"):
@@ -223,14 +225,29 @@ def _phase_flags(rec: dict[str, Any]) -> str:
     return flags
 
 
+def _weighting_note(phases: list[dict[str, Any]]) -> str:
+    if all((rec.get("timestep_weighting") or "eps") == "eps" for rec in phases):
+        return ""
+    return (
+        "\n* Timestep weighting `v` (`--timestep-weighting v`, `retouch.train.denoisers.timestep_weights`): each "
+        "sample's ε error weighs 1/ᾱ_t, i.e. the v-prediction loss of the same ε-parameterised model, so that the "
+        "high-noise steps where a sample's layout is decided count."
+    )
+
+
+_WEIGHTING_TEXT = {"eps": "ε MSE", "v": "v (ε MSE × 1/ᾱ_t)"}
+
+
 def _phases_table(phases: list[dict[str, Any]], family: str = "pixart") -> str:
     """One row per phase. The text column: for SD, which shapes-clip text tower the phase trained on (records
     older than the tower's binding phase lack the key: phase 1); else whether the T5 trained."""
     text_column = "CLIP text tower" if family == "sd" else "T5"
+    # the ε-loss timestep weighting gets a column once a phase used one other than the plain ε MSE
+    weighted = any((rec.get("timestep_weighting") or "eps") != "eps" for rec in phases)
     lines = [
-        f"| phase | device | world | steps | batch | lr | EMA | object loss weight | offset noise | {text_column} "
-        "| wall (min) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        f"| phase | device | world | steps | batch | lr | EMA | object loss weight | offset noise | "
+        f"{'timestep weighting | ' if weighted else ''}{text_column} | wall (min) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if weighted else ""),
     ]
     for i, rec in enumerate(phases, 1):
         train = rec.get("train") or {}
@@ -244,7 +261,8 @@ def _phases_table(phases: list[dict[str, Any]], family: str = "pixart") -> str:
         lines.append(
             f"| {i} | {rec.get('device') or 'cpu'} | {world} | {rec['step']} | {train.get('batch_size')} | "
             f"{train.get('lr')} | {train.get('ema')} | {rec.get('object_loss_weight') or 1.0} | "
-            f"{_offset_text(rec.get('offset_noise') or {})} | {t5} | "
+            f"{_offset_text(rec.get('offset_noise') or {})} | "
+            f"{_WEIGHTING_TEXT[rec.get('timestep_weighting') or 'eps'] + ' | ' if weighted else ''}{t5} | "
             f"{rec['wall_s'] / 60:.0f} |"
         )
     return "\n".join(lines)
@@ -375,7 +393,7 @@ Config: `{json.dumps(info.get("denoiser_config"))}`
   dropped to "" for classifier-free guidance. Held-out evaluation scenes are
   `retouch.train.data.held_out_scenes(n, max_objects=...)` (seeds 7_000_000 + i).
 * Offset noise (see `retouch.train.denoisers.diffusion_loss`) and an object-weighted loss (latent pixels that
-  objects touch weigh more; `--object-loss-weight`) where the phase says so.{_t5_note(family, phases)}
+  objects touch weigh more; `--object-loss-weight`) where the phase says so.{_weighting_note(phases)}{_t5_note(family, phases)}
 * Phases (each later one starts from the EMA weights of the one before; AdamW, constant lr after a linear
   warm-up, seed {train.get("seed")}):
 

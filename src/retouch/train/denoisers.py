@@ -159,6 +159,7 @@ def diffusion_loss(
     g: torch.Generator,
     offset_noise: float = 0.0,
     weight: torch.Tensor | None = None,
+    timestep_weighting: str = "eps",
 ) -> torch.Tensor:
     """One training loss for a batch of clean latents ``z0`` ``[B, C, 16, 16]`` under conditioning ``cond``.
 
@@ -167,6 +168,10 @@ def diffusion_loss(
     mean still shows through the noise (√ᾱ ≈ 0.07 of signal against a noise channel mean of std 1/16); the model then
     reads the background colour from the noise instead of the prompt, and sampling from pure noise gets it
     wrong. Offset noise hides that leak without changing the schedule.
+
+    ``timestep_weighting`` (ε-prediction families; see :func:`timestep_weights`): ``"eps"`` is the plain ε MSE;
+    ``"v"`` weighs each sample's ε error by 1/ᾱ_t (normalised to mean 1 over the schedule), which is the
+    v-prediction loss of the same ε-parameterised model.
     """
     b = z0.shape[0]
     device = z0.device
@@ -183,6 +188,9 @@ def diffusion_loss(
             pred = model(xt, timestep=t, added_cond_kwargs={"resolution": None, "aspect_ratio": None}, **cond).sample[
                 :, : z0.shape[1]
             ]
+        if timestep_weighting != "eps":
+            per_sample = timestep_weights(_alphas_cumprod(pipe), timestep_weighting).to(device)[t].view(b, 1, 1, 1)
+            weight = per_sample if weight is None else weight * per_sample
         return _weighted_mse(pred, noise, weight)
     # flux: rectified flow with logit-normal, shifted t
     s = torch.sigmoid(torch.randn((b,), generator=g, device=device))
@@ -200,8 +208,31 @@ def diffusion_loss(
     return _weighted_mse(pred, target, weight)
 
 
+TIMESTEP_WEIGHTINGS = ("eps", "v")
+
+
+def timestep_weights(alphas_cumprod: torch.Tensor, kind: str) -> torch.Tensor:
+    """Per-timestep weights of the ε MSE, ``[T]``, mean 1 over the schedule.
+
+    ``"eps"``: all 1. ``"v"``: ∝ 1/ᾱ_t. An ε error δ at step t is an x₀ error δ·√(1-ᾱ_t)/√ᾱ_t and a v error
+    δ/√ᾱ_t, so the plain ε loss gives the high-noise steps, where the layout of a sample is decided, almost no
+    weight: on SD 1.x's scaled-linear schedule an ε error at t = 961 moves x₀ 12× more than at t = 0 yet counts
+    the same. Weighing by 1/ᾱ_t trains the v loss instead (what SD 2.x trains) while the model stays
+    ε-parameterised, so the pipeline and every inversion are unchanged.
+    """
+    if kind == "eps":
+        return torch.ones_like(alphas_cumprod)
+    if kind == "v":
+        w = 1.0 / alphas_cumprod
+        return w / w.mean()
+    raise ValueError(f"timestep weighting {kind!r}: expected one of {', '.join(TIMESTEP_WEIGHTINGS)}")
+
+
 def _weighted_mse(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
-    """Mean squared error, weighted per latent pixel (``weight`` ``[B, 1, h, w]``, normalised to mean 1)."""
+    """Mean squared error, weighted per latent pixel (``weight`` ``[B, 1, h, w]`` or ``[B, 1, 1, 1]``).
+
+    The weights are normalised to mean 1 over the batch.
+    """
     if weight is None:
         return F.mse_loss(pred, target)
     return ((pred - target).square() * weight).mean() / weight.mean()
@@ -344,6 +375,7 @@ def train_denoiser(
     offset_from: int = 0,
     init_from: str | Path | None = None,
     object_loss_weight: float = 1.0,
+    timestep_weighting: str = "eps",
     train_text_encoder: bool = False,
     binding_loss_weight: float = 0.0,
     device: torch.device | None = None,
@@ -364,6 +396,7 @@ def train_denoiser(
         object_loss_weight: weight of the loss on latent pixels that objects touch, relative to background
             ones (1 = plain MSE). Objects cover a few percent of a scene, so an unweighted loss is dominated by
             the background; shape and fill are carried by the object pixels.
+        timestep_weighting: ``"eps"`` or ``"v"`` (SD and PixArt; see :func:`timestep_weights`).
         train_text_encoder: fine-tune the T5 (PixArt, Flux) jointly with the denoiser, same optimiser and EMA;
             its EMA weights go to ``out/final_t5``. PixArt and Flux runs always write ``final_t5`` (the T5 their
             denoiser was trained on: from ``init_from`` when that folder has one) and ``assemble`` uses it.
@@ -376,6 +409,10 @@ def train_denoiser(
         )
     if binding_loss_weight and not train_text_encoder:
         raise ValueError("binding_loss_weight needs train_text_encoder (the loss trains the T5)")
+    if timestep_weighting not in TIMESTEP_WEIGHTINGS:
+        raise ValueError(f"timestep_weighting {timestep_weighting!r}: expected one of {', '.join(TIMESTEP_WEIGHTINGS)}")
+    if timestep_weighting != "eps" and family == "flux":
+        raise ValueError("timestep_weighting: flux trains a velocity with its own timestep density; only 'eps' applies")
     device = device or torch.device("cpu")
     run = RunDir(Path(out))
     comps = copy.copy(load_components(components, device))
@@ -406,6 +443,7 @@ def train_denoiser(
             "offset_noise": {"strength": offset_noise, "from_step": offset_from},
             "init_from": init_record,
             "object_loss_weight": object_loss_weight,
+            "timestep_weighting": timestep_weighting,
             "train_text_encoder": train_text_encoder,
             "binding_loss_weight": binding_loss_weight,
             "clip_tower": clip_tower(components),
@@ -436,7 +474,9 @@ def train_denoiser(
         cond = _conditioning(pipe, family, prompts, device, grad=train_text_encoder)
         offset = offset_noise if step >= offset_from else 0.0
         g = step_generator(cfg.seed, step, device)
-        loss = diffusion_loss(family, model, pipe, z0, cond, g, offset_noise=offset, weight=weight)
+        loss = diffusion_loss(
+            family, model, pipe, z0, cond, g, offset_noise=offset, weight=weight, timestep_weighting=timestep_weighting
+        )
         if heads is None:
             return loss, {}
         objs = [None if w is None else scenes[i] for i, w in zip(idx, wordings, strict=True)]
