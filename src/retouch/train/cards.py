@@ -372,6 +372,7 @@ def write_pipeline_card(dest: Path, info: dict[str, Any], components: Path, prev
             + f"Inversion → reconstruction PSNR: {bench.get('reconstruction_psnr', float('nan')):.1f} dB "
             + f"({bench.get('inversion', '?')}).\n"
         )
+    loss_notes = _weighting_note(phases) + _t5_note(family, phases)
     text = f"""# shapes-{family}
 
 A small, genuinely trained text-to-image model of ShapesWorld (`retouch.worlds.shapes`), in the stock
@@ -393,7 +394,7 @@ Config: `{json.dumps(info.get("denoiser_config"))}`
   dropped to "" for classifier-free guidance. Held-out evaluation scenes are
   `retouch.train.data.held_out_scenes(n, max_objects=...)` (seeds 7_000_000 + i).
 * Offset noise (see `retouch.train.denoisers.diffusion_loss`) and an object-weighted loss (latent pixels that
-  objects touch weigh more; `--object-loss-weight`) where the phase says so.{_weighting_note(phases)}{_t5_note(family, phases)}
+  objects touch weigh more; `--object-loss-weight`) where the phase says so.{loss_notes}
 * Phases (each later one starts from the EMA weights of the one before; AdamW, constant lr after a linear
   warm-up, seed {train.get("seed")}):
 
