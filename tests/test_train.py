@@ -449,9 +449,34 @@ def test_timestep_weighting_is_recorded_and_carried_to_the_card(tiny_runs, tmp_p
     dest = assemble.assemble("sd", run=run, components=tiny_runs, dest=tmp_path / "shapes-sd")
     assert json.loads((dest / "training.json").read_text())["timestep_weighting"] == "v"
     card = (dest / "README.md").read_text()
-    assert "| timestep weighting |" in card and "| v (ε MSE × 1/ᾱ_t) |" in card
+    assert "| timestep weighting |" in card and "| v (t ∝ 1/ᾱ_t) |" in card
     assert "--timestep-weighting v" in card
     with pytest.raises(ValueError, match="only 'eps' applies"):
         denoisers.train_denoiser("flux", tmp_path / "f", _cfg(1), components=tiny_runs, timestep_weighting="v")
     with pytest.raises(ValueError, match="timestep_weighting 'snr'"):
         denoisers.train_denoiser("sd", tmp_path / "s", _cfg(1), components=tiny_runs, timestep_weighting="snr")
+
+
+def test_v_weighting_draws_high_noise_timesteps():
+    """With "v" the loss draws t ∝ 1/ᾱ_t (the weights as importance sampling): most draws fall where the layout
+    is decided; "eps" draws t uniformly."""
+    from types import SimpleNamespace
+
+    from diffusers import DDIMScheduler
+
+    from retouch.train.denoisers import diffusion_loss
+
+    seen: list[torch.Tensor] = []
+
+    def model(xt, t, **cond):
+        seen.append(t)
+        return SimpleNamespace(sample=torch.zeros_like(xt))
+
+    sched = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    pipe = SimpleNamespace(scheduler=sched)
+    z0 = torch.zeros(4000, 1, 2, 2)
+    for kind in ("eps", "v"):
+        diffusion_loss("sd", model, pipe, z0, {}, torch.Generator().manual_seed(0), timestep_weighting=kind)
+    uniform, v = (t.float() for t in seen)
+    assert abs(float(uniform.mean()) - 499.5) < 15 and abs(float((uniform >= 700).float().mean()) - 0.3) < 0.03
+    assert abs(float((v >= 700).float().mean()) - 0.896) < 0.02 and float((v < 500).float().mean()) < 0.06

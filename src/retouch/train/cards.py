@@ -229,13 +229,13 @@ def _weighting_note(phases: list[dict[str, Any]]) -> str:
     if all((rec.get("timestep_weighting") or "eps") == "eps" for rec in phases):
         return ""
     return (
-        "\n* Timestep weighting `v` (`--timestep-weighting v`, `retouch.train.denoisers.timestep_weights`): each "
-        "sample's ε error weighs 1/ᾱ_t, i.e. the v-prediction loss of the same ε-parameterised model, so that the "
-        "high-noise steps where a sample's layout is decided count."
+        "\n* Timestep weighting `v` (`--timestep-weighting v`, `retouch.train.denoisers.timestep_weights`): t is "
+        "drawn ∝ 1/ᾱ_t, i.e. the v-prediction loss of the same ε-parameterised model, so that the high-noise "
+        "steps where a sample's layout is decided count."
     )
 
 
-_WEIGHTING_TEXT = {"eps": "ε MSE", "v": "v (ε MSE × 1/ᾱ_t)"}
+_WEIGHTING_TEXT = {"eps": "ε MSE", "v": "v (t ∝ 1/ᾱ_t)"}
 
 
 def _phases_table(phases: list[dict[str, Any]], family: str = "pixart") -> str:

@@ -169,9 +169,11 @@ def diffusion_loss(
     reads the background colour from the noise instead of the prompt, and sampling from pure noise gets it
     wrong. Offset noise hides that leak without changing the schedule.
 
-    ``timestep_weighting`` (ε-prediction families; see :func:`timestep_weights`): ``"eps"`` is the plain ε MSE;
-    ``"v"`` weighs each sample's ε error by 1/ᾱ_t (normalised to mean 1 over the schedule), which is the
-    v-prediction loss of the same ε-parameterised model.
+    ``timestep_weighting`` (ε-prediction families; see :func:`timestep_weights`): ``"eps"`` is the plain ε MSE
+    at uniform t; ``"v"`` is the v-prediction loss of the same ε-parameterised model, i.e. the ε error weighed by
+    1/ᾱ_t, drawn as importance sampling: t ∝ 1/ᾱ_t and the plain ε MSE. Same expected gradient (up to a
+    constant) as weighing uniform draws, but a batch's samples are spent where the weight is: under uniform
+    draws 70% of them (t < 700) would carry 10% of the weight.
     """
     b = z0.shape[0]
     device = z0.device
@@ -179,7 +181,11 @@ def diffusion_loss(
     if offset_noise > 0 and family in ("sd", "pixart"):
         noise = noise + offset_noise * torch.randn((b, z0.shape[1], 1, 1), generator=g, device=device)
     if family in ("sd", "pixart"):
-        t = torch.randint(0, 1000, (b,), generator=g, device=device)
+        if timestep_weighting == "eps":
+            t = torch.randint(0, 1000, (b,), generator=g, device=device)
+        else:
+            density = timestep_weights(_alphas_cumprod(pipe), timestep_weighting).to(device)
+            t = torch.multinomial(density, b, replacement=True, generator=g)
         a = _alphas_cumprod(pipe).to(device)[t].view(b, 1, 1, 1)
         xt = a.sqrt() * z0 + (1 - a).sqrt() * noise
         if family == "sd":
@@ -188,9 +194,6 @@ def diffusion_loss(
             pred = model(xt, timestep=t, added_cond_kwargs={"resolution": None, "aspect_ratio": None}, **cond).sample[
                 :, : z0.shape[1]
             ]
-        if timestep_weighting != "eps":
-            per_sample = timestep_weights(_alphas_cumprod(pipe), timestep_weighting).to(device)[t].view(b, 1, 1, 1)
-            weight = per_sample if weight is None else weight * per_sample
         return _weighted_mse(pred, noise, weight)
     # flux: rectified flow with logit-normal, shifted t
     s = torch.sigmoid(torch.randn((b,), generator=g, device=device))
@@ -212,7 +215,7 @@ TIMESTEP_WEIGHTINGS = ("eps", "v")
 
 
 def timestep_weights(alphas_cumprod: torch.Tensor, kind: str) -> torch.Tensor:
-    """Per-timestep weights of the ε MSE, ``[T]``, mean 1 over the schedule.
+    """Per-timestep weights of the ε MSE, ``[T]``, mean 1 over the schedule (training draws t in proportion).
 
     ``"eps"``: all 1. ``"v"``: ∝ 1/ᾱ_t. An ε error δ at step t is an x₀ error δ·√(1-ᾱ_t)/√ᾱ_t and a v error
     δ/√ᾱ_t, so the plain ε loss gives the high-noise steps, where the layout of a sample is decided, almost no
