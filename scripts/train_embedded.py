@@ -95,6 +95,12 @@ def main(argv: list[str] | None = None) -> None:
         default=10.0,
         help="clip-bind: weight of the loss keeping the pooled text embedding where phase 1 left it",
     )
+    p.add_argument(
+        "--scene-weight",
+        type=float,
+        default=0.0,
+        help="clip-bind: weight of the binding loss on the scene labels (background pattern and colour, style)",
+    )
     p.add_argument("--init-from", type=Path, help="denoisers: start a new run from this model's weights")
     p.add_argument("--components", type=Path, default=RUNS, help="runs directory with vae/clip/t5 final folders")
     p.add_argument("--family", choices=["sd", "pixart", "flux", "clip"], help="assemble: which model")
@@ -144,6 +150,7 @@ def main(argv: list[str] | None = None) -> None:
             clip=args.clip_from or RUNS / "clip" / "final",
             resume=args.resume,
             anchor_weight=args.anchor_weight,
+            scene_weight=args.scene_weight,
             device=device,
         )
     elif args.stage == "t5":

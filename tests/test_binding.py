@@ -130,3 +130,34 @@ def test_binding_loss_trains_heads_on_token_states():
 def test_attribute_vocabularies_match_the_world():
     assert binding.ATTRIBUTES["shape"] == tuple(shapes.SHAPES)
     assert set(binding.ATTRIBUTES["position"]) == set(shapes.POSITIONS)
+
+
+@pytest.mark.parametrize("layout", ["objects first", "background first"])
+def test_scene_labels_follow_the_background_and_style_words(tmp_path_factory, layout):
+    """Causal scene labels: a token carries the background pattern once it has read the pattern word, the colour
+    once it has read the colour word, the style once it has read the style, and keeps them to the caption's
+    end; bidirectional labels cover the words' phrases only. Both layouts of the grammar."""
+    from transformers import CLIPTokenizerFast
+
+    from retouch.train import text as text_stage
+
+    path = tmp_path_factory.mktemp("cliptok")
+    text_stage.build_tokenizers(path)
+    tok = CLIPTokenizerFast.from_pretrained(str(path / "clip"))
+    scene = _scene()
+    wording = captions.Wording(layout=layout)
+    caption = captions.caption(scene, wording=wording)
+    labels = binding.scene_labels(tok, [caption], [scene], [wording], 77, causal=True)[0]
+    words = [t.removesuffix("</w>") for t in tok.convert_ids_to_tokens(tok(caption)["input_ids"])][1:-1]
+    asked = ("checkered", "gray", "flat")
+    want = [binding.SCENE_ATTRIBUTES[a].index(v) for a, v in zip(binding.SCENE_ATTRIBUTES, asked, strict=True)]
+    ig = binding.IGNORE
+    rows = labels[1 : 1 + len(words)].tolist()
+    at = {w: words.index(w) for w in ("checkered", "gray", "flat")}
+    for i, row in enumerate(rows):
+        assert row == [want[k] if i >= at[w] else ig for k, w in enumerate(("checkered", "gray", "flat"))], words[i]
+    assert bool((labels[1 + len(words) :] == ig).all())  # end token and padding
+    full = binding.scene_labels(tok, [caption], [scene], [wording], 77)[0][1 : 1 + len(words)].tolist()
+    assert full[at["checkered"]] == [want[0], want[1], ig] and full[at["checkered"] - 1][:2] == want[:2]  # "a"
+    assert full[at["flat"]] == [ig, ig, want[2]] and words[at["flat"] + 1] == "style"
+    assert full[at["flat"] + 1] == [ig, ig, ig]

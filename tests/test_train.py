@@ -480,3 +480,19 @@ def test_v_weighting_draws_high_noise_timesteps():
     uniform, v = (t.float() for t in seen)
     assert abs(float(uniform.mean()) - 499.5) < 15 and abs(float((uniform >= 700).float().mean()) - 0.3) < 0.03
     assert abs(float((v >= 700).float().mean()) - 0.896) < 0.02 and float((v < 500).float().mean()) < 0.06
+
+
+def test_clip_binding_with_scene_labels_reports_them_and_names_the_tower(tiny_runs, tmp_path):
+    from retouch.train import denoisers, text
+
+    runs = tmp_path / "runs"
+    text.train_clip_binding(
+        runs / "clip", _cfg(2, batch_size=4), clip=tiny_runs / "clip" / "final", scene_weight=1.0, eval_n=4
+    )
+    metrics = json.loads((runs / "clip" / "metrics.json").read_text())
+    assert metrics["scene_weight"] == 1.0
+    assert {"bind_background_pattern", "bind_background_colour", "bind_style", "bind_shape"} <= set(metrics)
+    assert "scene" in RunDir(runs / "clip").read_log("curve.jsonl")[-1]
+    assert denoisers.clip_tower(runs) == "phase 2 (binding, scene labels)"
+    (runs / "clip" / "metrics.json").write_text(json.dumps({**metrics, "scene_weight": 0.0}))
+    assert denoisers.clip_tower(runs) == "phase 2 (binding)"

@@ -11,6 +11,11 @@ linear heads, *all* of that object's attributes (shape, colour, size, fill, cell
 carry the cell and the cell tokens the adjectives, so a denoiser attending to either finds the whole object.
 Tokens outside object phrases (background, style, padding) are not supervised. The heads are training-only;
 the shipped T5 stays a stock ``T5EncoderModel``.
+
+Scene labels (:func:`scene_labels`, ``SCENE_ATTRIBUTES``): the same kind of loss for the scene-wide words, the
+background's pattern and colour and the style. shapes-clip's contrastive phase left "lined" and "checkered"
+with almost the same token states (its image tower hardly told the two patterns apart), so SD, which reads
+those states, drew one for the other half the time; these labels make the text tower keep them apart.
 """
 
 from __future__ import annotations
@@ -22,9 +27,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from retouch.worlds import captions
-from retouch.worlds.shapes import COLOURS, FILLS, POSITIONS, SHAPES, SIZES, Scene
+from retouch.worlds.shapes import BACKGROUND_COLOURS, COLOURS, FILLS, PATTERNS, POSITIONS, SHAPES, SIZES, STYLES, Scene
 
-__all__ = ["ATTRIBUTES", "BindingHeads", "attribute_ends", "binding_loss", "object_spans", "token_labels"]
+__all__ = [
+    "ATTRIBUTES",
+    "SCENE_ATTRIBUTES",
+    "BindingHeads",
+    "attribute_ends",
+    "binding_loss",
+    "object_spans",
+    "scene_labels",
+    "token_labels",
+]
 
 ATTRIBUTES: dict[str, tuple[str, ...]] = {
     "shape": tuple(SHAPES),
@@ -33,15 +47,21 @@ ATTRIBUTES: dict[str, tuple[str, ...]] = {
     "fill": tuple(FILLS),
     "position": tuple(POSITIONS),
 }
+SCENE_ATTRIBUTES: dict[str, tuple[str, ...]] = {
+    "background_pattern": tuple(PATTERNS),
+    "background_colour": tuple(BACKGROUND_COLOURS),
+    "style": tuple(STYLES),
+}
 IGNORE = -100
 
 
 class BindingHeads(nn.Module):
-    """One linear classifier per object attribute over a token state."""
+    """One linear classifier per attribute over a token state (``attributes``: ``ATTRIBUTES`` or
+    ``SCENE_ATTRIBUTES``)."""
 
-    def __init__(self, width: int) -> None:
+    def __init__(self, width: int, attributes: dict[str, tuple[str, ...]] = ATTRIBUTES) -> None:
         super().__init__()
-        self.heads = nn.ModuleDict({a: nn.Linear(width, len(v)) for a, v in ATTRIBUTES.items()})
+        self.heads = nn.ModuleDict({a: nn.Linear(width, len(v)) for a, v in attributes.items()})
 
     def forward(self, states: torch.Tensor) -> dict[str, torch.Tensor]:
         return {a: head(states) for a, head in self.heads.items()}
@@ -110,6 +130,56 @@ def token_labels(
                     labels[b, t] = row
                     break
     return labels
+
+
+def _scene_words(scene: Scene, wording: captions.Wording, text: str) -> list[tuple[int, int]]:
+    """Character span, in ``text``, of the word of each scene attribute (``SCENE_ATTRIBUTES`` order) and of
+    the phrase it belongs to: the background's pattern and colour in "a checkered gray background", the
+    style in its style phrase (", pixel art style")."""
+    bg = f"a {scene.background.pattern} {scene.background.colour} background"
+    style = wording.style_form.format(scene.style)
+    at_bg, at_style = text.find(bg), text.rfind(style)
+    if at_bg < 0 or at_style < 0:  # the grammar changed under this function
+        raise ValueError(f"background {bg!r} or style {style!r} not found in caption {text!r}")
+    pattern_end = at_bg + 2 + len(scene.background.pattern)
+    colour_end = pattern_end + 1 + len(scene.background.colour)
+    style_end = at_style + style.index(scene.style) + len(scene.style)
+    return [(at_bg, pattern_end), (at_bg, colour_end), (at_style, style_end)]
+
+
+def scene_labels(
+    tokenizer: Any,
+    texts: list[str],
+    scenes: list[Scene | None],
+    wordings: list[captions.Wording | None],
+    length: int,
+    *,
+    causal: bool = False,
+) -> torch.Tensor:
+    """``(B, length, 3)`` class indices (``SCENE_ATTRIBUTES`` order) of the scene-wide attributes, ``-100`` where
+    a token is not labelled; tokenised as :func:`token_labels`.
+
+    ``causal`` (CLIP's text tower): every token from the end of the attribute's word to the end of the caption
+    is labelled (a token knows what it has read, and the later tokens, which a denoiser also attends to, keep
+    it). Otherwise the tokens of the word's phrase, from its start to the word's end, are."""
+    enc = tokenizer(texts, padding="max_length", max_length=length, truncation=True, return_offsets_mapping=True)
+    labels = torch.full((len(texts), length, len(SCENE_ATTRIBUTES)), IGNORE, dtype=torch.long)
+    for b, (text, scene, wording) in enumerate(zip(texts, scenes, wordings, strict=True)):
+        if scene is None or wording is None:
+            continue
+        words = _scene_words(scene, wording, text)
+        values = [SCENE_ATTRIBUTES[a].index(v) for a, v in zip(SCENE_ATTRIBUTES, _scene_values(scene), strict=True)]
+        for t, (s, e) in enumerate(enc["offset_mapping"][b]):
+            if e <= s:
+                continue  # special or padding token
+            for i, ((lo, hi), value) in enumerate(zip(words, values, strict=True)):
+                if (e >= hi) if causal else (lo <= s < hi):
+                    labels[b, t, i] = value
+    return labels
+
+
+def _scene_values(scene: Scene) -> tuple[str, str, str]:
+    return scene.background.pattern, scene.background.colour, scene.style
 
 
 def binding_loss(

@@ -339,14 +339,18 @@ def starting_t5(family: str, comps: Components, init_from: str | Path | None) ->
 
 def clip_tower(components: str | Path) -> str | None:
     """Which shapes-clip text tower the components hold: ``"phase 2 (binding)"`` after ``clip-bind``,
-    ``"phase 1"`` after the contrastive stage alone, ``None`` when the stage left no metrics (a runs directory
-    rebuilt from the embedded weights)."""
+    ``"phase 2 (binding, scene labels)"`` after ``clip-bind --scene-weight``, ``"phase 1"`` after the
+    contrastive stage alone, ``None`` when the stage left no metrics (a runs directory rebuilt from the embedded
+    weights)."""
     metrics = Path(components) / "clip" / "metrics.json"
     if not metrics.exists():
         return None
     from retouch.train.text import has_binding_phase
 
-    return "phase 2 (binding)" if has_binding_phase(json.loads(metrics.read_text())) else "phase 1"
+    record = json.loads(metrics.read_text())
+    if not has_binding_phase(record):
+        return "phase 1"
+    return "phase 2 (binding, scene labels)" if record.get("scene_weight") else "phase 2 (binding)"
 
 
 def _init_record(source: str | Path | None) -> dict[str, Any] | None:

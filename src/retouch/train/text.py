@@ -297,9 +297,11 @@ def clip_binding_eval(
     tok: Any,
     n: int = 200,
     device: torch.device | None = None,
+    scene_heads: nn.Module | None = None,
 ) -> dict[str, float]:
-    """Token-level binding accuracy (``bind_*``) of ``text_model`` on ``n`` held-out captions with varied
-    wording, and how far its pooled output moved from ``reference``'s (mean cosine, relative squared error)."""
+    """Token-level binding accuracy (``bind_*``; with ``scene_heads`` also of the scene labels) of
+    ``text_model`` on ``n`` held-out captions with varied wording, and how far its pooled output moved from
+    ``reference``'s (mean cosine, relative squared error)."""
     from retouch.train import binding
     from retouch.worlds import captions as grammar
 
@@ -314,6 +316,9 @@ def clip_binding_eval(
     with torch.no_grad():
         out, ref = text_model(input_ids=ids), reference(input_ids=ids)
         _, metrics = binding.binding_loss(heads, out.last_hidden_state, labels)
+        if scene_heads is not None:
+            scene = binding.scene_labels(tok, texts, list(scenes), wordings, CLIP_LENGTH, causal=True)
+            metrics.update(binding.binding_loss(scene_heads, out.last_hidden_state, scene)[1])
         cos = F.cosine_similarity(out.pooler_output, ref.pooler_output, dim=-1).mean()
         rel = _relative_sq_error(out.pooler_output, ref.pooler_output)
     return {**metrics, "pooled_cosine": float(cos), "pooled_rel_sq_error": float(rel)}
@@ -326,6 +331,7 @@ def train_clip_binding(
     clip: str | Path,
     resume: bool = True,
     anchor_weight: float = 10.0,
+    scene_weight: float = 0.0,
     eval_n: int = 200,
     device: torch.device | None = None,
 ) -> CLIPModel:
@@ -334,8 +340,10 @@ def train_clip_binding(
 
     Loss: :func:`retouch.train.binding.binding_loss` on the last hidden states with causal labels (a token
     predicts the attributes of its object that it has read), plus ``anchor_weight`` × the squared error of the
-    pooled output relative to the frozen phase-1 tower's. The image tower and projections do not change.
-    Writes ``out/final`` (the whole CLIPModel + tokenizer + image processor) and ``metrics.json``.
+    pooled output relative to the frozen phase-1 tower's, plus ``scene_weight`` × the same binding loss on the
+    scene labels (:func:`retouch.train.binding.scene_labels`: background pattern and colour, style; 0 = off).
+    The image tower and projections do not change. Writes ``out/final`` (the whole CLIPModel + tokenizer +
+    image processor) and ``metrics.json``.
     """
     from transformers import CLIPTokenizerFast
 
@@ -349,7 +357,11 @@ def train_clip_binding(
     text = model.text_model.requires_grad_(True).train()
     tok = CLIPTokenizerFast.from_pretrained(str(clip))  # offsets for the labels; same ids as the slow tokenizer
     clip_tok = CLIPTokenizer.from_pretrained(str(clip))
-    heads = binding.BindingHeads(model.config.text_config.hidden_size).to(device)
+    width = model.config.text_config.hidden_size
+    heads = binding.BindingHeads(width).to(device)
+    modules: dict[str, nn.Module] = {"text": text, "heads": heads}
+    if scene_weight > 0:
+        modules["scene_heads"] = binding.BindingHeads(width, binding.SCENE_ATTRIBUTES).to(device)
     # phase 1 as it was: its run's record (when ``clip`` is a run's ``final``) and the same evaluation, now
     parent = Path(clip).parent / "metrics.json"
     phase1 = json.loads(parent.read_text()) if Path(clip).name == "final" and parent.exists() else {}
@@ -369,16 +381,23 @@ def train_clip_binding(
             ref = reference(input_ids=ids).pooler_output
         bind, metrics = binding.binding_loss(heads, res.last_hidden_state, labels)
         anchor = _relative_sq_error(res.pooler_output, ref)
-        return bind + anchor_weight * anchor, {
-            "binding": float(bind.detach()),
-            "anchor": float(anchor.detach()),
-            **metrics,
-        }
+        loss = bind + anchor_weight * anchor
+        parts = {"binding": float(bind.detach()), "anchor": float(anchor.detach())}
+        if "scene_heads" in modules:
+            scene = binding.scene_labels(tok, texts, scenes, wordings, CLIP_LENGTH, causal=True)[:, : ids.shape[1]]
+            scene_loss, scene_metrics = binding.binding_loss(modules["scene_heads"], res.last_hidden_state, scene)
+            loss = loss + scene_weight * scene_loss
+            parts["scene"] = float(scene_loss.detach())
+            metrics.update(scene_metrics)
+        return loss, {**parts, **metrics}
 
-    def eval_fn(step: int, modules: dict[str, nn.Module]) -> dict[str, float]:
-        return clip_binding_eval(modules["text"], reference, modules["heads"], tok, n=min(eval_n, 100), device=device)
+    def eval_fn(step: int, trained: dict[str, nn.Module]) -> dict[str, float]:
+        return clip_binding_eval(
+            trained["text"], reference, trained["heads"], tok, n=min(eval_n, 100), device=device,
+            scene_heads=trained.get("scene_heads"),
+        )  # fmt: skip
 
-    result = train_loop(run, {"text": text, "heads": heads}, loss_fn, cfg, resume=resume, eval_fn=eval_fn)
+    result = train_loop(run, modules, loss_fn, cfg, resume=resume, eval_fn=eval_fn)
     trained = result["ema"]["text"]
     model.text_model.load_state_dict(trained.state_dict())
     model.eval()
@@ -387,9 +406,18 @@ def train_clip_binding(
         "wall_s": round(result["wall_s"], 1),
         "train": dict(cfg.__dict__),
         "anchor_weight": anchor_weight,
+        "scene_weight": scene_weight,
         "from": str(clip),
         "phase1": phase1,
-        **clip_binding_eval(model.text_model, reference, result["ema"]["heads"], tok, n=eval_n, device=device),
+        **clip_binding_eval(
+            model.text_model,
+            reference,
+            result["ema"]["heads"],
+            tok,
+            n=eval_n,
+            device=device,
+            scene_heads=result["ema"].get("scene_heads"),
+        ),  # fmt: skip
         **clip_eval(model, clip_tok, n=eval_n, device=device),
     }
     final = run.path / "final"
