@@ -483,9 +483,13 @@ def test_v_weighting_draws_high_noise_timesteps():
 
 
 def test_clip_binding_with_scene_labels_reports_them_and_names_the_tower(tiny_runs, tmp_path):
-    from retouch.train import denoisers, text
+    import shutil
+
+    from retouch.train import assemble, denoisers, text
 
     runs = tmp_path / "runs"
+    for stage in ("tokenizers", "vae", "t5"):
+        shutil.copytree(tiny_runs / stage, runs / stage)
     text.train_clip_binding(
         runs / "clip", _cfg(2, batch_size=4), clip=tiny_runs / "clip" / "final", scene_weight=1.0, eval_n=4
     )
@@ -494,5 +498,7 @@ def test_clip_binding_with_scene_labels_reports_them_and_names_the_tower(tiny_ru
     assert {"bind_background_pattern", "bind_background_colour", "bind_style", "bind_shape"} <= set(metrics)
     assert "scene" in RunDir(runs / "clip").read_log("curve.jsonl")[-1]
     assert denoisers.clip_tower(runs) == "phase 2 (binding, scene labels)"
+    card = (assemble.assemble_clip(runs, dest=tmp_path / "shapes-clip") / "README.md").read_text()
+    assert "--scene-weight 1.0" in card and "bind_" not in card and "background_pattern" in card
     (runs / "clip" / "metrics.json").write_text(json.dumps({**metrics, "scene_weight": 0.0}))
     assert denoisers.clip_tower(runs) == "phase 2 (binding)"

@@ -53,16 +53,29 @@ def _zero_shot(metrics: dict[str, Any]) -> str:
     return ", ".join(f"{k[3:]} {100 * v:.0f}%" for k, v in metrics.items() if k.startswith("zs_"))
 
 
+def _bind_flags(clip: dict[str, Any]) -> str:
+    """``clip-bind`` flags of a binding phase's record beyond the common ones."""
+    flags = f"--anchor-weight {clip['anchor_weight']}"
+    return flags + (f" --scene-weight {clip['scene_weight']}" if clip.get("scene_weight") else "")
+
+
+_SCENE_LABELS_NOTE = (
+    "the scene-wide words (background pattern and colour, style) label every later token the same way, so that "
+    '"lined" and "checkered", which phase 1 left with almost the same token states, come apart'
+)
+
+
 def _clip_phase2_bullet(clip: dict[str, Any]) -> str:
     """The components-section line on shapes-clip's binding phase (empty when the CLIP had none)."""
     if not has_binding_phase(clip):
         return ""
     bind = ", ".join(f"{k[5:]} {100 * v:.0f}%" for k, v in clip.items() if k.startswith("bind_"))
     steps, minutes = clip.get("step", "?"), clip.get("wall_s", 0) / 60
+    scene = f"\n    With `--scene-weight`, {_SCENE_LABELS_NOTE}." if clip.get("scene_weight") else ""
     return f"""  * Phase 2 (`clip-bind`, {steps} steps, {minutes:.0f} CPU-min; the figures above are phase 1's): the
     text tower alone was fine-tuned so that an object phrase's tokens carry that object's attributes
     (auxiliary binding loss, causal labels), its pooled output anchored to phase 1's; the image tower is
-    unchanged.
+    unchanged.{scene}
   * Token binding accuracy on 200 held-out captions: {bind}.
   * Pooled output vs. phase 1: mean cosine {clip.get("pooled_cosine", float("nan")):.4f}.
   * After phase 2: zero-shot {_zero_shot(clip)}; retrieval image→text {100 * clip.get("i2t_top1", 0):.0f}%.
@@ -134,7 +147,7 @@ def _clip_commands(commands: list[str], clip: dict[str, Any]) -> list[str]:
         return commands
     bind = (
         "python scripts/train_embedded.py clip-bind --out runs/clip --clip-from runs/clip-1/final "
-        f"{_stage_flags(clip, '3000 --batch-size 64')} --anchor-weight {clip['anchor_weight']}"
+        f"{_stage_flags(clip, '3000 --batch-size 64')} {_bind_flags(clip)}"
     )
     out = []
     for c in commands:
@@ -474,13 +487,18 @@ def write_clip_card(dest: Path, components: Path, previous: str | None = None) -
         cos, rel = phase2.get("pooled_cosine", float("nan")), phase2.get("pooled_rel_sq_error", float("nan"))
         steps, batch, minutes = phase2.get("step", "?"), p2.get("batch_size", "?"), phase2.get("wall_s", 0) / 60
         lr, decay = p2.get("lr", "?"), p2.get("decay", "?")
+        scene = (
+            f" With `--scene-weight {phase2['scene_weight']}`, {_SCENE_LABELS_NOTE}."
+            if phase2.get("scene_weight")
+            else ""
+        )
         phase2_md = f"""* Phase 2 (`clip-bind`): {steps} steps, batch {batch}, AdamW lr {lr} ({decay});
   {minutes:.0f} CPU-min. Only the text tower trains.
   * Why: Stable Diffusion's UNet reads every token state of this tower, but phase 1's contrastive loss shapes
     only the pooled one.
   * Binding loss (`retouch.train.binding`): each token of an object's phrase predicts the attributes of that
     object it has already read (the tower is causal), through linear heads kept out of this folder; the
-    phrase's last token carries all of them. Token accuracy on 200 held-out captions:
+    phrase's last token carries all of them.{scene} Token accuracy on 200 held-out captions:
     {bind}.
   * Anchor ({phase2["anchor_weight"]} × relative squared error): the pooled output (the joint-space
     embedding and Flux's pooled input) stays where phase 1 left it: mean cosine {cos:.4f}, relative squared
@@ -489,7 +507,7 @@ def write_clip_card(dest: Path, components: Path, previous: str | None = None) -
         retrain = (
             "Retrain: `HF_HUB_OFFLINE=1 python scripts/train_embedded.py clip --out runs/clip-1`, then\n"
             "`python scripts/train_embedded.py clip-bind --out runs/clip --clip-from runs/clip-1/final "
-            f"{_stage_flags(phase2, '3000 --batch-size 64')} --anchor-weight {phase2['anchor_weight']}`, then\n"
+            f"{_stage_flags(phase2, '3000 --batch-size 64')} {_bind_flags(phase2)}`, then\n"
             "`python scripts/train_embedded.py assemble --family clip`."
         )
     text = f"""# shapes-clip
