@@ -101,6 +101,13 @@ def main(argv: list[str] | None = None) -> None:
         default=0.0,
         help="clip-bind: weight of the binding loss on the scene labels (background pattern and colour, style)",
     )
+    p.add_argument("--init-text-from", type=Path, help="clip-bind: start the text tower from this shapes-clip folder")
+    p.add_argument(
+        "--token-anchor-weight",
+        type=float,
+        default=0.0,
+        help="clip-bind: weight of the loss keeping every token state where the starting tower had it",
+    )
     p.add_argument("--init-from", type=Path, help="denoisers: start a new run from this model's weights")
     p.add_argument("--components", type=Path, default=RUNS, help="runs directory with vae/clip/t5 final folders")
     p.add_argument("--family", choices=["sd", "pixart", "flux", "clip"], help="assemble: which model")
@@ -151,6 +158,8 @@ def main(argv: list[str] | None = None) -> None:
             resume=args.resume,
             anchor_weight=args.anchor_weight,
             scene_weight=args.scene_weight,
+            init_text=args.init_text_from,
+            token_anchor_weight=args.token_anchor_weight,
             device=device,
         )
     elif args.stage == "t5":

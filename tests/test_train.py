@@ -502,3 +502,45 @@ def test_clip_binding_with_scene_labels_reports_them_and_names_the_tower(tiny_ru
     assert "--scene-weight 1.0" in card and "bind_" not in card and "background_pattern" in card
     (runs / "clip" / "metrics.json").write_text(json.dumps({**metrics, "scene_weight": 0.0}))
     assert denoisers.clip_tower(runs) == "phase 2 (binding)"
+
+
+def test_clip_binding_can_continue_a_tower_with_its_token_states_anchored(tiny_runs, tmp_path):
+    """--init-text-from starts the tower from an earlier binding run's; the token anchor keeps its states (far
+    closer than without it); the record names that run, and the card's retrain commands run both."""
+    import shutil
+
+    from transformers import CLIPModel, CLIPTokenizer
+
+    from retouch.train import assemble, data, text
+
+    runs = tmp_path / "runs"
+    for stage in ("tokenizers", "vae", "t5"):
+        shutil.copytree(tiny_runs / stage, runs / stage)
+    phase1 = tiny_runs / "clip" / "final"
+    text.train_clip_binding(tmp_path / "clip-2", _cfg(2, batch_size=4, lr=3e-3), clip=phase1, eval_n=4)
+    earlier = tmp_path / "clip-2" / "final"
+    common = dict(clip=phase1, scene_weight=1.0, init_text=earlier, eval_n=4)
+    text.train_clip_binding(runs / "clip", _cfg(20, batch_size=6, lr=3e-3), token_anchor_weight=100.0, **common)
+    text.train_clip_binding(tmp_path / "loose", _cfg(20, batch_size=6, lr=3e-3), **common)
+    metrics = json.loads((runs / "clip" / "metrics.json").read_text())
+    loose = json.loads((tmp_path / "loose" / "metrics.json").read_text())
+    assert metrics["init_text"] == str(earlier) and metrics["init_text_run"]["step"] == 2
+    assert metrics["token_anchor_weight"] == 100.0 and "phase1" not in metrics["init_text_run"]
+    assert "token_rel_sq_error" not in loose  # no anchor, nothing measured against the start
+    ids = CLIPTokenizer.from_pretrained(str(earlier))(
+        [data.caption_of(sc) for sc in data.held_out_scenes(8)], padding=True, return_tensors="pt"
+    ).input_ids
+
+    def states(path):
+        with torch.no_grad():
+            return CLIPModel.from_pretrained(str(path)).text_model(input_ids=ids).last_hidden_state
+
+    start = states(earlier)
+    moved = {k: float((states(p) - start).square().sum() / start.square().sum()) for k, p in
+             {"anchored": runs / "clip" / "final", "loose": tmp_path / "loose" / "final"}.items()}  # fmt: skip
+    assert 0 < moved["anchored"] < 0.5 * moved["loose"]
+    assert metrics["token_rel_sq_error"] < 0.5 * moved["loose"]
+    card = (assemble.assemble_clip(runs, dest=tmp_path / "shapes-clip") / "README.md").read_text()
+    assert "clip-bind --out runs/clip-2 --clip-from runs/clip-1/final" in card
+    assert "--init-text-from runs/clip-2/final --token-anchor-weight 100.0" in card
+    assert "It continued the tower of an earlier binding run (2 steps without scene labels)" in card

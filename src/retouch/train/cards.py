@@ -53,16 +53,41 @@ def _zero_shot(metrics: dict[str, Any]) -> str:
     return ", ".join(f"{k[3:]} {100 * v:.0f}%" for k, v in metrics.items() if k.startswith("zs_"))
 
 
-def _bind_flags(clip: dict[str, Any]) -> str:
-    """``clip-bind`` flags of a binding phase's record beyond the common ones."""
-    flags = f"--anchor-weight {clip['anchor_weight']}"
-    return flags + (f" --scene-weight {clip['scene_weight']}" if clip.get("scene_weight") else "")
+def _bind_commands(clip: dict[str, Any]) -> list[str]:
+    """The ``clip-bind`` command(s) behind a binding phase's record: one, or two when the run continued an
+    earlier binding run's tower (``--init-text-from``, run in ``runs/clip-2``)."""
+    earlier = clip.get("init_text_run") or {}
+    commands = _bind_commands(earlier) if has_binding_phase(earlier) else []
+    if commands:
+        commands = [commands[-1].replace("--out runs/clip ", "--out runs/clip-2 ")]
+    flags = f"{_stage_flags(clip, '3000 --batch-size 64')} --anchor-weight {clip['anchor_weight']}"
+    if clip.get("scene_weight"):
+        flags += f" --scene-weight {clip['scene_weight']}"
+    if commands:
+        flags += f" --init-text-from runs/clip-2/final --token-anchor-weight {clip.get('token_anchor_weight', 0.0)}"
+    return [
+        *commands,
+        f"python scripts/train_embedded.py clip-bind --out runs/clip --clip-from runs/clip-1/final {flags}",
+    ]
 
 
 _SCENE_LABELS_NOTE = (
     "the scene-wide words (background pattern and colour, style) label every later token the same way, so that "
     '"lined" and "checkered", which phase 1 left with almost the same token states, come apart'
 )
+
+
+def _continuation_note(clip: dict[str, Any]) -> str:
+    """A sentence on a binding run that continued an earlier one's tower (empty otherwise)."""
+    earlier = clip.get("init_text_run") or {}
+    if not has_binding_phase(earlier):
+        return ""
+    return (
+        f" It continued the tower of an earlier binding run ({earlier.get('step', '?')} steps"
+        f"{' with' if earlier.get('scene_weight') else ' without'} scene labels), every token state anchored to"
+        f" that tower's ({clip.get('token_anchor_weight')} × relative squared error; moved"
+        f" {clip.get('token_rel_sq_error', float('nan')):.3f}), so that denoisers trained on it still read it."
+    )
 
 
 def _clip_phase2_bullet(clip: dict[str, Any]) -> str:
@@ -72,6 +97,7 @@ def _clip_phase2_bullet(clip: dict[str, Any]) -> str:
     bind = ", ".join(f"{k[5:]} {100 * v:.0f}%" for k, v in clip.items() if k.startswith("bind_"))
     steps, minutes = clip.get("step", "?"), clip.get("wall_s", 0) / 60
     scene = f"\n    With `--scene-weight`, {_SCENE_LABELS_NOTE}." if clip.get("scene_weight") else ""
+    scene += _continuation_note(clip)
     return f"""  * Phase 2 (`clip-bind`, {steps} steps, {minutes:.0f} CPU-min; the figures above are phase 1's): the
     text tower alone was fine-tuned so that an object phrase's tokens carry that object's attributes
     (auxiliary binding loss, causal labels), its pooled output anchored to phase 1's; the image tower is
@@ -145,14 +171,10 @@ def _clip_commands(commands: list[str], clip: dict[str, Any]) -> list[str]:
     commands = [c for c in commands if not c.startswith("python scripts/train_embedded.py clip-bind ")]
     if not has_binding_phase(clip):
         return commands
-    bind = (
-        "python scripts/train_embedded.py clip-bind --out runs/clip --clip-from runs/clip-1/final "
-        f"{_stage_flags(clip, '3000 --batch-size 64')} {_bind_flags(clip)}"
-    )
     out = []
     for c in commands:
         if c.startswith("python scripts/train_embedded.py clip "):
-            out += [c.replace("--out runs/clip ", "--out runs/clip-1 "), bind]
+            out += [c.replace("--out runs/clip ", "--out runs/clip-1 "), *_bind_commands(clip)]
         else:
             out.append(c)
     return out
@@ -491,7 +513,7 @@ def write_clip_card(dest: Path, components: Path, previous: str | None = None) -
             f" With `--scene-weight {phase2['scene_weight']}`, {_SCENE_LABELS_NOTE}."
             if phase2.get("scene_weight")
             else ""
-        )
+        ) + _continuation_note(phase2)
         phase2_md = f"""* Phase 2 (`clip-bind`): {steps} steps, batch {batch}, AdamW lr {lr} ({decay});
   {minutes:.0f} CPU-min. Only the text tower trains.
   * Why: Stable Diffusion's UNet reads every token state of this tower, but phase 1's contrastive loss shapes
@@ -506,9 +528,8 @@ def write_clip_card(dest: Path, components: Path, previous: str | None = None) -
 """
         retrain = (
             "Retrain: `HF_HUB_OFFLINE=1 python scripts/train_embedded.py clip --out runs/clip-1`, then\n"
-            "`python scripts/train_embedded.py clip-bind --out runs/clip --clip-from runs/clip-1/final "
-            f"{_stage_flags(phase2, '3000 --batch-size 64')} {_bind_flags(phase2)}`, then\n"
-            "`python scripts/train_embedded.py assemble --family clip`."
+            + "".join(f"`{c}`, then\n" for c in _bind_commands(phase2))
+            + "`python scripts/train_embedded.py assemble --family clip`."
         )
     text = f"""# shapes-clip
 

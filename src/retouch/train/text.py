@@ -298,10 +298,12 @@ def clip_binding_eval(
     n: int = 200,
     device: torch.device | None = None,
     scene_heads: nn.Module | None = None,
+    start: nn.Module | None = None,
 ) -> dict[str, float]:
     """Token-level binding accuracy (``bind_*``; with ``scene_heads`` also of the scene labels) of
     ``text_model`` on ``n`` held-out captions with varied wording, and how far its pooled output moved from
-    ``reference``'s (mean cosine, relative squared error)."""
+    ``reference``'s (mean cosine, relative squared error); with ``start``, how far its token states moved from
+    that tower's (``token_rel_sq_error``, over the real tokens)."""
     from retouch.train import binding
     from retouch.worlds import captions as grammar
 
@@ -321,6 +323,10 @@ def clip_binding_eval(
             metrics.update(binding.binding_loss(scene_heads, out.last_hidden_state, scene)[1])
         cos = F.cosine_similarity(out.pooler_output, ref.pooler_output, dim=-1).mean()
         rel = _relative_sq_error(out.pooler_output, ref.pooler_output)
+        if start is not None:
+            real = ids != tok.pad_token_id
+            moved = _relative_sq_error(out.last_hidden_state[real], start(input_ids=ids).last_hidden_state[real])
+            metrics["token_rel_sq_error"] = float(moved)
     return {**metrics, "pooled_cosine": float(cos), "pooled_rel_sq_error": float(rel)}
 
 
@@ -332,6 +338,8 @@ def train_clip_binding(
     resume: bool = True,
     anchor_weight: float = 10.0,
     scene_weight: float = 0.0,
+    init_text: str | Path | None = None,
+    token_anchor_weight: float = 0.0,
     eval_n: int = 200,
     device: torch.device | None = None,
 ) -> CLIPModel:
@@ -344,6 +352,12 @@ def train_clip_binding(
     scene labels (:func:`retouch.train.binding.scene_labels`: background pattern and colour, style; 0 = off).
     The image tower and projections do not change. Writes ``out/final`` (the whole CLIPModel + tokenizer +
     image processor) and ``metrics.json``.
+
+    ``init_text``: a shapes-clip folder (an earlier binding run's ``final``) whose text tower starts this run
+    instead of phase 1's; ``token_anchor_weight`` × the relative squared error of every token state against
+    that starting tower's keeps the states a denoiser was trained on (0 = off). This adds the scene labels to
+    a tower SD already reads without moving the rest: a tower re-trained from phase 1 lands elsewhere (token
+    states 1.3× their norm away), and SD's UNet drew nothing right on it.
     """
     from transformers import CLIPTokenizerFast
 
@@ -354,6 +368,9 @@ def train_clip_binding(
     run = RunDir(Path(out))
     model = CLIPModel.from_pretrained(str(clip)).float().to(device).requires_grad_(False)
     reference = copy.deepcopy(model.text_model).eval()  # the frozen phase-1 tower
+    if init_text is not None:
+        model.text_model.load_state_dict(CLIPModel.from_pretrained(str(init_text)).float().text_model.state_dict())
+    start = copy.deepcopy(model.text_model).eval() if token_anchor_weight > 0 else None  # frozen starting tower
     text = model.text_model.requires_grad_(True).train()
     tok = CLIPTokenizerFast.from_pretrained(str(clip))  # offsets for the labels; same ids as the slow tokenizer
     clip_tok = CLIPTokenizer.from_pretrained(str(clip))
@@ -383,6 +400,12 @@ def train_clip_binding(
         anchor = _relative_sq_error(res.pooler_output, ref)
         loss = bind + anchor_weight * anchor
         parts = {"binding": float(bind.detach()), "anchor": float(anchor.detach())}
+        if start is not None:
+            with torch.no_grad():
+                start_states = start(input_ids=ids).last_hidden_state
+            token_anchor = _relative_sq_error(res.last_hidden_state, start_states)
+            loss = loss + token_anchor_weight * token_anchor
+            parts["token_anchor"] = float(token_anchor.detach())
         if "scene_heads" in modules:
             scene = binding.scene_labels(tok, texts, scenes, wordings, CLIP_LENGTH, causal=True)[:, : ids.shape[1]]
             scene_loss, scene_metrics = binding.binding_loss(modules["scene_heads"], res.last_hidden_state, scene)
@@ -394,7 +417,7 @@ def train_clip_binding(
     def eval_fn(step: int, trained: dict[str, nn.Module]) -> dict[str, float]:
         return clip_binding_eval(
             trained["text"], reference, trained["heads"], tok, n=min(eval_n, 100), device=device,
-            scene_heads=trained.get("scene_heads"),
+            scene_heads=trained.get("scene_heads"), start=start,
         )  # fmt: skip
 
     result = train_loop(run, modules, loss_fn, cfg, resume=resume, eval_fn=eval_fn)
@@ -409,6 +432,7 @@ def train_clip_binding(
         "scene_weight": scene_weight,
         "from": str(clip),
         "phase1": phase1,
+        **_init_text_record(init_text, token_anchor_weight),
         **clip_binding_eval(
             model.text_model,
             reference,
@@ -417,7 +441,8 @@ def train_clip_binding(
             n=eval_n,
             device=device,
             scene_heads=result["ema"].get("scene_heads"),
-        ),  # fmt: skip
+            start=start,
+        ),
         **clip_eval(model, clip_tok, n=eval_n, device=device),
     }
     final = run.path / "final"
@@ -427,6 +452,17 @@ def train_clip_binding(
     atomic_write_json(run.path / "metrics.json", metrics)
     logger.info("CLIP binding phase done: %s", metrics)
     return model
+
+
+def _init_text_record(init_text: str | Path | None, token_anchor_weight: float) -> dict[str, Any]:
+    """The metrics keys naming the tower a binding run started from (and that run's own record, for the
+    cards' retrain commands)."""
+    if init_text is None:
+        return {}
+    parent = Path(init_text).parent / "metrics.json"
+    record = json.loads(parent.read_text()) if Path(init_text).name == "final" and parent.exists() else {}
+    record.pop("phase1", None)
+    return {"init_text": str(init_text), "init_text_run": record, "token_anchor_weight": token_anchor_weight}
 
 
 class _T5Head(nn.Module):
