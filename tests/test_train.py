@@ -526,6 +526,9 @@ def test_clip_binding_can_continue_a_tower_with_its_token_states_anchored(tiny_r
     loose = json.loads((tmp_path / "loose" / "metrics.json").read_text())
     assert metrics["init_text"] == str(earlier) and metrics["init_text_run"]["step"] == 2
     assert metrics["token_anchor_weight"] == 100.0 and "phase1" not in metrics["init_text_run"]
+    # phase 1's figures are phase 1's, not those of the tower the run started from
+    first = json.loads((tmp_path / "clip-2" / "metrics.json").read_text())["phase1"]
+    assert {k: metrics["phase1"][k] for k in first} == first
     assert "token_rel_sq_error" not in loose  # no anchor, nothing measured against the start
     ids = CLIPTokenizer.from_pretrained(str(earlier))(
         [data.caption_of(sc) for sc in data.held_out_scenes(8)], padding=True, return_tensors="pt"

@@ -368,21 +368,21 @@ def train_clip_binding(
     run = RunDir(Path(out))
     model = CLIPModel.from_pretrained(str(clip)).float().to(device).requires_grad_(False)
     reference = copy.deepcopy(model.text_model).eval()  # the frozen phase-1 tower
+    tok = CLIPTokenizerFast.from_pretrained(str(clip))  # offsets for the labels; same ids as the slow tokenizer
+    clip_tok = CLIPTokenizer.from_pretrained(str(clip))
+    # phase 1 as it was: its run's record (when ``clip`` is a run's ``final``) and the same evaluation, now
+    parent = Path(clip).parent / "metrics.json"
+    phase1 = json.loads(parent.read_text()) if Path(clip).name == "final" and parent.exists() else {}
+    phase1 = {**phase1, **clip_eval(model, clip_tok, n=eval_n, device=device)}
     if init_text is not None:
         model.text_model.load_state_dict(CLIPModel.from_pretrained(str(init_text)).float().text_model.state_dict())
     start = copy.deepcopy(model.text_model).eval() if token_anchor_weight > 0 else None  # frozen starting tower
     text = model.text_model.requires_grad_(True).train()
-    tok = CLIPTokenizerFast.from_pretrained(str(clip))  # offsets for the labels; same ids as the slow tokenizer
-    clip_tok = CLIPTokenizer.from_pretrained(str(clip))
     width = model.config.text_config.hidden_size
     heads = binding.BindingHeads(width).to(device)
     modules: dict[str, nn.Module] = {"text": text, "heads": heads}
     if scene_weight > 0:
         modules["scene_heads"] = binding.BindingHeads(width, binding.SCENE_ATTRIBUTES).to(device)
-    # phase 1 as it was: its run's record (when ``clip`` is a run's ``final``) and the same evaluation, now
-    parent = Path(clip).parent / "metrics.json"
-    phase1 = json.loads(parent.read_text()) if Path(clip).name == "final" and parent.exists() else {}
-    phase1 = {**phase1, **clip_eval(model, clip_tok, n=eval_n, device=device)}
 
     def loss_fn(step: int) -> tuple[torch.Tensor, dict[str, float]]:
         rng = step_rng(cfg.seed, step)
