@@ -219,9 +219,9 @@ def timestep_weights(alphas_cumprod: torch.Tensor, kind: str) -> torch.Tensor:
 
     ``"eps"``: all 1. ``"v"``: ∝ 1/ᾱ_t. An ε error δ at step t is an x₀ error δ·√(1-ᾱ_t)/√ᾱ_t and a v error
     δ/√ᾱ_t, so the plain ε loss gives the high-noise steps, where the layout of a sample is decided, almost no
-    weight: on SD 1.x's scaled-linear schedule an ε error at t = 961 moves x₀ 12× more than at t = 0 yet counts
-    the same. Weighing by 1/ᾱ_t trains the v loss instead (what SD 2.x trains) while the model stays
-    ε-parameterised, so the pipeline and every inversion are unchanged.
+    weight: on SD 1.x's scaled-linear schedule an ε error δ at t = 961 is an x₀ error of 11.7 δ (at t = 0, of
+    0.03 δ), yet the two count the same. Weighing by 1/ᾱ_t trains the v loss instead (what SD 2.x trains) while
+    the model stays ε-parameterised, so the pipeline and every inversion are unchanged.
     """
     if kind == "eps":
         return torch.ones_like(alphas_cumprod)
