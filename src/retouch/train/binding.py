@@ -20,6 +20,7 @@ those states, drew one for the other half the time; these labels make the text t
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -94,6 +95,19 @@ def attribute_ends(obj: Any, wording: captions.Wording) -> list[int]:
     return [ends[a] for a in ATTRIBUTES]
 
 
+def _captions(
+    tokenizer: Any, texts: list[str], scenes: list[Scene | None], wordings: list[captions.Wording | None], length: int
+) -> Iterator[tuple[int, str, Scene, captions.Wording, list[tuple[int, tuple[int, int]]]]]:
+    """The labelled captions (a ``None`` scene or wording, a dropped caption, is skipped), each with its
+    real tokens' indices and character spans, tokenised exactly as the pipelines do (padding to ``length``,
+    truncation)."""
+    enc = tokenizer(texts, padding="max_length", max_length=length, truncation=True, return_offsets_mapping=True)
+    for b, (text, scene, wording) in enumerate(zip(texts, scenes, wordings, strict=True)):
+        if scene is not None and wording is not None:
+            tokens = [(t, (s, e)) for t, (s, e) in enumerate(enc["offset_mapping"][b]) if e > s]  # no specials, pads
+            yield b, text, scene, wording, tokens
+
+
 def token_labels(
     tokenizer: Any,
     texts: list[str],
@@ -111,17 +125,12 @@ def token_labels(
     labelled with an attribute only once the attribute's word has been read (at or before the token's end);
     the phrase's last token then carries all five. A bidirectional encoder (T5) labels every phrase token with
     all of them."""
-    enc = tokenizer(texts, padding="max_length", max_length=length, truncation=True, return_offsets_mapping=True)
     labels = torch.full((len(texts), length, len(ATTRIBUTES)), IGNORE, dtype=torch.long)
-    for b, (text, scene, wording) in enumerate(zip(texts, scenes, wordings, strict=True)):
-        if scene is None or wording is None:
-            continue
+    for b, text, scene, wording, tokens in _captions(tokenizer, texts, scenes, wordings, length):
         spans = object_spans(scene, wording, text)
         values = [[ATTRIBUTES[a].index(getattr(obj, a)) for a in ATTRIBUTES] for obj in scene.objects]
         ends = [attribute_ends(obj, wording) for obj in scene.objects] if causal else None
-        for t, (s, e) in enumerate(enc["offset_mapping"][b]):
-            if e <= s:
-                continue  # special or padding token
+        for t, (s, e) in tokens:
             for i, ((lo, hi), vals) in enumerate(zip(spans, values, strict=True)):
                 if lo <= s < hi:
                     row = torch.tensor(vals)
@@ -162,16 +171,11 @@ def scene_labels(
     ``causal`` (CLIP's text tower): every token from the end of the attribute's word to the end of the caption
     is labelled (a token knows what it has read, and the later tokens, which a denoiser also attends to, keep
     it). Otherwise the tokens of the word's phrase, from its start to the word's end, are."""
-    enc = tokenizer(texts, padding="max_length", max_length=length, truncation=True, return_offsets_mapping=True)
     labels = torch.full((len(texts), length, len(SCENE_ATTRIBUTES)), IGNORE, dtype=torch.long)
-    for b, (text, scene, wording) in enumerate(zip(texts, scenes, wordings, strict=True)):
-        if scene is None or wording is None:
-            continue
+    for b, text, scene, wording, tokens in _captions(tokenizer, texts, scenes, wordings, length):
         words = _scene_words(scene, wording, text)
         values = [SCENE_ATTRIBUTES[a].index(v) for a, v in zip(SCENE_ATTRIBUTES, _scene_values(scene), strict=True)]
-        for t, (s, e) in enumerate(enc["offset_mapping"][b]):
-            if e <= s:
-                continue  # special or padding token
+        for t, (s, e) in tokens:
             for i, ((lo, hi), value) in enumerate(zip(words, values, strict=True)):
                 if (e >= hi) if causal else (lo <= s < hi):
                     labels[b, t, i] = value
