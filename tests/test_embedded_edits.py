@@ -86,15 +86,18 @@ def _mean(rows: list[dict], method: str, metric: str) -> float:
     return float(np.mean(vals))
 
 
-def test_direct_inversion_keeps_the_background_better_than_ddim_under_p2p(tmp_path):
-    """Held-out ShapesBench colour and object edits (types 6 and 1) on shapes-sd, 25 steps: Direct Inversion's
-    exact source branch keeps the background better than DDIM inversion (PSNR outside the edit mask;
-    measured on 40 such cases: 28.8 vs 26.1 dB, docs/results.md)."""
+def test_direct_inversion_reconstructs_the_source_and_keeps_the_background_as_well_as_ddim(tmp_path):
+    """Held-out ShapesBench colour and object edits (types 6 and 1) on shapes-sd, 25 steps, P2P: Direct
+    Inversion's exact source branch reconstructs the source far better than DDIM inversion under CFG 7.5, and
+    the background outside the edit mask comes out level with DDIM inversion's (measured on 40 such cases:
+    30.1 vs 30.2 dB). On the four-phase model, which drew most captions wrong, Direct Inversion kept it 2.7 dB
+    better (docs/results.md); the six-phase model's DDIM inversion drifts less."""
     rows = _bench(tmp_path, "shapes-sd", "direct+p2p,ddim+p2p", (1, 6), 10, steps=25)
     assert not [r["error"] for r in rows if r["error"]]
-    direct, ddim = _mean(rows, "direct+p2p", "psnr_bg"), _mean(rows, "ddim+p2p", "psnr_bg")
-    assert direct > ddim + 0.5, (direct, ddim)
     assert _mean(rows, "direct+p2p", "recon_psnr") > _mean(rows, "ddim+p2p", "recon_psnr") + 3
+    direct, ddim = _mean(rows, "direct+p2p", "psnr_bg"), _mean(rows, "ddim+p2p", "psnr_bg")
+    assert abs(direct - ddim) < 1.0, (direct, ddim)  # measured on these 10: 29.0 vs 29.3 dB
+    assert _mean(rows, "direct+p2p", "edit_success") >= 0.5  # the six-phase model makes most of these edits
 
 
 def test_colour_edits_on_held_out_cases_are_judged_successful_by_the_oracle(tmp_path):

@@ -260,6 +260,19 @@ def _phase_flags(rec: dict[str, Any]) -> str:
     return flags
 
 
+def _towers_note(family: str, phases: list[dict[str, Any]]) -> str:
+    """For SD phases trained on different shapes-clip text towers: how to re-run the earlier ones."""
+    towers = {rec.get("clip_tower", "phase 1") for rec in phases} if family == "sd" else set()
+    if len(towers) < 2:
+        return ""
+    return (
+        " The phases trained on different shapes-clip text towers (the CLIP text tower column); the commands"
+        " below end with the last tower in `runs/clip`, so an earlier phase is re-run faithfully with"
+        " `--components` naming a runs directory whose `clip/final` is its tower (`runs/clip-1/final` for phase 1,"
+        " `runs/clip-2/final` for the first binding run)."
+    )
+
+
 def _weighting_note(phases: list[dict[str, Any]]) -> str:
     if all((rec.get("timestep_weighting") or "eps") == "eps" for rec in phases):
         return ""
@@ -437,7 +450,7 @@ Config: `{json.dumps(info.get("denoiser_config"))}`
 
   In all **{total_steps} steps**; final training loss
   {info.get("final_loss")}. The world column is the scenes a phase trained on; this folder's `world.json`
-  names the world of the last one.
+  names the world of the last one.{_towers_note(family, phases)}
 
 ## Learning curve of the last phase (oracle attribute accuracy, {_eval_n(evals)} held-out canonical captions)
 
