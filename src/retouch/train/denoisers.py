@@ -232,10 +232,7 @@ def timestep_weights(alphas_cumprod: torch.Tensor, kind: str) -> torch.Tensor:
 
 
 def _weighted_mse(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
-    """Mean squared error, weighted per latent pixel (``weight`` ``[B, 1, h, w]`` or ``[B, 1, 1, 1]``).
-
-    The weights are normalised to mean 1 over the batch.
-    """
+    """Mean squared error, weighted per latent pixel (``weight`` ``[B, 1, h, w]``, normalised to mean 1)."""
     if weight is None:
         return F.mse_loss(pred, target)
     return ((pred - target).square() * weight).mean() / weight.mean()
