@@ -370,10 +370,8 @@ def train_clip_binding(
     reference = copy.deepcopy(model.text_model).eval()  # the frozen phase-1 tower
     tok = CLIPTokenizerFast.from_pretrained(str(clip))  # offsets for the labels; same ids as the slow tokenizer
     clip_tok = CLIPTokenizer.from_pretrained(str(clip))
-    # phase 1 as it was: its run's record (when ``clip`` is a run's ``final``) and the same evaluation, now
-    parent = Path(clip).parent / "metrics.json"
-    phase1 = json.loads(parent.read_text()) if Path(clip).name == "final" and parent.exists() else {}
-    phase1 = {**phase1, **clip_eval(model, clip_tok, n=eval_n, device=device)}
+    # phase 1 as it was: its run's record and the same evaluation, now
+    phase1 = {**_run_record(clip), **clip_eval(model, clip_tok, n=eval_n, device=device)}
     if init_text is not None:
         model.text_model.load_state_dict(CLIPModel.from_pretrained(str(init_text)).float().text_model.state_dict())
     start = copy.deepcopy(model.text_model).eval() if token_anchor_weight > 0 else None  # frozen starting tower
@@ -459,10 +457,15 @@ def _init_text_record(init_text: str | Path | None, token_anchor_weight: float) 
     cards' retrain commands)."""
     if init_text is None:
         return {}
-    parent = Path(init_text).parent / "metrics.json"
-    record = json.loads(parent.read_text()) if Path(init_text).name == "final" and parent.exists() else {}
+    record = _run_record(init_text)
     record.pop("phase1", None)
     return {"init_text": str(init_text), "init_text_run": record, "token_anchor_weight": token_anchor_weight}
+
+
+def _run_record(folder: str | Path) -> dict[str, Any]:
+    """The ``metrics.json`` of the run whose ``final`` is ``folder`` ({} for any other folder)."""
+    parent = Path(folder).parent / "metrics.json"
+    return json.loads(parent.read_text()) if Path(folder).name == "final" and parent.exists() else {}
 
 
 class _T5Head(nn.Module):
