@@ -77,6 +77,12 @@ _SCENE_LABELS_NOTE = (
 )
 
 
+def _scene_note(clip: dict[str, Any]) -> str:
+    """Sentences on a binding run's scene labels and on the tower it continued (empty without either)."""
+    scene = f" With `--scene-weight {clip['scene_weight']}`, {_SCENE_LABELS_NOTE}." if clip.get("scene_weight") else ""
+    return scene + _continuation_note(clip)
+
+
 def _continuation_note(clip: dict[str, Any]) -> str:
     """A sentence on a binding run that continued an earlier one's tower (empty otherwise)."""
     earlier = clip.get("init_text_run") or {}
@@ -96,8 +102,8 @@ def _clip_phase2_bullet(clip: dict[str, Any]) -> str:
         return ""
     bind = ", ".join(f"{k[5:]} {100 * v:.0f}%" for k, v in clip.items() if k.startswith("bind_"))
     steps, minutes = clip.get("step", "?"), clip.get("wall_s", 0) / 60
-    scene = f"\n    With `--scene-weight`, {_SCENE_LABELS_NOTE}." if clip.get("scene_weight") else ""
-    scene += _continuation_note(clip)
+    scene = _scene_note(clip)  # its own line of the bullet, indented as the rest
+    scene = f"\n   {scene}" if scene else ""
     return f"""  * Phase 2 (`clip-bind`, {steps} steps, {minutes:.0f} CPU-min; the figures above are phase 1's): the
     text tower alone was fine-tuned so that an object phrase's tokens carry that object's attributes
     (auxiliary binding loss, causal labels), its pooled output anchored to phase 1's; the image tower is
@@ -522,11 +528,7 @@ def write_clip_card(dest: Path, components: Path, previous: str | None = None) -
         cos, rel = phase2.get("pooled_cosine", float("nan")), phase2.get("pooled_rel_sq_error", float("nan"))
         steps, batch, minutes = phase2.get("step", "?"), p2.get("batch_size", "?"), phase2.get("wall_s", 0) / 60
         lr, decay = p2.get("lr", "?"), p2.get("decay", "?")
-        scene = (
-            f" With `--scene-weight {phase2['scene_weight']}`, {_SCENE_LABELS_NOTE}."
-            if phase2.get("scene_weight")
-            else ""
-        ) + _continuation_note(phase2)
+        scene = _scene_note(phase2)
         phase2_md = f"""* Phase 2 (`clip-bind`): {steps} steps, batch {batch}, AdamW lr {lr} ({decay});
   {minutes:.0f} CPU-min. Only the text tower trains.
   * Why: Stable Diffusion's UNet reads every token state of this tower, but phase 1's contrastive loss shapes
