@@ -243,6 +243,11 @@ def _phases(info: dict[str, Any]) -> list[dict[str, Any]]:
     return chain[::-1]
 
 
+def _weighting(rec: dict[str, Any]) -> str:
+    """A phase's timestep weighting (records older than the option trained the plain ε loss)."""
+    return rec.get("timestep_weighting") or "eps"
+
+
 def _phase_flags(rec: dict[str, Any]) -> str:
     """``train_embedded.py`` flags that reproduce one phase (its steps pinned with ``--stop-at``)."""
     train = rec.get("train") or {}
@@ -257,8 +262,8 @@ def _phase_flags(rec: dict[str, Any]) -> str:
         flags += f" --offset-noise {offset['strength']} --offset-from {offset.get('from_step', 0)}"
     if (rec.get("object_loss_weight") or 1.0) != 1.0:
         flags += f" --object-loss-weight {rec['object_loss_weight']}"
-    if (rec.get("timestep_weighting") or "eps") != "eps":
-        flags += f" --timestep-weighting {rec['timestep_weighting']}"
+    if _weighting(rec) != "eps":
+        flags += f" --timestep-weighting {_weighting(rec)}"
     if rec.get("train_text_encoder"):
         flags += " --train-text-encoder"
     if rec.get("binding_loss_weight"):
@@ -280,7 +285,7 @@ def _towers_note(family: str, phases: list[dict[str, Any]]) -> str:
 
 
 def _weighting_note(phases: list[dict[str, Any]]) -> str:
-    if all((rec.get("timestep_weighting") or "eps") == "eps" for rec in phases):
+    if all(_weighting(rec) == "eps" for rec in phases):
         return ""
     return (
         "\n* Timestep weighting `v` (`--timestep-weighting v`, `retouch.train.denoisers.timestep_weights`): t is "
@@ -297,7 +302,7 @@ def _phases_table(phases: list[dict[str, Any]], family: str = "pixart") -> str:
     older than the tower's binding phase lack the key: phase 1); else whether the T5 trained."""
     text_column = "CLIP text tower" if family == "sd" else "T5"
     # the ε-loss timestep weighting gets a column once a phase used one other than the plain ε MSE
-    weighted = any((rec.get("timestep_weighting") or "eps") != "eps" for rec in phases)
+    weighted = any(_weighting(rec) != "eps" for rec in phases)
     lines = [
         f"| phase | device | world | steps | batch | lr | EMA | object loss weight | offset noise | "
         f"{'timestep weighting | ' if weighted else ''}{text_column} | wall (min) |",
@@ -316,7 +321,7 @@ def _phases_table(phases: list[dict[str, Any]], family: str = "pixart") -> str:
             f"| {i} | {rec.get('device') or 'cpu'} | {world} | {rec['step']} | {train.get('batch_size')} | "
             f"{train.get('lr')} | {train.get('ema')} | {rec.get('object_loss_weight') or 1.0} | "
             f"{_offset_text(rec.get('offset_noise') or {})} | "
-            f"{_WEIGHTING_TEXT[rec.get('timestep_weighting') or 'eps'] + ' | ' if weighted else ''}{t5} | "
+            f"{_WEIGHTING_TEXT[_weighting(rec)] + ' | ' if weighted else ''}{t5} | "
             f"{rec['wall_s'] / 60:.0f} |"
         )
     return "\n".join(lines)
