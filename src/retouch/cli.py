@@ -142,7 +142,7 @@ def methods_info() -> dict[str, Any]:
     from retouch.presets import PRESETS
     from retouch.solvers import SOLVERS
 
-    families = ("sd", "pixart", "sd3", "flux")
+    families = ("sd", "pixart", "sd3", "flux", "flux2", "zimage")
     matrix = {m.name: {f: f in m.families for f in families} for m in (*EDITORS.values(), *PRESETS.values())}
     return {
         "families": list(families),

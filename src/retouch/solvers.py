@@ -133,7 +133,7 @@ SOLVERS: dict[str, Solver] = {
             1,
             1,
             "ddim",
-            ("sd", "pixart", "sd3", "flux"),
+            ("sd", "pixart", "sd3", "flux", "flux2", "zimage"),
             "deterministic DDIM (Euler in the flow parameterisation)",
         ),
         Solver(
@@ -142,17 +142,17 @@ SOLVERS: dict[str, Solver] = {
             2,
             1,
             "dpm",
-            ("sd", "pixart", "sd3", "flux"),
+            ("sd", "pixart", "sd3", "flux", "flux2", "zimage"),
             "multistep DPM-Solver++(2M), data prediction",
         ),
-        Solver("flow_euler", euler_flow_step, 1, 1, "flow", ("sd3", "flux"), "Euler on the rectified-flow ODE"),
+        Solver("flow_euler", euler_flow_step, 1, 1, "flow", ("sd3", "flux", "flux2", "zimage"), "Euler on the rectified-flow ODE"),
         Solver(
             "rf_solver",
             midpoint_flow_step,
             2,
             2,
             "flow",
-            ("sd3", "flux"),
+            ("sd3", "flux", "flux2", "zimage"),
             "RF-Solver: second-order midpoint on the flow ODE",
         ),
         Solver(
@@ -161,7 +161,7 @@ SOLVERS: dict[str, Solver] = {
             2,
             1,
             "flow",
-            ("sd3", "flux"),
+            ("sd3", "flux", "flux2", "zimage"),
             "FireFlow: midpoint with reused velocity, ~1 NFE per step",
         ),
     )

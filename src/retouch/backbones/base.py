@@ -106,6 +106,7 @@ class Backbone(abc.ABC):
     default_solver: str = "ddim"
     default_guidance: float = 7.5
     default_steps: int = 50
+    step_distilled: bool = False  # few-step distilled (read from the model's config): presets keep its steps
 
     def __init__(self, pipe: Any, *, name: str | None = None) -> None:
         self.pipe = pipe
