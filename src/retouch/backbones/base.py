@@ -219,6 +219,14 @@ class Backbone(abc.ABC):
     def attention_layers(self) -> dict[str, LayerInfo]:
         """All attention layers, keyed by module path, in execution order."""
 
+    def attn_processors(self) -> dict[str, Any]:
+        """The denoiser's attention processors keyed ``"<module path>.processor"`` (diffusers' convention)."""
+        return dict(self.denoiser.attn_processors)
+
+    def set_attn_processors(self, processors: Mapping[str, Any]) -> None:
+        """Set every attention processor (the keys of :meth:`attn_processors`)."""
+        self.denoiser.set_attn_processor(dict(processors))
+
     @abc.abstractmethod
     def make_processor(self, layer: LayerInfo, attend: Callable[..., Tensor], merge: Callable | None = None) -> Any:
         """A diffusers attention processor for ``layer`` that routes attention through ``attend`` (and merges

@@ -88,15 +88,17 @@ class Flux2Processor:
         self.num_text = num_text
         self.merge = merge
 
-    def _merge(self, hidden: Tensor, n_txt: int, rotary: Any) -> tuple[Tensor, Any, Any]:
+    def _merge(self, hidden: Tensor, n_txt: int, rotary: Any, rot_txt: int) -> tuple[Tensor, Any, Any]:
+        """Merge the image tokens after the ``n_txt`` text tokens of ``hidden``; the rotary tables cover
+        ``rot_txt`` text tokens then the image."""
         image = hidden[:, n_txt:]
         merged, plan = self.merge(image, self.layer)
         if plan is None:
             return hidden, None, rotary
         hidden = torch.cat([hidden[:, :n_txt], merged], dim=1)
         if rotary is not None:
-            keep = plan.kept_index[0].to(rotary[0].device) + n_txt
-            idx = torch.cat([torch.arange(n_txt, device=keep.device), keep])
+            keep = plan.kept_index[0].to(rotary[0].device) + rot_txt
+            idx = torch.cat([torch.arange(rot_txt, device=keep.device), keep])
             rotary = tuple(e[idx] for e in rotary)
         return hidden, plan, rotary
 
@@ -115,7 +117,7 @@ class Flux2Processor:
             encoder_hidden_states, attention_mask, image_rotary_emb = None, encoder_hidden_states, attention_mask
         n_txt = encoder_hidden_states.shape[1] if double else self.num_text()
         n_txt_in_hidden = 0 if double else n_txt
-        hidden_states, plan, image_rotary_emb = self._merge(hidden_states, n_txt_in_hidden, image_rotary_emb)
+        hidden_states, plan, image_rotary_emb = self._merge(hidden_states, n_txt_in_hidden, image_rotary_emb, n_txt)
 
         if double:
             from diffusers.models.transformers.transformer_flux2 import _get_qkv_projections

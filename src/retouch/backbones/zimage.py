@@ -30,7 +30,7 @@ mask follows), so that editors always find the ``h*w`` image tokens first and th
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -226,10 +226,25 @@ class ZImageBackbone(Backbone):
         )[0]
         return -torch.stack(out).squeeze(2)  # the model predicts x0 - eps
 
+    def attn_processors(self) -> dict[str, Any]:
+        """ZImageTransformer2DModel has no ``attn_processors``: its ``Attention`` modules are walked instead."""
+        from diffusers.models.attention_processor import Attention
+
+        return {
+            f"{name}.processor": m.processor
+            for name, m in self.pipe.transformer.named_modules()
+            if isinstance(m, Attention)
+        }
+
+    def set_attn_processors(self, processors: Mapping[str, Any]) -> None:
+        tr = self.pipe.transformer
+        for key, proc in processors.items():
+            tr.get_submodule(key.removesuffix(".processor")).set_processor(proc)
+
     def attention_layers(self) -> dict[str, LayerInfo]:
         order = {"noise_refiner": 0, "layers": 1}
         entries = []
-        for key in self.pipe.transformer.attn_processors:
+        for key in self.attn_processors():
             name = key.removesuffix(".processor")
             m = _NAME.match(name)
             if m is None:
