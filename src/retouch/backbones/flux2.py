@@ -171,9 +171,9 @@ class Flux2Backbone(Backbone):
         super().__init__(pipe, name=name)
         self._num_text = 0
         self.max_sequence_length = int(getattr(pipe, "tokenizer_max_length", 512))
-        self.klein = type(pipe).__name__.startswith("Flux2Klein")
-        self.guidance_embedded = bool(pipe.transformer.config.guidance_embeds)
         config = getattr(pipe, "config", None)
+        self.klein = type(pipe).__name__.startswith("Flux2Klein") or hasattr(config, "is_distilled")
+        self.guidance_embedded = bool(pipe.transformer.config.guidance_embeds)
         self.step_distilled = bool(getattr(config, "is_distilled", False)) if config is not None else False
         self.uses_cfg = self.klein and not self.step_distilled and not self.guidance_embedded
         # the pipelines' defaults: 50 steps, guidance 4 (embedded for dev, CFG for klein base); 4 steps and no
