@@ -780,7 +780,11 @@ def time_nfes(
         uncond = bb.encode_prompt(["", ""], image_size=size) if bb.uses_cfg else None
     x = torch.randn(2, bb.latent_channels, *latent_hw, generator=torch.Generator().manual_seed(seed)).to(device)
     ref = plans[presets[0]] if presets else None
-    ref_grid = ref.grid if ref else bb.grid("flow" if bb.family in ("sd3", "flux", "flux2", "zimage") else "ddim", 20, latent_hw)
+    ref_grid = (
+        ref.grid
+        if ref
+        else bb.grid("flow" if bb.family in ("sd3", "flux", "flux2", "zimage") else "ddim", 20, latent_hw)
+    )
     ref_guidance = ref.resolved.guidance if ref else bb.default_guidance
 
     variants = [Variant("plain", None, install=False), Variant("routed", None, install=True, phase="-")]

@@ -145,7 +145,15 @@ SOLVERS: dict[str, Solver] = {
             ("sd", "pixart", "sd3", "flux", "flux2", "zimage"),
             "multistep DPM-Solver++(2M), data prediction",
         ),
-        Solver("flow_euler", euler_flow_step, 1, 1, "flow", ("sd3", "flux", "flux2", "zimage"), "Euler on the rectified-flow ODE"),
+        Solver(
+            "flow_euler",
+            euler_flow_step,
+            1,
+            1,
+            "flow",
+            ("sd3", "flux", "flux2", "zimage"),
+            "Euler on the rectified-flow ODE",
+        ),
         Solver(
             "rf_solver",
             midpoint_flow_step,

@@ -78,11 +78,10 @@ FAMILIES: dict[str, dict[str, Any]] = {
 
 def backbone_class(family: str) -> type[Backbone]:
     from retouch.backbones.flux import FluxBackbone
+    from retouch.backbones.flux2 import Flux2Backbone
     from retouch.backbones.pixart import PixArtBackbone
     from retouch.backbones.sd import SDBackbone
     from retouch.backbones.sd3 import SD3Backbone
-
-    from retouch.backbones.flux2 import Flux2Backbone
     from retouch.backbones.zimage import ZImageBackbone
 
     classes = {"sd": SDBackbone, "pixart": PixArtBackbone, "sd3": SD3Backbone, "flux": FluxBackbone}

@@ -261,8 +261,9 @@ class ZImageBackbone(Backbone):
         """``layers.*`` return the unified ``[image; caption]`` sequence ``[B, S, D]`` (kind ``"sequence"``,
         image first: its first ``h*w`` tokens are the image)."""
         return {
-            f"layers.{i}": LayerInfo(name=f"layers.{i}", kind="sequence", depth=i, place="single",
-                                     downsample=self.patch_size)  # fmt: skip
+            f"layers.{i}": LayerInfo(
+                name=f"layers.{i}", kind="sequence", depth=i, place="single", downsample=self.patch_size
+            )  # fmt: skip
             for i in range(len(self.pipe.transformer.layers))
         }
 

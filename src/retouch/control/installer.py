@@ -237,7 +237,6 @@ def attention_editing(
     Raises:
         ValueError: if the selector matches no attention layer.
     """
-    den = backbone.denoiser
     original = backbone.attn_processors()
     infos = backbone.attention_layers()
     chosen = {name: info for name, info in infos.items() if layers(info)}

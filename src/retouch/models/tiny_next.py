@@ -40,9 +40,9 @@ from diffusers import (
     ZImageTransformer2DModel,
 )
 from transformers import (
-    MistralConfig,
     Mistral3Config,
     Mistral3ForConditionalGeneration,
+    MistralConfig,
     PixtralVisionConfig,
     Qwen3Config,
     Qwen3ForCausalLM,
@@ -140,9 +140,16 @@ def tiny_flux2_pipeline(seed: int = 0, variant: str = "dev") -> Flux2Pipeline | 
         else:
             text_encoder = Qwen3ForCausalLM(
                 Qwen3Config(
-                    vocab_size=len(tokenizer), hidden_size=_LM_WIDTH, intermediate_size=32, num_hidden_layers=28,
-                    num_attention_heads=2, num_key_value_heads=1, head_dim=8, max_position_embeddings=1024,
-                    pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True,
+                    vocab_size=len(tokenizer),
+                    hidden_size=_LM_WIDTH,
+                    intermediate_size=32,
+                    num_hidden_layers=28,
+                    num_attention_heads=2,
+                    num_key_value_heads=1,
+                    head_dim=8,
+                    max_position_embeddings=1024,
+                    pad_token_id=tokenizer.pad_token_id,
+                    tie_word_embeddings=True,
                 )  # fmt: skip
             ).eval()
     if dev:
@@ -187,8 +194,14 @@ def tiny_zimage_pipeline(seed: int = 0, turbo: bool = True) -> ZImagePipeline:
         )  # fmt: skip
         text_encoder = Qwen3Model(
             Qwen3Config(
-                vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                num_attention_heads=2, num_key_value_heads=1, head_dim=16, max_position_embeddings=1024,
+                vocab_size=len(tokenizer),
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=2,
+                num_attention_heads=2,
+                num_key_value_heads=1,
+                head_dim=16,
+                max_position_embeddings=1024,
                 pad_token_id=tokenizer.pad_token_id,
             )  # fmt: skip
         ).eval()
