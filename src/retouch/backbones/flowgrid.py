@@ -33,6 +33,19 @@ def explicit_sigma_flow_grid(config: Mapping[str, Any], num_steps: int, mu: floa
     return NoiseGrid(timesteps=timesteps, alphas=1 - sigmas, sigmas=sigmas, kind="flow")
 
 
+def leading_specials(tokenizer: Any) -> int:
+    """How many special tokens (e.g. a bos) ``tokenizer`` puts before a prompt on its own: the text segment of
+    a templated prompt starts that many positions early, so that word alignment (which tokenises the prompt on
+    its own) lands on the prompt's tokens."""
+    enc = tokenizer("red", add_special_tokens=True, return_special_tokens_mask=True)
+    n = 0
+    for flag in enc["special_tokens_mask"]:
+        if not flag:
+            break
+        n += 1
+    return n
+
+
 def chat_prompt_offset(encode: Any) -> tuple[int, int]:
     """``(prefix, suffix)`` token counts a chat template puts around a prompt.
 

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from retouch.backbones.base import Backbone, LayerInfo, SizePolicy, TextSegment
-from retouch.backbones.flowgrid import chat_prompt_offset, explicit_sigma_flow_grid
+from retouch.backbones.flowgrid import chat_prompt_offset, explicit_sigma_flow_grid, leading_specials
 from retouch.backbones.processors import Attend, Merge, _no_merge
 from retouch.types import Conditioning, NoiseGrid, Prediction
 
@@ -232,7 +232,8 @@ class Flux2Backbone(Backbone):
     def text_segments(self) -> list[TextSegment]:
         """The prompt's tokens start after the chat template's prefix (system message for dev)."""
         prefix, _ = self._offsets()
-        return [TextSegment(self.tokenizer, prefix, self.max_sequence_length - prefix)]
+        start = max(0, prefix - leading_specials(self.tokenizer))
+        return [TextSegment(self.tokenizer, start, self.max_sequence_length - start)]
 
     def encode_prompt(
         self, prompts: Sequence[str], *, image_size: tuple[int, int] | None = None, guidance: float | None = None
