@@ -286,3 +286,30 @@ def test_saved_tiny_pipeline_loads_by_path_offline(tmp_path):
     assert klein.family == "flux2" and klein.step_distilled and not klein.uses_cfg
     z = load_backbone(str(tmp_path / "zimage"))
     assert z.family == "zimage" and z.step_distilled
+
+
+@pytest.mark.parametrize(("model", "size"), [("tiny-flux2", (64, 64)), ("tiny-zimage", (32, 64))])
+def test_scale_benchmark_builds_the_new_families(tmp_path, model, size):
+    """``benchmarks/scale.py`` drives the real adapters over random Flux.2 / Z-Image denoisers (the specs the
+    GPU rows use, at tiny widths; Z-Image at a size whose image tokens need padding)."""
+    import importlib.util
+    import json
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "scale.py"
+    spec = importlib.util.spec_from_file_location("bench_scale_new", path)
+    scale = importlib.util.module_from_spec(spec)
+    sys.modules["bench_scale_new"] = scale
+    try:
+        spec.loader.exec_module(scale)
+        scale.run_benchmark([(model, size)], presets=["direct+p2p"], ratios=[0.75], nfe=1, warmup=0,
+                            isolate=False, results_dir=tmp_path)  # fmt: skip
+    finally:
+        sys.modules.pop("bench_scale_new", None)
+    (entry,) = json.loads((tmp_path / f"scale_{model}.json").read_text())["entries"]
+    names = [v["name"] for v in entry["variants"]]
+    assert names[:2] == ["plain", "routed"] and "direct+p2p" in names
+    assert all(v["finite"] and v["seconds_per_nfe"] > 0 for v in entry["variants"])
+    (merge,) = [m for m in entry["merging"] if m["preset"] is not None]
+    assert merge["applied_ratio"] == pytest.approx(0.75, abs=0.05)
