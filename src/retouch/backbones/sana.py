@@ -155,10 +155,21 @@ class SanaBackbone(Backbone):
         return list(default or [])
 
     def text_segments(self) -> list[TextSegment]:
-        # the bare prompt tokenizes as [bos, prompt...]; in the model's sequence bos is replaced by the
-        # instruction's last token at position 1 and the prompt follows from position 2
-        offset = 1 if self.instruction else 0
+        """The bare prompt tokenizes as ``[bos, prompt...]``. In the model's sequence ``[bos, last 299 tokens of
+        instruction + prompt]`` the prompt starts right after bos when the instruction's trailing space merges
+        into the prompt's first token (Gemma: ``"Prompt: a"`` -> ``... ":", "▁a"``), one later otherwise; this is
+        probed, not assumed. (The first word is then ``▁a`` where the bare prompt has ``a``: one token either way.)"""
+        offset = self._prompt_start() - 1 if self.instruction else 0
         return [TextSegment(self.tokenizer, offset, self.max_sequence_length - offset)]
+
+    def _prompt_start(self) -> int:
+        """Position of the prompt's first token in the encoded (instruction-prefixed, selected) sequence."""
+        chi = "\n".join(self.instruction)
+        alone = self.tokenizer(chi)["input_ids"]
+        joined = self.tokenizer(chi + "a")["input_ids"]
+        common = next((i for i, (x, y) in enumerate(zip(alone, joined, strict=False)) if x != y), len(alone))
+        # the pipeline keeps [bos] + tokens from index len(alone) - 1 on (max_length = len(alone) + 298)
+        return common - (len(alone) - 1) + 1
 
     # --- latents --------------------------------------------------------------------------------------
     def encode_image(self, pixels: Tensor) -> Tensor:
