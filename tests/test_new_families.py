@@ -210,3 +210,21 @@ def test_models_and_methods_list_the_new_families(capsys):
     main(["methods", "--json"])
     info = json.loads(capsys.readouterr().out)
     assert {"qwenimage", "sana"} <= set(info["families"])
+
+
+def test_saved_tiny_pipelines_load_through_load_backbone(tmp_path):
+    """The hub / folder path: the pipeline class in model_index.json picks the family; the offline tokenizers
+    round-trip (Gemma keeps its bos, so Sana's prompt offset probe gives the same answer)."""
+    from retouch.backbones import load_backbone
+    from retouch.models.tiny import save_tiny_pipeline
+
+    for name in ("qwenimage", "sana"):
+        bb = load_backbone(str(save_tiny_pipeline(name, tmp_path / name)))
+        ref = tiny_backbone(name)
+        assert bb.family == ref.family and bb.attention_layers().keys() == ref.attention_layers().keys()
+        assert bb.text_segments()[0].offset == ref.text_segments()[0].offset
+        with torch.no_grad():
+            assert torch.allclose(
+                bb.encode_prompt([PROMPT]).tensors["encoder_hidden_states"],
+                ref.encode_prompt([PROMPT]).tensors["encoder_hidden_states"],
+            )

@@ -151,8 +151,8 @@ class SanaBackbone(Backbone):
         """The stock pipeline's default complex human instruction (read from its ``__call__`` signature)."""
         import inspect
 
-        default = inspect.signature(type(self.pipe).__call__).parameters["complex_human_instruction"].default
-        return list(default or [])
+        param = inspect.signature(type(self.pipe).__call__).parameters.get("complex_human_instruction")
+        return list(param.default or []) if param is not None else []
 
     def text_segments(self) -> list[TextSegment]:
         """The bare prompt tokenizes as ``[bos, prompt...]``. In the model's sequence ``[bos, last 299 tokens of
