@@ -228,3 +228,13 @@ def test_saved_tiny_pipelines_load_through_load_backbone(tmp_path):
                 bb.encode_prompt([PROMPT]).tensors["encoder_hidden_states"],
                 ref.encode_prompt([PROMPT]).tensors["encoder_hidden_states"],
             )
+
+
+@pytest.mark.parametrize("name", ["qwenimage", "sana"])
+def test_guidance_distilled_configs_are_refused(name):
+    from types import SimpleNamespace
+
+    cls = type(tiny_backbone(name))
+    pipe = SimpleNamespace(transformer=SimpleNamespace(config=SimpleNamespace(guidance_embeds=True)))
+    with pytest.raises(ValueError, match="guidance"):
+        cls(pipe)

@@ -20,8 +20,8 @@ What differs from PixArt, the other cross-attention DiT:
 * **Grid**: Sana ships ``DPMSolverMultistepScheduler`` with ``use_flow_sigmas`` (flow sigmas shifted by
   ``flow_shift``; the model is told the integer ``int(1000 σ)``, multiplied by the transformer's
   ``timestep_scale``); the prediction is the flow velocity. Every flow solver walks that grid.
-* **Guidance**: true classifier-free guidance. Sana-Sprint's guidance embedding (``guidance_embeds``) is
-  fed from the conditioning when the config has it.
+* **Guidance**: true classifier-free guidance. A transformer with a guidance embedding (``guidance_embeds``:
+  Sana-Sprint, run by ``SanaSprintPipeline``'s consistency sampler, which is not an invertible ODE) is refused.
 """
 
 from __future__ import annotations
@@ -117,6 +117,11 @@ class SanaBackbone(Backbone):
 
     def __init__(self, pipe: Any, *, name: str | None = None) -> None:
         super().__init__(pipe, name=name)
+        if pipe.transformer.config.guidance_embeds:
+            raise ValueError(
+                "this Sana transformer is guidance-distilled (guidance_embeds, Sana-Sprint); retouch supports the "
+                "classifier-free-guided Sana models of SanaPipeline"
+            )
         if getattr(pipe, "tokenizer", None) is not None:
             pipe.tokenizer.padding_side = "right"  # the pipeline sets it too, before every encode
 
@@ -195,11 +200,7 @@ class SanaBackbone(Backbone):
             embs.append(emb)
             masks.append(mask)
         emb, mask = torch.cat(embs), torch.cat(masks)
-        tensors = {"encoder_hidden_states": emb, "encoder_attention_mask": mask}
-        if self.pipe.transformer.config.guidance_embeds:
-            g = self.default_guidance if guidance is None else guidance
-            tensors["guidance"] = torch.full((emb.shape[0],), float(g), device=emb.device, dtype=torch.float32)
-        return Conditioning(tensors)
+        return Conditioning({"encoder_hidden_states": emb, "encoder_attention_mask": mask})
 
     def _encode_one(self, prompt: str) -> tuple[Tensor, Tensor]:
         if not prompt:
@@ -234,16 +235,12 @@ class SanaBackbone(Backbone):
     def predict(self, x: Tensor, timestep: Tensor, cond: Conditioning) -> Tensor:
         tr = self.pipe.transformer
         t = timestep.to(x.device).reshape(1).expand(x.shape[0]) * tr.config.timestep_scale
-        kwargs: dict[str, Any] = {}
-        if "guidance" in cond.tensors:
-            kwargs["guidance"] = cond.tensors["guidance"]
         out = tr(
             x.to(self.dtype),
             encoder_hidden_states=cond.tensors["encoder_hidden_states"],
             encoder_attention_mask=cond.tensors["encoder_attention_mask"],
             timestep=t,
             return_dict=False,
-            **kwargs,
         )[0]
         if tr.config.out_channels // 2 == x.shape[1]:  # learned sigma (not in released Sana models)
             out = out.chunk(2, dim=1)[0]
