@@ -238,3 +238,31 @@ def test_guidance_distilled_configs_are_refused(name):
     pipe = SimpleNamespace(transformer=SimpleNamespace(config=SimpleNamespace(guidance_embeds=True)))
     with pytest.raises(ValueError, match="guidance"):
         cls(pipe)
+
+
+from test_benchmarks_smoke import _check_entry, scale  # noqa: E402, F401  (the benchmark module fixture)
+
+
+@pytest.mark.parametrize(("model", "presets"), [("tiny-qwenimage", ["direct+p2p"]), ("tiny-sana", ["direct+pnp"])])
+def test_scale_benchmark_runs_the_new_families(scale, tmp_path, model, presets):  # noqa: F811
+    import json
+
+    scale.run_benchmark([(model, (64, 64))], presets=presets, ratios=[0.75], nfe=1, warmup=0, isolate=False,
+                        results_dir=tmp_path)  # fmt: skip
+    (entry,) = json.loads((tmp_path / f"scale_{model}.json").read_text())["entries"]
+    _check_entry(entry, model, presets, 0.75)
+
+
+@pytest.mark.parametrize(
+    ("model", "billions"), [("qwenimage", 20.4), ("sana", 1.6), ("sd35-medium", 2.5), ("sd35-large", 8.1)]
+)
+def test_published_configs_have_the_published_sizes(scale, model, billions):  # noqa: F811
+    """The real-scale specs build (on the meta device: no memory) with the models' published sizes."""
+    import diffusers
+
+    spec = scale.MODELS[model]
+    with torch.device("meta"):
+        denoiser = getattr(diffusers, spec.denoiser_class)(**spec.config)
+    # the published counts include SD3's fixed sin-cos position table (a buffer: 384² × 1536 on 3.5 medium)
+    n = sum(t.numel() for t in (*denoiser.parameters(), *denoiser.buffers())) / 1e9
+    assert n == pytest.approx(billions, rel=0.06), n
