@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from retouch.backbones import FAMILIES
 from retouch.config import EditConfig, InversionConfig
 from retouch.control.editors import EDITORS
 from retouch.editing import edit
@@ -147,7 +148,7 @@ def test_flow_presets_run_and_count_nfe(method):
 def test_every_preset_is_registered_and_known_editor():
     for p in PRESETS.values():
         assert p.editor in EDITORS
-        assert set(p.families) <= {"sd", "pixart", "sd3", "flux"}
+        assert set(p.families) <= set(FAMILIES)
 
 
 def test_unknown_option_and_unsupported_family_are_errors():

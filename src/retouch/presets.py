@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-ALL = ("sd", "pixart", "sd3", "flux")
+ALL = ("sd", "pixart", "sd3", "flux", "qwenimage", "sana")
 
 
 @dataclass(frozen=True)
@@ -32,9 +32,9 @@ PRESETS: dict[str, Preset] = {
                "Prompt-to-Prompt on plain DDIM inversion (PIE-Bench's DDIM+P2P baseline)", solver="ddim"),
         Preset("direct+p2p", "p2p", "direct", ALL,
                "Prompt-to-Prompt with Direct Inversion's source-branch correction (Ju et al.)"),
-        Preset("null_text+p2p", "p2p", "null_text", ("sd", "pixart", "sd3"),
+        Preset("null_text+p2p", "p2p", "null_text", ("sd", "pixart", "sd3", "qwenimage", "sana"),
                "Prompt-to-Prompt on null-text inversion (Mokady et al.)", solver="ddim"),
-        Preset("negative_prompt+p2p", "p2p", "negative_prompt", ("sd", "pixart", "sd3"),
+        Preset("negative_prompt+p2p", "p2p", "negative_prompt", ("sd", "pixart", "sd3", "qwenimage", "sana"),
                "Prompt-to-Prompt on negative-prompt inversion (Miyake et al.)", solver="ddim"),
         Preset("ddim+masactrl", "masactrl", "ddim", ALL, "MasaCtrl on plain DDIM inversion", solver="ddim"),
         Preset("direct+masactrl", "masactrl", "direct", ALL, "MasaCtrl with Direct Inversion"),
@@ -44,16 +44,16 @@ PRESETS: dict[str, Preset] = {
         Preset("direct+dit4edit", "unified", "direct", ("pixart",),
                "DiT4Edit's unified control with Direct Inversion's source correction on DPM-Solver++",
                solver="dpmpp", num_steps=30, guidance=4.5),
-        Preset("rf_inversion", "rf_control", "rf_inversion", ("sd3", "flux"),
+        Preset("rf_inversion", "rf_control", "rf_inversion", ("sd3", "flux", "qwenimage", "sana"),
                "RF-Inversion (Rout et al.): controlled forward ODE (gamma 0.5) from an empty-prompt, guidance-0 "
                "inversion, controlled reverse ODE (eta 0.9 over the first 25% of 28 steps)",
                solver="flow_euler", num_steps=28, inversion_prompt="", inversion_guidance=0.0,
                options={"eta": 0.9, "start": 0.0, "stop": 0.25}, inversion_options={"gamma": 0.5}),
-        Preset("rf_solver", "masactrl", "rf_solver", ("sd3", "flux"),
+        Preset("rf_solver", "masactrl", "rf_solver", ("sd3", "flux", "qwenimage", "sana"),
                "RF-Solver-Edit: second-order midpoint inversion and sampling, source value injection in the "
                "deeper half of the blocks for the first 20% of the steps",
                solver="rf_solver", options={"start_step": 0, "end_step": 0.2, "start_layer": 0.5, "share": "v"}),
-        Preset("fireflow", "masactrl", "fireflow", ("sd3", "flux"),
+        Preset("fireflow", "masactrl", "fireflow", ("sd3", "flux", "qwenimage", "sana"),
                "FireFlow: midpoint inversion and sampling reusing velocities (~1 NFE per step), source value "
                "injection as RF-Solver-Edit", solver="fireflow",
                options={"start_step": 0, "end_step": 0.2, "start_layer": 0.5, "share": "v"}),
@@ -80,6 +80,7 @@ PRESETS: dict[str, Preset] = {
 
 # what `retouch edit` uses when no --method is given
 DEFAULT_METHOD = {"sd": "direct+p2p", "pixart": "dit4edit", "sd3": "direct+p2p", "flux": "rf_inversion"}
+DEFAULT_METHOD.update(qwenimage="direct+p2p", sana="direct+p2p")
 
 
 def get_preset(name: str) -> Preset | None:

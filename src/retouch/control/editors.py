@@ -21,7 +21,7 @@ from retouch.control.p2p_zero import make_p2p_zero
 from retouch.control.pnp import make_pnp
 from retouch.inversion.rf import RFReverseControl
 
-ALL_FAMILIES = ("sd", "pixart", "sd3", "flux")
+ALL_FAMILIES = ("sd", "pixart", "sd3", "flux", "qwenimage", "sana")
 
 
 @dataclass(frozen=True)
@@ -179,7 +179,7 @@ EDITORS: dict[str, EditorSpec] = {
         EditorSpec("masactrl", make_masactrl, ALL_FAMILIES,
                    "MasaCtrl mutual self-attention (SD/PixArt); source image K/V injection in joint attention "
                    "(SD3/Flux)"),
-        EditorSpec("rf_control", make_rf_control, ("sd3", "flux"),
+        EditorSpec("rf_control", make_rf_control, ("sd3", "flux", "qwenimage", "sana"),
                    "RF-Inversion's controlled reverse ODE: velocity pulled towards the image latent (eta)"),
         EditorSpec("unified", make_unified, ALL_FAMILIES,
                    "DiT4Edit unified attention control: P2P + mutual self-attention on deep blocks"),
