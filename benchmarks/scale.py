@@ -281,6 +281,107 @@ MODELS: dict[str, ModelSpec] = {
     )
 }  # fmt: skip
 
+# Qwen-Image, Sana and SD3.5 (issue 17): published transformer configs, random weights
+_QWENIMAGE_SCHEDULER = {  # Qwen/Qwen-Image scheduler/scheduler_config.json
+    "num_train_timesteps": 1000, "shift": 1.0, "use_dynamic_shifting": True, "base_shift": 0.5, "max_shift": 0.9,
+    "base_image_seq_len": 256, "max_image_seq_len": 8192, "shift_terminal": 0.02, "time_shift_type": "exponential",
+}  # fmt: skip
+_SANA_SCHEDULER = {  # Efficient-Large-Model/Sana_1600M_1024px_diffusers scheduler (DPM-Solver++ on flow sigmas)
+    "algorithm_type": "dpmsolver++", "beta_start": 0.0001, "beta_end": 0.02, "beta_schedule": "linear",
+    "final_sigmas_type": "zero", "flow_shift": 3.0, "lower_order_final": True, "num_train_timesteps": 1000,
+    "prediction_type": "flow_prediction", "solver_order": 2, "solver_type": "midpoint", "use_flow_sigmas": True,
+}  # fmt: skip
+_SD3_TEXT = {"latent_channels": 16, "text": (77 + 256, 4096), "pooled": 2048, "t5_length": 256}
+MODELS.update(
+    {
+        s.name: s
+        for s in (
+            ModelSpec(
+                name="qwenimage", family="qwenimage", reference="Qwen/Qwen-Image (transformer/config.json)",
+                denoiser_class="QwenImageTransformer2DModel",
+                config={
+                    "patch_size": 2, "in_channels": 64, "out_channels": 16, "num_layers": 60,
+                    "attention_head_dim": 128, "num_attention_heads": 24, "joint_attention_dim": 3584,
+                    "axes_dims_rope": (16, 56, 56),
+                },
+                scheduler_class="FlowMatchEulerDiscreteScheduler", scheduler_config=_QWENIMAGE_SCHEDULER,
+                latent_channels=16, text=(256, 3584), depth_keys=("num_layers",),
+                presets=("direct+p2p", "direct+masactrl", "rf_solver"),
+                default_blocks={(512, 512): "1", (1024, 1024): "1"},
+            ),
+            ModelSpec(
+                name="sana", family="sana",
+                reference="Efficient-Large-Model/Sana_1600M_1024px_diffusers (transformer/config.json)",
+                denoiser_class="SanaTransformer2DModel",
+                config={
+                    "in_channels": 32, "out_channels": 32, "num_attention_heads": 70, "attention_head_dim": 32,
+                    "num_layers": 20, "num_cross_attention_heads": 20, "cross_attention_head_dim": 112,
+                    "cross_attention_dim": 2240, "caption_channels": 2304, "mlp_ratio": 2.5, "attention_bias": False,
+                    "sample_size": 32, "patch_size": 1, "norm_elementwise_affine": False, "norm_eps": 1e-6,
+                },
+                scheduler_class="DPMSolverMultistepScheduler", scheduler_config=_SANA_SCHEDULER,
+                latent_channels=32, text=(300, 2304), depth_keys=("num_layers",),
+                presets=("direct+p2p", "direct+masactrl", "direct+pnp"),
+                default_blocks={(512, 512): "4", (1024, 1024): "2"},
+            ),
+            ModelSpec(
+                name="sd35-medium", family="sd3",
+                reference="stabilityai/stable-diffusion-3.5-medium (transformer/config.json)",
+                denoiser_class="SD3Transformer2DModel",
+                config={
+                    "sample_size": 128, "patch_size": 2, "in_channels": 16, "out_channels": 16, "num_layers": 24,
+                    "attention_head_dim": 64, "num_attention_heads": 24, "joint_attention_dim": 4096,
+                    "caption_projection_dim": 1536, "pooled_projection_dim": 2048, "pos_embed_max_size": 384,
+                    "qk_norm": "rms_norm", "dual_attention_layers": tuple(range(13)),
+                },
+                scheduler_class="FlowMatchEulerDiscreteScheduler",
+                scheduler_config={"num_train_timesteps": 1000, "shift": 3.0},
+                depth_keys=("num_layers",), presets=("direct+p2p", "direct+masactrl", "rf_solver"),
+                default_blocks={(512, 512): "2", (1024, 1024): "1"}, **_SD3_TEXT,
+            ),
+            ModelSpec(
+                name="sd35-large", family="sd3",
+                reference="stabilityai/stable-diffusion-3.5-large (transformer/config.json)",
+                denoiser_class="SD3Transformer2DModel",
+                config={
+                    "sample_size": 128, "patch_size": 2, "in_channels": 16, "out_channels": 16, "num_layers": 38,
+                    "attention_head_dim": 64, "num_attention_heads": 38, "joint_attention_dim": 4096,
+                    "caption_projection_dim": 2432, "pooled_projection_dim": 2048, "pos_embed_max_size": 192,
+                    "qk_norm": "rms_norm",
+                },
+                scheduler_class="FlowMatchEulerDiscreteScheduler",
+                scheduler_config={"num_train_timesteps": 1000, "shift": 3.0},
+                depth_keys=("num_layers",), presets=("direct+p2p", "direct+masactrl", "rf_solver"),
+                default_blocks={(512, 512): "1", (1024, 1024): "1"}, **_SD3_TEXT,
+            ),
+            ModelSpec(
+                name="tiny-qwenimage", family="qwenimage", reference="tiny QwenImageTransformer2DModel (tests)",
+                denoiser_class="QwenImageTransformer2DModel",
+                config={
+                    "patch_size": 2, "in_channels": 64, "out_channels": 16, "num_layers": 2,
+                    "attention_head_dim": 16, "num_attention_heads": 2, "joint_attention_dim": 32,
+                    "axes_dims_rope": (4, 6, 6),
+                },
+                scheduler_class="FlowMatchEulerDiscreteScheduler", scheduler_config=_QWENIMAGE_SCHEDULER,
+                latent_channels=16, text=(256, 32), depth_keys=("num_layers",),
+                presets=("direct+p2p", "direct+masactrl", "rf_solver"), sizes=((64, 64),), tiny=True,
+            ),
+            ModelSpec(
+                name="tiny-sana", family="sana", reference="tiny SanaTransformer2DModel (tests)",
+                denoiser_class="SanaTransformer2DModel",
+                config={
+                    "in_channels": 8, "out_channels": 8, "num_attention_heads": 2, "attention_head_dim": 16,
+                    "num_layers": 2, "num_cross_attention_heads": 2, "cross_attention_head_dim": 16,
+                    "cross_attention_dim": 32, "caption_channels": 32, "sample_size": 8, "patch_size": 1,
+                },
+                scheduler_class="DPMSolverMultistepScheduler", scheduler_config=_SANA_SCHEDULER,
+                latent_channels=8, text=(300, 32), depth_keys=("num_layers",),
+                presets=("direct+p2p", "direct+masactrl", "direct+pnp"), sizes=((64, 64),), tiny=True,
+            ),
+        )
+    }
+)  # fmt: skip
+
 # Flux.2 and Z-Image (issue 17). FLUX.2-dev: the Flux2Transformer2DModel defaults of diffusers 0.42.1, which
 # are FLUX.2-dev's published transformer config (8 double + 48 single blocks, 48 heads x 128, text width 3 x
 # 5120 = 15360). FLUX.2-klein-4B: 5 double + 20 single blocks, 24 heads x 128, text 3 x 2560 = 7680 (Qwen3-4B),
@@ -393,6 +494,19 @@ class BenchPipeline:
         self.config = SimpleNamespace(_name_or_path=f"random-{spec.name}")
         self.scheduler = scheduler
         self.vae = VAEStandIn(spec.latent_channels)
+        if spec.family == "qwenimage":  # a 3D VAE: 8x from its temporal-downsample list, z_dim channels
+            from retouch.models.tokenizers_bpe import build_qwen2_tokenizer
+
+            self.vae.temperal_downsample = [False, True, True]
+            self.vae.config.z_dim = spec.latent_channels
+            self.tokenizer = build_qwen2_tokenizer()
+            self.prompt_template_encode = PROMPT_TEMPLATE_QWEN
+            self.default_sample_size = 128
+        elif spec.family == "sana":  # DC-AE: 32x from its encoder blocks
+            from retouch.models.tokenizers_bpe import build_gemma_tokenizer
+
+            self.vae.config.encoder_block_out_channels = (128, 256, 512, 512, 1024, 1024)
+            self.tokenizer = build_gemma_tokenizer(max_length=spec.text[0])
         if spec.family == "sd":
             self.unet = denoiser
             self.tokenizer = build_clip_tokenizer()
@@ -424,6 +538,13 @@ class BenchPipeline:
                 self.config.is_distilled = True
 
 
+# QwenImagePipeline.prompt_template_encode (diffusers 0.42.1): the adapter reads the suffix's token count from it
+PROMPT_TEMPLATE_QWEN = (
+    "<|im_start|>system\nDescribe the image by detailing the color, shape, size, texture, quantity, text, spatial "
+    "relationships of the objects and background:<|im_end|>\n<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n"
+)
+
+
 def _prompt_generator(prompt: str, salt: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(zlib.crc32(prompt.encode()) + salt)
 
@@ -452,11 +573,15 @@ class RandomIO:
 
         tensors: dict[str, Tensor] = {"encoder_hidden_states": rows(width, n_txt)}
         static: dict[str, Any] = {}
-        if spec.family == "pixart":
+        if spec.family == "qwenimage":  # valid: the prompt's tokens and the template's suffix
+            valid = [len(self.pipe.tokenizer(p)["input_ids"]) + self._suffix_tokens for p in prompts]
+            mask = [[1] * v + [0] * (n_txt - v) for v in valid]
+            tensors["encoder_hidden_states_mask"] = torch.tensor(mask, device=dev, dtype=torch.long)
+        if spec.family in ("pixart", "sana"):
             tok = self.pipe.tokenizer
             mask = [tok(p, padding="max_length", max_length=n_txt, truncation=True)["attention_mask"] for p in prompts]
             tensors["encoder_attention_mask"] = torch.tensor(mask, device=dev, dtype=dt)
-            if self.pipe.transformer.use_additional_conditions:
+            if spec.family == "pixart" and self.pipe.transformer.use_additional_conditions:
                 h, w = image_size or self.size_policy.native
                 n = len(prompts)
                 tensors["resolution"] = torch.tensor([[h, w]], device=dev, dtype=dt).repeat(n, 1)
@@ -780,11 +905,7 @@ def time_nfes(
         uncond = bb.encode_prompt(["", ""], image_size=size) if bb.uses_cfg else None
     x = torch.randn(2, bb.latent_channels, *latent_hw, generator=torch.Generator().manual_seed(seed)).to(device)
     ref = plans[presets[0]] if presets else None
-    ref_grid = (
-        ref.grid
-        if ref
-        else bb.grid("flow" if bb.family in ("sd3", "flux", "flux2", "zimage") else "ddim", 20, latent_hw)
-    )
+    ref_grid = ref.grid if ref else bb.grid("flow" if bb.prediction.value == "flow" else "ddim", 20, latent_hw)
     ref_guidance = ref.resolved.guidance if ref else bb.default_guidance
 
     variants = [Variant("plain", None, install=False), Variant("routed", None, install=True, phase="-")]
@@ -959,7 +1080,7 @@ def time_nfes(
 
 
 def _patch(spec: ModelSpec) -> int:
-    return {"sd": 1, "pixart": 2, "sd3": 2, "flux": 2, "flux2": 1, "zimage": 2}[spec.family]
+    return {"sd": 1, "pixart": 2, "sd3": 2, "flux": 2, "qwenimage": 2, "sana": 1, "flux2": 1, "zimage": 2}[spec.family]
 
 
 # ============================================================================================ edit runs

@@ -148,7 +148,7 @@ def test_flow_presets_run_and_count_nfe(method):
 def test_every_preset_is_registered_and_known_editor():
     for p in PRESETS.values():
         assert p.editor in EDITORS
-        assert set(p.families) <= set(FAMILIES)  # only registered backbone families
+        assert set(p.families) <= set(FAMILIES)
 
 
 def test_unknown_option_and_unsupported_family_are_errors():

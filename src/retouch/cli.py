@@ -137,12 +137,13 @@ def models_info() -> dict[str, Any]:
 
 
 def methods_info() -> dict[str, Any]:
+    from retouch.backbones import FAMILIES
     from retouch.control.editors import EDITORS
     from retouch.inversion import INVERSIONS
     from retouch.presets import PRESETS
     from retouch.solvers import SOLVERS
 
-    families = ("sd", "pixart", "sd3", "flux", "flux2", "zimage")
+    families = tuple(FAMILIES)
     matrix = {m.name: {f: f in m.families for f in families} for m in (*EDITORS.values(), *PRESETS.values())}
     return {
         "families": list(families),

@@ -89,7 +89,7 @@ class GuidedModel:
         if not self.cfg:
             return out
         u, c = out.chunk(2)
-        return u + self.guidance * (c - u)
+        return self.backbone.combine_guidance(u, c, self.guidance)
 
     def __call__(self, x: Tensor, k: int) -> Pred:
         if self.on_eval is not None:

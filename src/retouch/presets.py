@@ -6,8 +6,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-ALL = ("sd", "pixart", "sd3", "flux", "flux2", "zimage")
-FLOW = ("sd3", "flux", "flux2", "zimage")
+ALL = ("sd", "pixart", "sd3", "flux", "qwenimage", "sana", "flux2", "zimage")
+FLOW = ("sd3", "flux", "qwenimage", "sana", "flux2", "zimage")
 
 
 @dataclass(frozen=True)
@@ -33,9 +33,9 @@ PRESETS: dict[str, Preset] = {
                "Prompt-to-Prompt on plain DDIM inversion (PIE-Bench's DDIM+P2P baseline)", solver="ddim"),
         Preset("direct+p2p", "p2p", "direct", ALL,
                "Prompt-to-Prompt with Direct Inversion's source-branch correction (Ju et al.)"),
-        Preset("null_text+p2p", "p2p", "null_text", ("sd", "pixart", "sd3"),
+        Preset("null_text+p2p", "p2p", "null_text", ("sd", "pixart", "sd3", "qwenimage", "sana"),
                "Prompt-to-Prompt on null-text inversion (Mokady et al.)", solver="ddim"),
-        Preset("negative_prompt+p2p", "p2p", "negative_prompt", ("sd", "pixart", "sd3"),
+        Preset("negative_prompt+p2p", "p2p", "negative_prompt", ("sd", "pixart", "sd3", "qwenimage", "sana"),
                "Prompt-to-Prompt on negative-prompt inversion (Miyake et al.)", solver="ddim"),
         Preset("ddim+masactrl", "masactrl", "ddim", ALL, "MasaCtrl on plain DDIM inversion", solver="ddim"),
         Preset("direct+masactrl", "masactrl", "direct", ALL, "MasaCtrl with Direct Inversion"),
@@ -82,6 +82,7 @@ PRESETS: dict[str, Preset] = {
 # what `retouch edit` uses when no --method is given
 DEFAULT_METHOD = {"sd": "direct+p2p", "pixart": "dit4edit", "sd3": "direct+p2p", "flux": "rf_inversion"}
 DEFAULT_METHOD.update(flux2="rf_inversion", zimage="direct+p2p")
+DEFAULT_METHOD.update(qwenimage="direct+p2p", sana="direct+p2p")
 
 
 def get_preset(name: str) -> Preset | None:

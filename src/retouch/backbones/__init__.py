@@ -31,6 +31,9 @@ PIPELINE_FAMILIES: dict[str, str] = {
     "Flux2Pipeline": "flux2",
     "Flux2KleinPipeline": "flux2",
     "ZImagePipeline": "zimage",
+    "QwenImagePipeline": "qwenimage",
+    "QwenImageImg2ImgPipeline": "qwenimage",
+    "SanaPipeline": "sana",
 }
 
 FAMILIES: dict[str, dict[str, Any]] = {
@@ -73,6 +76,20 @@ FAMILIES: dict[str, dict[str, Any]] = {
         "pipelines": ["ZImagePipeline"],
         "prediction": ["flow"],
     },
+    "qwenimage": {
+        "description": "Qwen-Image: QwenImageTransformer2DModel (MMDiT, joint [text; image] attention, 3-axis "
+        "RoPE), Qwen2.5-VL text, 3D VAE, true CFG with norm rescale, flow",
+        "denoiser": "QwenImageTransformer2DModel",
+        "pipelines": ["QwenImagePipeline"],
+        "prediction": ["flow"],
+    },
+    "sana": {
+        "description": "Sana: SanaTransformer2DModel (linear self-attention + softmax cross-attention), Gemma 2 "
+        "text, DC-AE 32x latents, flow (DPM-Solver++ on flow sigmas)",
+        "denoiser": "SanaTransformer2DModel",
+        "pipelines": ["SanaPipeline"],
+        "prediction": ["flow"],
+    },
 }
 
 
@@ -80,12 +97,15 @@ def backbone_class(family: str) -> type[Backbone]:
     from retouch.backbones.flux import FluxBackbone
     from retouch.backbones.flux2 import Flux2Backbone
     from retouch.backbones.pixart import PixArtBackbone
+    from retouch.backbones.qwen_image import QwenImageBackbone
+    from retouch.backbones.sana import SanaBackbone
     from retouch.backbones.sd import SDBackbone
     from retouch.backbones.sd3 import SD3Backbone
     from retouch.backbones.zimage import ZImageBackbone
 
     classes = {"sd": SDBackbone, "pixart": PixArtBackbone, "sd3": SD3Backbone, "flux": FluxBackbone}
     classes.update(flux2=Flux2Backbone, zimage=ZImageBackbone)
+    classes.update(qwenimage=QwenImageBackbone, sana=SanaBackbone)
     try:
         return classes[family]
     except KeyError:

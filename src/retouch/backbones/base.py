@@ -38,6 +38,8 @@ class LayerInfo:
             (Flux).
         downsample: image-token grid stride relative to the latent (1 for DiTs of patch 1, 2 for patch 2 ...).
         text_first: in joint / single layers, whether text tokens precede image tokens in the sequence.
+        linear: the layer computes kernelised *linear* attention (Sana's ReLU self-attention), not softmax
+            attention: editors may edit its queries, keys and values but it has no probability map.
     """
 
     name: str
@@ -46,6 +48,7 @@ class LayerInfo:
     place: str
     downsample: int
     text_first: bool = False
+    linear: bool = False
 
     def resolution(self, latent_hw: tuple[int, int]) -> tuple[int, int]:
         """Image-token grid ``(h, w)`` at this layer for a latent of spatial size ``latent_hw``."""
@@ -194,6 +197,11 @@ class Backbone(abc.ABC):
     @abc.abstractmethod
     def predict(self, x: Tensor, timestep: Tensor, cond: Conditioning) -> Tensor:
         """Raw model output for latents ``x`` (``[B,C,h,w]``) at scheduler timestep ``timestep`` (scalar)."""
+
+    def combine_guidance(self, uncond: Tensor, cond: Tensor, guidance: float) -> Tensor:
+        """Classifier-free guidance of the raw predictions ``[B, C, h, w]``: ``u + w (c - u)``. Families whose
+        pipelines combine differently (Qwen-Image's norm rescale) override this."""
+        return uncond + guidance * (cond - uncond)
 
     @property
     def scheduler_config(self) -> Mapping[str, Any]:

@@ -16,12 +16,41 @@ _NAME = re.compile(r"^transformer_blocks\.(\d+)\.(attn2?)$")
 
 
 class SD3Backbone(Backbone):
+    """SD3 and SD3.5. What SD3.5 changes, read from the transformer's config (never from the model's name):
+
+    * ``qk_norm="rms_norm"`` (3.5 large and medium): RMS norm of the image and text queries/keys; the joint
+      processor applies ``norm_q`` / ``norm_k`` / ``norm_added_q`` / ``norm_added_k`` as diffusers does.
+    * ``dual_attention_layers`` (3.5 medium, MMDiT-X): those blocks run a second, image-only self-attention
+      ``attn2`` on the same normalised image tokens; it is listed as kind ``"self"`` (no text in its
+      sequence), so self-attention editors and token merging reach it and text editors skip it.
+    * skip-layer guidance (the pipeline's ``skip_guidance_layers``, recommended for 3.5 medium) is an extra
+      guidance pass with some blocks skipped; retouch does not run it (its CFG is plain), and the stock
+      pipeline's default is off, so plain sampling still matches the pipeline.
+    * defaults: the model cards' steps and CFG (3: 28 steps, 7.0; 3.5 large: 28, 3.5; 3.5 medium: 40, 4.5).
+      The distilled 3.5 large *turbo* has the same transformer and scheduler configs as 3.5 large, so it
+      cannot be told apart from its config: pass ``--steps 4 --guidance 1`` for it.
+    """
+
     family = "sd3"
     prediction = Prediction.FLOW
     default_solver = "flow_euler"
-    default_guidance = 7.0
-    default_steps = 28
     max_sequence_length = 256
+
+    @property
+    def variant(self) -> str:
+        """``"sd3"``, ``"sd3.5-large"`` (QK norm) or ``"sd3.5-medium"`` (QK norm + dual attention), from the config."""
+        cfg = self.pipe.transformer.config
+        if getattr(cfg, "dual_attention_layers", None):
+            return "sd3.5-medium"
+        return "sd3.5-large" if getattr(cfg, "qk_norm", None) else "sd3"
+
+    @property
+    def default_guidance(self) -> float:  # type: ignore[override]
+        return {"sd3": 7.0, "sd3.5-large": 3.5, "sd3.5-medium": 4.5}[self.variant]
+
+    @property
+    def default_steps(self) -> int:  # type: ignore[override]
+        return {"sd3": 28, "sd3.5-large": 28, "sd3.5-medium": 40}[self.variant]
 
     @property
     def denoiser(self) -> nn.Module:
@@ -109,6 +138,9 @@ class SD3Backbone(Backbone):
             )
             for i in range(len(self.pipe.transformer.transformer_blocks))
         }
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "variant": self.variant}
 
     def make_processor(self, layer: LayerInfo, attend, merge=None) -> Any:
         return JointProcessor(layer, attend) if merge is None else JointProcessor(layer, attend, merge)

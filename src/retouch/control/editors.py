@@ -24,7 +24,7 @@ from retouch.inversion.rf import RFReverseControl
 
 log = logging.getLogger(__name__)
 
-ALL_FAMILIES = ("sd", "pixart", "sd3", "flux", "flux2", "zimage")
+ALL_FAMILIES = ("sd", "pixart", "sd3", "flux", "qwenimage", "sana", "flux2", "zimage")
 
 
 @dataclass(frozen=True)
@@ -189,7 +189,7 @@ EDITORS: dict[str, EditorSpec] = {
         EditorSpec("masactrl", make_masactrl, ALL_FAMILIES,
                    "MasaCtrl mutual self-attention (SD/PixArt); source image K/V injection in joint attention "
                    "(SD3/Flux)"),
-        EditorSpec("rf_control", make_rf_control, ("sd3", "flux", "flux2", "zimage"),
+        EditorSpec("rf_control", make_rf_control, ("sd3", "flux", "qwenimage", "sana", "flux2", "zimage"),
                    "RF-Inversion's controlled reverse ODE: velocity pulled towards the image latent (eta)"),
         EditorSpec("unified", make_unified, ALL_FAMILIES,
                    "DiT4Edit unified attention control: P2P + mutual self-attention on deep blocks"),

@@ -110,6 +110,16 @@ def attention_with_lse(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None
     return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask), _chunked_lse(q, k, attn_mask)
 
 
+def linear_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """ReLU linear attention ``[B, h, N, d]`` (Katharopoulos et al. 2020, eq. 4 with ``φ = ReLU``; Sana):
+    ``out_i = Σ_j φ(q_i)·φ(k_j) v_j / Σ_j φ(q_i)·φ(k_j)``, computed as ``φ(Q) [φ(K)ᵀ V, φ(K)ᵀ 1]`` in float32
+    (as diffusers' ``SanaLinearAttnProcessor2_0``, with its 1e-15 guard on the denominator)."""
+    q, k, v32 = F.relu(q).float(), F.relu(k).float(), v.float()
+    v1 = torch.cat([v32, torch.ones_like(v32[..., :1])], dim=-1)  # [B, h, N, d+1]
+    out = q @ (k.transpose(-1, -2) @ v1)  # [B, h, N, d+1]
+    return (out[..., :-1] / (out[..., -1:] + 1e-15)).to(v.dtype)
+
+
 def attention_block(
     q: Tensor, k: Tensor, lse: Tensor, rows: slice, cols: slice, attn_mask: Tensor | None = None
 ) -> Tensor:
@@ -168,6 +178,8 @@ class EditState:
     ) -> Tensor:
         self.calls += 1
         editor = self.editor
+        if layer.linear:
+            return self._attend_linear(editor, q, k, v, layer, num_text)
         if editor is None:
             return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
         ctx = AttnContext(
@@ -191,6 +203,35 @@ class EditState:
             probs = editor.edit_probs(attention_probs(q, k, attn_mask), ctx)
             return probs.to(v.dtype) @ v
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+
+    def _context(self, layer: LayerInfo, num_text: int) -> AttnContext:
+        return AttnContext(
+            layer=layer,
+            step=self.step,
+            num_steps=self.num_steps,
+            phase=self.phase,
+            layout=self.layout,
+            latent_hw=self.latent_hw,
+            num_text=num_text,
+        )
+
+    def _attend_linear(
+        self, editor: AttentionEditor | None, q: Tensor, k: Tensor, v: Tensor, layer: LayerInfo, num_text: int
+    ) -> Tensor:
+        """A linear-attention layer: editors may change q, k, v; one that needs the softmax map is refused."""
+        if editor is None:
+            return linear_attention(q, k, v)
+        ctx = self._context(layer, num_text)
+        if not editor.applies(ctx):
+            return linear_attention(q, k, v)
+        q, k, v = editor.edit_qkv(q, k, v, ctx)
+        if editor.needs_probs(ctx):
+            raise ValueError(
+                f"{type(editor).__name__} needs the softmax attention probabilities of layer {layer.name}, but "
+                "that layer computes linear (ReLU-kernel) attention and has no softmax map; restrict the editor "
+                "to softmax layers (e.g. cross-attention) or use an editor that acts on queries/keys/values"
+            )
+        return linear_attention(q, k, v)
 
     def _attend_block(
         self,

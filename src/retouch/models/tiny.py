@@ -75,7 +75,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-FAMILIES: tuple[str, ...] = ("sd", "sdxl", "pixart", "sd3", "flux")
+FAMILIES: tuple[str, ...] = ("sd", "sdxl", "pixart", "sd3", "flux", "sd35", "qwenimage", "sana")
 
 # Text-encoder widths. CLIP: 32 wide with a 32-d projection. T5: 32 wide, except SD3 whose joint attention
 # width must hold the two CLIP hidden states concatenated (2 x 32), as T5-XXL (4096) holds CLIP-L + CLIP-G.
@@ -430,6 +430,10 @@ def tiny_pipeline(family: str, **kwargs: Any) -> DiffusionPipeline:
         "sd3": tiny_sd3_pipeline,
         "flux": tiny_flux_pipeline,
     }
+    from retouch.models import tiny_families  # Qwen-Image, Sana, SD3.5 (imports this module)
+
+    factories.update(sd35=tiny_families.tiny_sd35_pipeline, qwenimage=tiny_families.tiny_qwenimage_pipeline,
+                     sana=tiny_families.tiny_sana_pipeline)  # fmt: skip
     if family not in factories:
         raise ValueError(f"unknown model family {family!r}; valid families: {', '.join(FAMILIES)}")
     return factories[family](**kwargs)
