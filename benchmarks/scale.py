@@ -382,6 +382,75 @@ MODELS.update(
     }
 )  # fmt: skip
 
+# Flux.2 and Z-Image (issue 17). FLUX.2-dev: the Flux2Transformer2DModel defaults of diffusers 0.42.1, which
+# are FLUX.2-dev's published transformer config (8 double + 48 single blocks, 48 heads x 128, text width 3 x
+# 5120 = 15360). FLUX.2-klein-4B: 5 double + 20 single blocks, 24 heads x 128, text 3 x 2560 = 7680 (Qwen3-4B),
+# no guidance embedding, step-distilled (is_distilled); typed from the published config, check it against the
+# hub before quoting numbers. Z-Image-Turbo: the ZImageTransformer2DModel defaults (30 layers + 2 + 2 refiners,
+# width 3840, 30 heads, Qwen3-4B caption width 2560) and its scheduler config (no dynamic shifting, shift 3).
+_FLUX2_SCHEDULER = {**_FLUX_SCHEDULER}
+_ZIMAGE_SCHEDULER = {"num_train_timesteps": 1000, "use_dynamic_shifting": False, "shift": 3.0}
+_FLUX2_DEV = {
+    "patch_size": 1, "in_channels": 128, "num_layers": 8, "num_single_layers": 48, "attention_head_dim": 128,
+    "num_attention_heads": 48, "joint_attention_dim": 15360, "timestep_guidance_channels": 256, "mlp_ratio": 3.0,
+    "axes_dims_rope": (32, 32, 32, 32), "rope_theta": 2000, "guidance_embeds": True,
+}  # fmt: skip
+_FLUX2_KLEIN_4B = {**_FLUX2_DEV, "num_layers": 5, "num_single_layers": 20, "num_attention_heads": 24,
+                   "joint_attention_dim": 7680, "guidance_embeds": False}  # fmt: skip
+_ZIMAGE_TURBO = {
+    "all_patch_size": (2,), "all_f_patch_size": (1,), "in_channels": 16, "dim": 3840, "n_layers": 30,
+    "n_refiner_layers": 2, "n_heads": 30, "n_kv_heads": 30, "cap_feat_dim": 2560, "axes_dims": [32, 48, 48],
+    "axes_lens": [1024, 512, 512],
+}  # fmt: skip
+MODELS.update({
+    s.name: s
+    for s in (
+        ModelSpec(
+            name="flux2-dev", family="flux2", reference="black-forest-labs/FLUX.2-dev (transformer/config.json)",
+            denoiser_class="Flux2Transformer2DModel", config=_FLUX2_DEV,
+            scheduler_class="FlowMatchEulerDiscreteScheduler", scheduler_config=_FLUX2_SCHEDULER,
+            latent_channels=32, text=(512, 15360), t5_length=512, depth_keys=("num_layers", "num_single_layers"),
+            presets=("direct+p2p", "direct+masactrl", "rf_solver"),
+            default_blocks={(512, 512): "1:2", (1024, 1024): "1:1"},
+        ),
+        ModelSpec(
+            name="flux2-klein", family="flux2", reference="black-forest-labs/FLUX.2-klein-4B (transformer/config.json)",
+            denoiser_class="Flux2Transformer2DModel", config=_FLUX2_KLEIN_4B,
+            scheduler_class="FlowMatchEulerDiscreteScheduler", scheduler_config=_FLUX2_SCHEDULER,
+            latent_channels=32, text=(512, 7680), t5_length=512, depth_keys=("num_layers", "num_single_layers"),
+            presets=("direct+p2p", "direct+masactrl", "rf_solver"),
+            default_blocks={(512, 512): "1:2", (1024, 1024): "1:1"},
+        ),
+        ModelSpec(
+            name="zimage", family="zimage", reference="Tongyi-MAI/Z-Image-Turbo (transformer/config.json)",
+            denoiser_class="ZImageTransformer2DModel", config=_ZIMAGE_TURBO,
+            scheduler_class="FlowMatchEulerDiscreteScheduler", scheduler_config=_ZIMAGE_SCHEDULER,
+            latent_channels=16, text=(512, 2560), t5_length=512, depth_keys=("n_layers",),
+            presets=("direct+p2p", "direct+masactrl", "rf_solver"),
+            default_blocks={(512, 512): "2", (1024, 1024): "1"},
+        ),
+        ModelSpec(
+            name="tiny-flux2", family="flux2", reference="tiny Flux2Transformer2DModel (tests)",
+            denoiser_class="Flux2Transformer2DModel",
+            config={**_FLUX2_DEV, "in_channels": 16, "num_layers": 1, "num_single_layers": 2,
+                    "attention_head_dim": 16, "num_attention_heads": 2, "joint_attention_dim": 48,
+                    "timestep_guidance_channels": 32, "axes_dims_rope": (4, 4, 4, 4)},  # fmt: skip
+            scheduler_class="FlowMatchEulerDiscreteScheduler", scheduler_config=_FLUX2_SCHEDULER,
+            latent_channels=4, text=(128, 48), t5_length=128, depth_keys=("num_layers", "num_single_layers"),
+            presets=("direct+p2p", "direct+masactrl", "rf_solver"), sizes=((64, 64),), tiny=True,
+        ),
+        ModelSpec(
+            name="tiny-zimage", family="zimage", reference="tiny ZImageTransformer2DModel (tests)",
+            denoiser_class="ZImageTransformer2DModel",
+            config={**_ZIMAGE_TURBO, "dim": 32, "n_layers": 2, "n_refiner_layers": 1, "n_heads": 2,
+                    "n_kv_heads": 2, "cap_feat_dim": 32, "axes_dims": [4, 6, 6], "axes_lens": [1024, 128, 128]},
+            scheduler_class="FlowMatchEulerDiscreteScheduler", scheduler_config=_ZIMAGE_SCHEDULER,
+            latent_channels=16, text=(64, 32), t5_length=64, depth_keys=("n_layers",),
+            presets=("direct+p2p", "direct+masactrl", "rf_solver"), sizes=((64, 128),), tiny=True,
+        ),
+    )
+})  # fmt: skip
+
 # The default scope: fits a loaded 2-core CPU in well under an hour (see the README for measured wall times).
 DEFAULT_JOBS: tuple[tuple[str, tuple[int, int]], ...] = (
     ("sd15", (512, 512)),
@@ -454,6 +523,19 @@ class BenchPipeline:
             self.tokenizer = build_clip_tokenizer()
             self.tokenizer_2 = build_t5_tokenizer(max_length=spec.t5_length)
             self.default_sample_size = 128
+        elif spec.family in ("flux2", "zimage"):
+            from retouch.models.tokenizers_chat import build_mistral_tokenizer, build_qwen_tokenizer
+
+            dev = spec.family == "flux2" and spec.config.get("guidance_embeds", False)
+            self.tokenizer = build_mistral_tokenizer() if dev else build_qwen_tokenizer()
+            self.tokenizer_max_length = spec.text[0]
+            self.default_sample_size = 128
+            if dev:
+                from diffusers.pipelines.flux2.system_messages import SYSTEM_MESSAGE
+
+                self.system_message = SYSTEM_MESSAGE
+            elif spec.family == "flux2":  # klein: the step-distilled 4B
+                self.config.is_distilled = True
 
 
 # QwenImagePipeline.prompt_template_encode (diffusers 0.42.1): the adapter reads the suffix's token count from it
@@ -510,6 +592,17 @@ class RandomIO:
             g = self.default_guidance if guidance is None else guidance
             tensors["guidance"] = torch.full((len(prompts),), float(g), device=dev, dtype=torch.float32)
             static["txt_ids"] = torch.zeros(n_txt, 3, device=dev, dtype=dt)
+        if spec.family == "flux2":
+            ids = torch.zeros(n_txt, 4, dtype=torch.long, device=dev)
+            ids[:, 3] = torch.arange(n_txt)
+            static["txt_ids"] = ids
+            if self.guidance_embedded:
+                g = self.default_guidance if guidance is None else guidance
+                tensors["guidance"] = torch.full((len(prompts),), float(g), device=dev, dtype=torch.float32)
+        if spec.family == "zimage":  # captions keep their valid (chat-templated) tokens only
+            lengths = [min(n_txt, len(self._template_ids(p))) for p in prompts]
+            tensors = {"cap_feats": tensors["encoder_hidden_states"],
+                       "cap_lengths": torch.tensor(lengths, device=dev)}  # fmt: skip
         return Conditioning(tensors, static)
 
     def encode_image(self, pixels: Tensor) -> Tensor:
@@ -987,7 +1080,7 @@ def time_nfes(
 
 
 def _patch(spec: ModelSpec) -> int:
-    return {"sd": 1, "pixart": 2, "sd3": 2, "flux": 2, "qwenimage": 2, "sana": 1}[spec.family]
+    return {"sd": 1, "pixart": 2, "sd3": 2, "flux": 2, "qwenimage": 2, "sana": 1, "flux2": 1, "zimage": 2}[spec.family]
 
 
 # ============================================================================================ edit runs

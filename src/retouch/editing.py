@@ -9,6 +9,7 @@ encode (image -> latent, prompts -> conditioning)
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable, Iterator
@@ -132,6 +133,9 @@ class Resolved:
 def resolve(backbone: Backbone, cfg: EditConfig) -> Resolved:
     """Fill defaults (preset, then backbone) and check that method, solver and inversion fit the family."""
     preset = get_preset(cfg.method)
+    if preset is not None and backbone.step_distilled:
+        # a few-step distilled model keeps its own steps and guidance unless the user gives them
+        preset = dataclasses.replace(preset, num_steps=None, guidance=None)
     if preset is not None:
         if backbone.family not in preset.families:
             raise ValueError(

@@ -6,7 +6,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-ALL = ("sd", "pixart", "sd3", "flux", "qwenimage", "sana")
+ALL = ("sd", "pixart", "sd3", "flux", "qwenimage", "sana", "flux2", "zimage")
+FLOW = ("sd3", "flux", "qwenimage", "sana", "flux2", "zimage")
 
 
 @dataclass(frozen=True)
@@ -44,16 +45,16 @@ PRESETS: dict[str, Preset] = {
         Preset("direct+dit4edit", "unified", "direct", ("pixart",),
                "DiT4Edit's unified control with Direct Inversion's source correction on DPM-Solver++",
                solver="dpmpp", num_steps=30, guidance=4.5),
-        Preset("rf_inversion", "rf_control", "rf_inversion", ("sd3", "flux", "qwenimage", "sana"),
+        Preset("rf_inversion", "rf_control", "rf_inversion", FLOW,
                "RF-Inversion (Rout et al.): controlled forward ODE (gamma 0.5) from an empty-prompt, guidance-0 "
                "inversion, controlled reverse ODE (eta 0.9 over the first 25% of 28 steps)",
                solver="flow_euler", num_steps=28, inversion_prompt="", inversion_guidance=0.0,
                options={"eta": 0.9, "start": 0.0, "stop": 0.25}, inversion_options={"gamma": 0.5}),
-        Preset("rf_solver", "masactrl", "rf_solver", ("sd3", "flux", "qwenimage", "sana"),
+        Preset("rf_solver", "masactrl", "rf_solver", FLOW,
                "RF-Solver-Edit: second-order midpoint inversion and sampling, source value injection in the "
                "deeper half of the blocks for the first 20% of the steps",
                solver="rf_solver", options={"start_step": 0, "end_step": 0.2, "start_layer": 0.5, "share": "v"}),
-        Preset("fireflow", "masactrl", "fireflow", ("sd3", "flux", "qwenimage", "sana"),
+        Preset("fireflow", "masactrl", "fireflow", FLOW,
                "FireFlow: midpoint inversion and sampling reusing velocities (~1 NFE per step), source value "
                "injection as RF-Solver-Edit", solver="fireflow",
                options={"start_step": 0, "end_step": 0.2, "start_layer": 0.5, "share": "v"}),
@@ -80,6 +81,7 @@ PRESETS: dict[str, Preset] = {
 
 # what `retouch edit` uses when no --method is given
 DEFAULT_METHOD = {"sd": "direct+p2p", "pixart": "dit4edit", "sd3": "direct+p2p", "flux": "rf_inversion"}
+DEFAULT_METHOD.update(flux2="rf_inversion", zimage="direct+p2p")
 DEFAULT_METHOD.update(qwenimage="direct+p2p", sana="direct+p2p")
 
 

@@ -133,7 +133,7 @@ SOLVERS: dict[str, Solver] = {
             1,
             1,
             "ddim",
-            ("sd", "pixart", "sd3", "flux", "qwenimage", "sana"),
+            ("sd", "pixart", "sd3", "flux", "qwenimage", "sana", "flux2", "zimage"),
             "deterministic DDIM (Euler in the flow parameterisation)",
         ),
         Solver(
@@ -142,7 +142,7 @@ SOLVERS: dict[str, Solver] = {
             2,
             1,
             "dpm",
-            ("sd", "pixart", "sd3", "flux", "qwenimage", "sana"),
+            ("sd", "pixart", "sd3", "flux", "qwenimage", "sana", "flux2", "zimage"),
             "multistep DPM-Solver++(2M), data prediction",
         ),
         Solver(
@@ -151,7 +151,7 @@ SOLVERS: dict[str, Solver] = {
             1,
             1,
             "flow",
-            ("sd3", "flux", "qwenimage", "sana"),
+            ("sd3", "flux", "qwenimage", "sana", "flux2", "zimage"),
             "Euler on the rectified-flow ODE",
         ),
         Solver(
@@ -160,7 +160,7 @@ SOLVERS: dict[str, Solver] = {
             2,
             2,
             "flow",
-            ("sd3", "flux", "qwenimage", "sana"),
+            ("sd3", "flux", "qwenimage", "sana", "flux2", "zimage"),
             "RF-Solver: second-order midpoint on the flow ODE",
         ),
         Solver(
@@ -169,7 +169,7 @@ SOLVERS: dict[str, Solver] = {
             2,
             1,
             "flow",
-            ("sd3", "flux", "qwenimage", "sana"),
+            ("sd3", "flux", "qwenimage", "sana", "flux2", "zimage"),
             "FireFlow: midpoint with reused velocity, ~1 NFE per step",
         ),
     )

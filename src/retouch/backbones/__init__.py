@@ -28,6 +28,9 @@ PIPELINE_FAMILIES: dict[str, str] = {
     "StableDiffusion3Img2ImgPipeline": "sd3",
     "FluxPipeline": "flux",
     "FluxImg2ImgPipeline": "flux",
+    "Flux2Pipeline": "flux2",
+    "Flux2KleinPipeline": "flux2",
+    "ZImagePipeline": "zimage",
     "QwenImagePipeline": "qwenimage",
     "QwenImageImg2ImgPipeline": "qwenimage",
     "SanaPipeline": "sana",
@@ -58,6 +61,21 @@ FAMILIES: dict[str, dict[str, Any]] = {
         "pipelines": ["FluxPipeline"],
         "prediction": ["flow"],
     },
+    "flux2": {
+        "description": "Flux.2 dev / klein: Flux2Transformer2DModel (double+single stream, 4-axis RoPE), Mistral 3 "
+        "(dev) or Qwen3 (klein) text, 2x2-patchified batch-normed latents; guidance embedded (dev), true CFG "
+        "(klein base) or none (klein distilled, 4 steps)",
+        "denoiser": "Flux2Transformer2DModel",
+        "pipelines": ["Flux2Pipeline", "Flux2KleinPipeline"],
+        "prediction": ["flow"],
+    },
+    "zimage": {
+        "description": "Z-Image / Z-Image-Turbo: ZImageTransformer2DModel (refiners + single-stream [image; "
+        "caption]), Qwen3 text, true CFG (Turbo: none, 8 steps)",
+        "denoiser": "ZImageTransformer2DModel",
+        "pipelines": ["ZImagePipeline"],
+        "prediction": ["flow"],
+    },
     "qwenimage": {
         "description": "Qwen-Image: QwenImageTransformer2DModel (MMDiT, joint [text; image] attention, 3-axis "
         "RoPE), Qwen2.5-VL text, 3D VAE, true CFG with norm rescale, flow",
@@ -77,13 +95,16 @@ FAMILIES: dict[str, dict[str, Any]] = {
 
 def backbone_class(family: str) -> type[Backbone]:
     from retouch.backbones.flux import FluxBackbone
+    from retouch.backbones.flux2 import Flux2Backbone
     from retouch.backbones.pixart import PixArtBackbone
     from retouch.backbones.qwen_image import QwenImageBackbone
     from retouch.backbones.sana import SanaBackbone
     from retouch.backbones.sd import SDBackbone
     from retouch.backbones.sd3 import SD3Backbone
+    from retouch.backbones.zimage import ZImageBackbone
 
     classes = {"sd": SDBackbone, "pixart": PixArtBackbone, "sd3": SD3Backbone, "flux": FluxBackbone}
+    classes.update(flux2=Flux2Backbone, zimage=ZImageBackbone)
     classes.update(qwenimage=QwenImageBackbone, sana=SanaBackbone)
     try:
         return classes[family]

@@ -109,6 +109,7 @@ class Backbone(abc.ABC):
     default_solver: str = "ddim"
     default_guidance: float = 7.5
     default_steps: int = 50
+    step_distilled: bool = False  # few-step distilled (read from the model's config): presets keep its steps
 
     def __init__(self, pipe: Any, *, name: str | None = None) -> None:
         self.pipe = pipe
@@ -225,6 +226,14 @@ class Backbone(abc.ABC):
     @abc.abstractmethod
     def attention_layers(self) -> dict[str, LayerInfo]:
         """All attention layers, keyed by module path, in execution order."""
+
+    def attn_processors(self) -> dict[str, Any]:
+        """The denoiser's attention processors keyed ``"<module path>.processor"`` (diffusers' convention)."""
+        return dict(self.denoiser.attn_processors)
+
+    def set_attn_processors(self, processors: Mapping[str, Any]) -> None:
+        """Set every attention processor (the keys of :meth:`attn_processors`)."""
+        self.denoiser.set_attn_processor(dict(processors))
 
     @abc.abstractmethod
     def make_processor(self, layer: LayerInfo, attend: Callable[..., Tensor], merge: Callable | None = None) -> Any:

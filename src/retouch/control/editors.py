@@ -7,6 +7,7 @@ from presets and from the CLI's ``--option KEY=VALUE``; unknown options are an e
 from __future__ import annotations
 
 import inspect
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -21,7 +22,9 @@ from retouch.control.p2p_zero import make_p2p_zero
 from retouch.control.pnp import make_pnp
 from retouch.inversion.rf import RFReverseControl
 
-ALL_FAMILIES = ("sd", "pixart", "sd3", "flux", "qwenimage", "sana")
+log = logging.getLogger(__name__)
+
+ALL_FAMILIES = ("sd", "pixart", "sd3", "flux", "qwenimage", "sana", "flux2", "zimage")
 
 
 @dataclass(frozen=True)
@@ -101,7 +104,7 @@ def _attention_kinds(backbone: Backbone) -> tuple[str, ...]:
     kinds = {i.kind for i in backbone.attention_layers().values()}
     return (
         ("self",)
-        if "self" in kinds and "joint" not in kinds
+        if "self" in kinds and not kinds & {"joint", "single"}
         else tuple(k for k in ("joint", "single", "self") if k in kinds)
     )
 
@@ -109,7 +112,7 @@ def _attention_kinds(backbone: Backbone) -> tuple[str, ...]:
 def make_masactrl(
     backbone: Backbone,
     config: Any,
-    start_step: float | int = 4,
+    start_step: float | int | None = None,
     end_step: float | int | None = None,
     start_layer: float | int | None = None,
     share: str = "kv",
@@ -117,7 +120,8 @@ def make_masactrl(
     """MasaCtrl mutual self-attention (K/V of the source for the target's queries).
 
     ``start_layer``: first transformer-block depth (int) or fraction of the depth (float < 1); default
-    MasaCtrl's 10 of 16 on UNets and the deeper half of DiTs (DiT4Edit's "deep layers carry layout")."""
+    MasaCtrl's 10 of 16 on UNets and the deeper half of DiTs (DiT4Edit's "deep layers carry layout").
+    ``start_step``: default MasaCtrl's 4 (of 50); on a step-distilled model the same fraction of its steps."""
     layers = backbone.attention_layers()
     max_depth = max(i.depth for i in layers.values()) + 1
     if start_layer is None:
@@ -125,6 +129,12 @@ def make_masactrl(
     first = _steps(start_layer, max_depth, "start_layer")
     kinds = _attention_kinds(backbone)
     num_steps = int(config.num_steps)
+    if start_step is None:
+        start_step = 4 / 50 if backbone.step_distilled else 4
+    first_step = _steps(start_step, num_steps, "start_step")
+    if first_step >= num_steps:
+        log.warning("MasaCtrl start_step=%s leaves none of the %d steps: mutual self-attention is off", start_step,
+                    num_steps)  # fmt: skip
 
     def select(info: LayerInfo) -> bool:
         return info.kind in kinds and info.depth >= first
@@ -132,7 +142,7 @@ def make_masactrl(
     if not any(select(i) for i in layers.values()):
         raise ValueError(f"start_layer={start_layer} selects no layer ({max_depth} blocks)")
     return MutualSelfAttention(
-        start_step=_steps(start_step, num_steps, "start_step"),
+        start_step=first_step,
         end_step=None if end_step is None else _steps(end_step, num_steps, "end_step"),
         layers=select,
         share=share,
@@ -179,7 +189,7 @@ EDITORS: dict[str, EditorSpec] = {
         EditorSpec("masactrl", make_masactrl, ALL_FAMILIES,
                    "MasaCtrl mutual self-attention (SD/PixArt); source image K/V injection in joint attention "
                    "(SD3/Flux)"),
-        EditorSpec("rf_control", make_rf_control, ("sd3", "flux", "qwenimage", "sana"),
+        EditorSpec("rf_control", make_rf_control, ("sd3", "flux", "qwenimage", "sana", "flux2", "zimage"),
                    "RF-Inversion's controlled reverse ODE: velocity pulled towards the image latent (eta)"),
         EditorSpec("unified", make_unified, ALL_FAMILIES,
                    "DiT4Edit unified attention control: P2P + mutual self-attention on deep blocks"),

@@ -278,8 +278,7 @@ def attention_editing(
     Raises:
         ValueError: if the selector matches no attention layer.
     """
-    den = backbone.denoiser
-    original = dict(den.attn_processors)
+    original = backbone.attn_processors()
     infos = backbone.attention_layers()
     chosen = {name: info for name, info in infos.items() if layers(info)}
     if not chosen:
@@ -289,8 +288,8 @@ def attention_editing(
     for name, info in infos.items():
         if name in chosen or (merger is not None and merger.layers(info)):
             procs[f"{name}.processor"] = backbone.make_processor(info, state.attend, state.merge)
-    den.set_attn_processor(procs)
+    backbone.set_attn_processors(procs)
     try:
         yield state
     finally:
-        den.set_attn_processor(original)
+        backbone.set_attn_processors(original)

@@ -230,6 +230,27 @@ class PromptToPrompt:
 
     # --- rules ----------------------------------------------------------------------------------------
     def _rewrite(self, a_src: Tensor, a_tgt: Tensor) -> Tensor:
+        n = a_src.shape[-1]
+        if n < self.alignment.weights.shape[0]:  # a text block narrower than the alignment: its first n tokens
+            return self._rewrite_first(a_src, a_tgt, n)
+        return self._rewrite_full(a_src, a_tgt)
+
+    def _rewrite_first(self, a_src: Tensor, a_tgt: Tensor, n: int) -> Tensor:
+        al = self.alignment
+        if al.mode == "replace":
+            cols = al.changed_columns[al.changed_columns < n]
+            new = a_src.clone()
+            if cols.numel():
+                new[..., cols] = a_src @ al.matrix[:n, cols].to(device=a_src.device, dtype=a_src.dtype)
+        else:
+            mapper = al.mapper[:n].clamp(max=n - 1)
+            alphas = al.alphas[:n].to(a_src.dtype) * (al.mapper[:n] < n).to(a_src.dtype)
+            new = a_src[..., mapper] * alphas + a_tgt * (1 - alphas)
+        if al.reweighted:
+            new = new * al.weights[:n].to(a_src.dtype)
+        return new
+
+    def _rewrite_full(self, a_src: Tensor, a_tgt: Tensor) -> Tensor:
         """P2P's edit of target text maps ``[h, N, T]`` from source ones.
 
         Replace: ``A_src @ M``. M is the identity except in the columns of the replaced words, so only those

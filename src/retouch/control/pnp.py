@@ -142,6 +142,7 @@ class PlugAndPlay:
         feature_steps: int,
         attn_layers: Sequence[str],
         attn_steps: int,
+        sequence_layers: dict[str, LayerInfo] | None = None,
     ) -> None:
         if feature_steps < 0 or attn_steps < 0:
             raise ValueError("feature_steps and attn_steps must be >= 0")
@@ -149,6 +150,7 @@ class PlugAndPlay:
         self.feature_steps = feature_steps
         self.attn_layers = frozenset(attn_layers)
         self.attn_steps = attn_steps
+        self.sequence_layers = dict(sequence_layers or {})  # LayerInfo of "sequence" feature blocks
         self.injected_features = 0  # number of hook calls that replaced target rows (diagnostics)
 
     # --- attention policy -------------------------------------------------------------------------
@@ -172,7 +174,7 @@ class PlugAndPlay:
         return probs
 
     # --- feature injection ------------------------------------------------------------------------
-    def _hook(self, kind: str, state: Any) -> Callable[..., Any]:
+    def _hook(self, kind: str, state: Any, info: LayerInfo | None = None) -> Callable[..., Any]:
         tuple_out = kind in ("joint", "single")
 
         def hook(module: torch.nn.Module, args: Any, output: Any) -> Any:
@@ -183,6 +185,13 @@ class PlugAndPlay:
             if layout.branches < 2 or feats is None or feats.shape[0] != layout.size:
                 return None
             self.injected_features += 1
+            if kind == "sequence":  # [B, S, D] text + image tokens: inject the image tokens only
+                h, w = info.resolution(state.latent_hw)
+                n = feats.shape[1]
+                img = slice(n - h * w, n) if info.text_first else slice(0, h * w)
+                out = feats.clone()
+                out[:, img] = copy_source_rows(feats[:, img], layout)
+                return out
             feats = copy_source_rows(feats, layout)
             return (output[0], feats, *output[2:]) if tuple_out else feats
 
@@ -195,7 +204,8 @@ class PlugAndPlay:
         handles = []
         try:
             for name, kind in self.feature_layers.items():
-                handles.append(den.get_submodule(name).register_forward_hook(self._hook(kind, state)))
+                hook = self._hook(kind, state, self.sequence_layers.get(name))
+                handles.append(den.get_submodule(name).register_forward_hook(hook))
             yield
         finally:
             for h in handles:
@@ -238,4 +248,5 @@ def make_pnp(
         feature_steps=to_steps(feature_steps, num_steps, "feature_steps"),
         attn_layers=attn,
         attn_steps=to_steps(attn_steps, num_steps, "attn_steps"),
+        sequence_layers={n: blocks[n] for n in feats if blocks[n].kind == "sequence"},
     )

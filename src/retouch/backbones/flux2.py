@@ -1,0 +1,325 @@
+"""Flux.2 (Flux2Transformer2DModel) behind ``Flux2Pipeline`` (dev) and ``Flux2KleinPipeline`` (klein).
+
+What differs from Flux.1 (``backbones/flux.py``), read from diffusers 0.42.1:
+
+* **Latents.** ``AutoencoderKLFlux2`` latents are 2x2-patchified *in the VAE's space* and normalised by the
+  VAE's batch-norm running statistics; the transformer sees those tokens one per position (``patch_size=1``).
+  retouch's latent is therefore ``[B, 4C, H/16, W/16]`` (``vae_scale_factor`` 16), and packing is a plain
+  reshape.
+* **Positional ids.** Four axes ``(t, h, w, l)``: image tokens ``(0, row, col, 0)``, text tokens ``(0, 0, 0, i)``.
+* **Conditioning.** A decoder LM behind a chat template (Mistral Small 3 with a system message for dev, Qwen3
+  for klein); three hidden states are stacked into ``joint_attention_dim``. Text is padded to
+  ``max_sequence_length`` (512), so the text part of every sequence has the same length.
+* **Guidance.** dev: distilled guidance embedding (``transformer.config.guidance_embeds``), no CFG batch.
+  klein: no guidance embedding; true CFG against the empty prompt unless the pipeline config says
+  ``is_distilled`` (the 4-step klein), which runs without guidance.
+* **Grid.** ``sigmas = linspace(1, 1/N, N)`` and the *empirical* ``mu`` of :func:`empirical_mu`, which depends on
+  the number of steps as well as on the image sequence length.
+* **Attention.** Double-stream ``transformer_blocks.*.attn`` (``Flux2Attention``: joint, [text; image]) and
+  single-stream ``single_transformer_blocks.*.attn`` (``Flux2ParallelSelfAttention``: QKV fused with the MLP
+  input, attention output fused with the MLP output).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from retouch.backbones.base import Backbone, LayerInfo, SizePolicy, TextSegment
+from retouch.backbones.flowgrid import chat_prompt_offset, explicit_sigma_flow_grid, leading_specials
+from retouch.backbones.processors import Attend, Merge, _no_merge
+from retouch.types import Conditioning, NoiseGrid, Prediction
+
+_NAME = re.compile(r"^(transformer_blocks|single_transformer_blocks)\.(\d+)\.attn$")
+
+
+def empirical_mu(image_seq_len: int, num_steps: int) -> float:
+    """Flux.2's time shift ``mu`` (``compute_empirical_mu`` of diffusers' Flux.2 pipelines, 0.42.1): linear
+    in the sequence length, interpolated between its 10-step and 200-step fits, and step-independent above
+    4300 tokens."""
+    a1, b1 = 8.73809524e-05, 1.89833333
+    a2, b2 = 0.00016927, 0.45666666
+    if image_seq_len > 4300:
+        return float(a2 * image_seq_len + b2)
+    m200 = a2 * image_seq_len + b2
+    m10 = a1 * image_seq_len + b1
+    a = (m200 - m10) / 190.0
+    return float(a * num_steps + (m200 - 200.0 * a))
+
+
+def patchify(latents: Tensor) -> Tensor:
+    """VAE latent ``[B, C, H, W] -> [B, 4C, H/2, W/2]`` (channel-major 2x2 patches, as the pipeline)."""
+    b, c, h, w = latents.shape
+    x = latents.view(b, c, h // 2, 2, w // 2, 2).permute(0, 1, 3, 5, 2, 4)
+    return x.reshape(b, c * 4, h // 2, w // 2)
+
+
+def unpatchify(latents: Tensor) -> Tensor:
+    """Inverse of :func:`patchify`."""
+    b, c4, h, w = latents.shape
+    x = latents.reshape(b, c4 // 4, 2, 2, h, w).permute(0, 1, 4, 2, 5, 3)
+    return x.reshape(b, c4 // 4, h * 2, w * 2)
+
+
+def image_ids(h: int, w: int, device: torch.device) -> Tensor:
+    """``(t, h, w, l) = (0, row, col, 0)`` for an ``h x w`` token grid, ``[h*w, 4]``."""
+    ids = torch.zeros(h, w, 4, dtype=torch.long)
+    ids[..., 1] = torch.arange(h)[:, None]
+    ids[..., 2] = torch.arange(w)[None, :]
+    return ids.reshape(-1, 4).to(device)
+
+
+class Flux2Processor:
+    """For Flux.2 double-stream (``Flux2Attention``) and single-stream (``Flux2ParallelSelfAttention``)
+    attention; mirrors diffusers 0.42.1's ``Flux2AttnProcessor`` / ``Flux2ParallelSelfAttnProcessor`` and
+    routes the attention product through ``attend``. Sequence = [text; image].
+
+    Token merging acts on the image tokens before the projections (in single blocks that also merges the
+    tokens the fused MLP sees) and unmerges the block output; rotary embeddings follow the kept tokens.
+    """
+
+    def __init__(self, layer: LayerInfo, attend: Attend, num_text: Any, merge: Merge = _no_merge) -> None:
+        self.layer = layer
+        self.attend = attend
+        self.num_text = num_text
+        self.merge = merge
+
+    def _merge(self, hidden: Tensor, n_txt: int, rotary: Any, rot_txt: int) -> tuple[Tensor, Any, Any]:
+        """Merge the image tokens after the ``n_txt`` text tokens of ``hidden``; the rotary tables cover
+        ``rot_txt`` text tokens then the image."""
+        image = hidden[:, n_txt:]
+        merged, plan = self.merge(image, self.layer)
+        if plan is None:
+            return hidden, None, rotary
+        hidden = torch.cat([hidden[:, :n_txt], merged], dim=1)
+        if rotary is not None:
+            keep = plan.kept_index[0].to(rotary[0].device) + rot_txt
+            idx = torch.cat([torch.arange(rot_txt, device=keep.device), keep])
+            rotary = tuple(e[idx] for e in rotary)
+        return hidden, plan, rotary
+
+    def __call__(
+        self,
+        attn: Any,
+        hidden_states: Tensor,
+        encoder_hidden_states: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        image_rotary_emb: Any = None,
+    ) -> Any:
+        from diffusers.models.embeddings import apply_rotary_emb
+
+        double = hasattr(attn, "to_q")
+        if not double:  # Flux2ParallelSelfAttention(attn, hidden_states, attention_mask, image_rotary_emb)
+            encoder_hidden_states, attention_mask, image_rotary_emb = None, encoder_hidden_states, attention_mask
+        n_txt = encoder_hidden_states.shape[1] if double else self.num_text()
+        n_txt_in_hidden = 0 if double else n_txt
+        hidden_states, plan, image_rotary_emb = self._merge(hidden_states, n_txt_in_hidden, image_rotary_emb, n_txt)
+
+        if double:
+            from diffusers.models.transformers.transformer_flux2 import _get_qkv_projections
+
+            query, key, value, eq, ek, ev = _get_qkv_projections(attn, hidden_states, encoder_hidden_states)
+        else:
+            proj = attn.to_qkv_mlp_proj(hidden_states)
+            qkv_dim = 3 * attn.inner_dim
+            mlp_dim = attn.mlp_hidden_dim * attn.mlp_mult_factor
+            local_qkv = proj.shape[-1] * qkv_dim // (qkv_dim + mlp_dim)
+            qkv, mlp_hidden = torch.split(proj, [local_qkv, proj.shape[-1] - local_qkv], dim=-1)
+            query, key, value = qkv.chunk(3, dim=-1)
+        query = attn.norm_q(query.unflatten(-1, (-1, attn.head_dim)))  # [B, N, h, d]
+        key = attn.norm_k(key.unflatten(-1, (-1, attn.head_dim)))
+        value = value.unflatten(-1, (-1, attn.head_dim))
+        if double and attn.added_kv_proj_dim is not None:
+            eq = attn.norm_added_q(eq.unflatten(-1, (-1, attn.head_dim)))
+            ek = attn.norm_added_k(ek.unflatten(-1, (-1, attn.head_dim)))
+            ev = ev.unflatten(-1, (-1, attn.head_dim))
+            query, key, value = (torch.cat([e, x], dim=1) for e, x in ((eq, query), (ek, key), (ev, value)))
+        if image_rotary_emb is not None:
+            query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
+            key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
+
+        out = self.attend(
+            query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), self.layer,
+            attn_mask=attention_mask, num_text=n_txt,
+        )  # fmt: skip  # [B, h, N, d]
+        hidden = out.transpose(1, 2).flatten(2, 3).to(query.dtype)
+
+        if double:
+            txt, img = hidden.split_with_sizes([n_txt, hidden.shape[1] - n_txt], dim=1)
+            txt = attn.to_add_out(txt)
+            img = attn.to_out[1](attn.to_out[0](img))
+            if plan is not None:
+                img = plan.unmerge(img)
+            return img, txt
+        hidden = attn.to_out(torch.cat([hidden, attn.mlp_act_fn(mlp_hidden)], dim=-1))
+        if plan is not None:
+            hidden = torch.cat([hidden[:, :n_txt], plan.unmerge(hidden[:, n_txt:])], dim=1)
+        return hidden
+
+
+class Flux2Backbone(Backbone):
+    family = "flux2"
+    prediction = Prediction.FLOW
+    default_solver = "flow_euler"
+    text_encoder_out_layers: tuple[int, ...] | None = None  # None: the pipeline's default
+
+    def __init__(self, pipe: Any, *, name: str | None = None) -> None:
+        super().__init__(pipe, name=name)
+        self._num_text = 0
+        self.max_sequence_length = int(getattr(pipe, "tokenizer_max_length", 512))
+        config = getattr(pipe, "config", None)
+        self.klein = type(pipe).__name__.startswith("Flux2Klein") or hasattr(config, "is_distilled")
+        self.guidance_embedded = bool(pipe.transformer.config.guidance_embeds)
+        self.step_distilled = bool(getattr(config, "is_distilled", False)) if config is not None else False
+        self.uses_cfg = self.klein and not self.step_distilled and not self.guidance_embedded
+        # the pipelines' defaults: 50 steps, guidance 4 (embedded for dev, CFG for klein base); 4 steps and no
+        # guidance for the step-distilled klein
+        self.default_steps = 4 if self.step_distilled else 50
+        self.default_guidance = 1.0 if self.step_distilled else 4.0
+
+    @property
+    def denoiser(self) -> nn.Module:
+        return self.pipe.transformer
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1) * 2
+
+    @property
+    def latent_channels(self) -> int:
+        return int(self.vae.config.latent_channels) * 4
+
+    @property
+    def size_policy(self) -> SizePolicy:
+        mult = self.vae_scale_factor
+        native = int(getattr(self.pipe, "default_sample_size", 128)) * (mult // 2)
+        return SizePolicy(multiple=mult, min_side=mult, max_side=4096, native=(native, native))
+
+    @property
+    def tokenizer(self) -> Any:
+        tok = self.pipe.tokenizer
+        return getattr(tok, "tokenizer", tok)  # Flux.2 dev: a Pixtral processor around the tokenizer
+
+    def _template_ids(self, prompt: str) -> list[int]:
+        tok = self.pipe.tokenizer
+        if self.klein:
+            text = tok.apply_chat_template(
+                [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True,
+                enable_thinking=False,
+            )  # fmt: skip
+            return list(self.tokenizer(text)["input_ids"])
+        from diffusers.pipelines.flux2.pipeline_flux2 import format_input
+
+        messages = format_input([prompt], system_message=self.pipe.system_message)
+        out = tok.apply_chat_template(messages, add_generation_prompt=False, tokenize=True, return_dict=True)
+        ids = out["input_ids"]
+        return list(ids[0] if ids and isinstance(ids[0], list) else ids)
+
+    def _offsets(self) -> tuple[int, int]:
+        if getattr(self.tokenizer, "padding_side", "right") != "right":
+            raise ValueError("the Flux.2 tokenizer pads on the left: text positions differ per prompt")
+        return chat_prompt_offset(self._template_ids)
+
+    @property
+    def max_prompt_tokens(self) -> int:
+        prefix, suffix = self._offsets()
+        return self.max_sequence_length - prefix - suffix
+
+    def text_segments(self) -> list[TextSegment]:
+        """The prompt's tokens start after the chat template's prefix (system message for dev)."""
+        prefix, _ = self._offsets()
+        start = max(0, prefix - leading_specials(self.tokenizer))
+        return [TextSegment(self.tokenizer, start, self.max_sequence_length - start)]
+
+    def encode_prompt(
+        self, prompts: Sequence[str], *, image_size: tuple[int, int] | None = None, guidance: float | None = None
+    ) -> Conditioning:
+        kwargs: dict[str, Any] = {}
+        if self.text_encoder_out_layers is not None:
+            kwargs["text_encoder_out_layers"] = self.text_encoder_out_layers
+        emb, text_ids = self.pipe.encode_prompt(
+            prompt=list(prompts), device=self.device, max_sequence_length=self.max_sequence_length, **kwargs
+        )
+        tensors = {"encoder_hidden_states": emb.to(self.dtype)}
+        if self.guidance_embedded:
+            g = self.default_guidance if guidance is None else guidance
+            tensors["guidance"] = torch.full((emb.shape[0],), float(g), device=emb.device, dtype=torch.float32)
+        return Conditioning(tensors, static={"txt_ids": text_ids[0]})
+
+    def encode_image(self, pixels: Tensor) -> Tensor:
+        vae = self.vae
+        lat = patchify(vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.mode())
+        mean = vae.bn.running_mean.view(1, -1, 1, 1).to(lat)
+        std = torch.sqrt(vae.bn.running_var.view(1, -1, 1, 1) + vae.config.batch_norm_eps).to(lat)
+        return ((lat - mean) / std).to(self.dtype)
+
+    def decode(self, latents: Tensor) -> Tensor:
+        vae = self.vae
+        lat = latents.to(vae.dtype)
+        mean = vae.bn.running_mean.view(1, -1, 1, 1).to(lat)
+        std = torch.sqrt(vae.bn.running_var.view(1, -1, 1, 1) + vae.config.batch_norm_eps).to(lat)
+        return vae.decode(unpatchify(lat * std + mean)).sample
+
+    def grid(self, kind: str, num_steps: int, latent_hw: tuple[int, int]) -> NoiseGrid:
+        from retouch import schedules
+
+        schedules.check_steps(num_steps)
+        mu = empirical_mu(self.image_seq_len(latent_hw), num_steps)
+        return explicit_sigma_flow_grid(self.scheduler_config, num_steps, mu)
+
+    def predict(self, x: Tensor, timestep: Tensor, cond: Conditioning) -> Tensor:
+        b, c, h, w = x.shape
+        emb = cond.tensors["encoder_hidden_states"]
+        self._num_text = emb.shape[1]
+        t = (timestep.to(x.device, torch.float32) / 1000).reshape(1).expand(b).to(self.dtype)
+        tokens = x.to(self.dtype).reshape(b, c, h * w).permute(0, 2, 1)  # [B, hw, 4C_vae]
+        out = self.pipe.transformer(
+            hidden_states=tokens,
+            timestep=t,
+            guidance=cond.tensors.get("guidance"),
+            encoder_hidden_states=emb,
+            txt_ids=cond.static["txt_ids"],
+            img_ids=image_ids(h, w, x.device),
+            return_dict=False,
+        )[0]
+        return out.permute(0, 2, 1).reshape(b, c, h, w)
+
+    def attention_layers(self) -> dict[str, LayerInfo]:
+        entries = []
+        for key in self.pipe.transformer.attn_processors:
+            name = key.removesuffix(".processor")
+            m = _NAME.match(name)
+            if m is None:
+                raise RuntimeError(f"unexpected attention module path in the Flux.2 transformer: {name}")
+            entries.append((0 if m.group(1) == "transformer_blocks" else 1, int(m.group(2)), name))
+        out: dict[str, LayerInfo] = {}
+        for depth, (stream, _, name) in enumerate(sorted(entries)):
+            kind, place = ("joint", "double") if stream == 0 else ("single", "single")
+            out[name] = LayerInfo(name=name, kind=kind, depth=depth, place=place, downsample=1, text_first=True)
+        return out
+
+    def feature_blocks(self) -> dict[str, LayerInfo]:
+        """Double-stream ``transformer_blocks.*`` return ``(encoder_hidden_states, hidden_states)`` (kind
+        ``"joint"``: image stream is element 1); single-stream ``single_transformer_blocks.*`` return the
+        concatenated ``[text; image]`` sequence ``[B, T + N, D]`` (kind ``"sequence"``, ``text_first``)."""
+        tr = self.pipe.transformer
+        out: dict[str, LayerInfo] = {}
+        for attr, kind, place in (("transformer_blocks", "joint", "double"),
+                                  ("single_transformer_blocks", "sequence", "single")):  # fmt: skip
+            for i in range(len(getattr(tr, attr))):
+                name = f"{attr}.{i}"
+                out[name] = LayerInfo(name=name, kind=kind, depth=len(out), place=place, downsample=1,
+                                      text_first=True)  # fmt: skip
+        return out
+
+    def make_processor(self, layer: LayerInfo, attend: Attend, merge: Merge | None = None) -> Any:
+        return Flux2Processor(layer, attend, lambda: self._num_text, merge or _no_merge)
+
+    def describe(self) -> dict[str, Any]:
+        out = super().describe()
+        out.update(guidance_embedded=self.guidance_embedded, step_distilled=self.step_distilled)
+        return out
