@@ -273,9 +273,10 @@ CASES = {
 def test_ledits_matches_diffusers_pipeline(case):
     """Same tiny model, image, settings and seed: retouch's LEDITS++ gives diffusers' final latent.
 
-    Tolerance 1e-4 (final latents of std ~0.2; measured max error 1.6e-5 to 2.7e-5): the two compute the same operations in float32 but in different
-    orders (batched source row, SDPA vs baddbmm attention, residual vs normalised noise maps), so they agree
-    to ~1e-6 per step; the binary masks would turn any real algorithmic difference into O(0.1) changes.
+    Tolerance 1e-4 (final latents of std ~0.2; measured max error 1.6e-5 to 2.7e-5): both compute the same
+    operations in float32 but in different orders (batched source row, SDPA vs baddbmm attention, residual vs
+    normalised noise maps). The binary masks would turn a real algorithmic difference into O(0.1) changes
+    (summing the concept's own tokens instead of diffusers' positions 1..75 moves the latent by ~0.8).
     """
     bb = _three_level_sd()
     image = random_image(128, 128, seed=2)
