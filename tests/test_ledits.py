@@ -4,6 +4,7 @@ tiny models), and parity of retouch's LEDITS++ with diffusers' ``LEditsPPPipelin
 from __future__ import annotations
 
 import functools
+import json
 
 import pytest
 import torch
@@ -295,3 +296,41 @@ def test_ledits_matches_diffusers_pipeline(case):
     # the comparison can fail: the same run without the edit concepts is far from the reference
     plain = edit(bb, image, cfg.with_(options={**options, "scales": 0.0}), keep_latents=True).latents[1:2]
     assert (plain - ref).abs().max().item() > 1e-2
+
+
+# --- CLI ---------------------------------------------------------------------------------------------------
+def test_methods_json_lists_the_new_presets(capsys):
+    from retouch.cli import main
+
+    assert main(["methods", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    presets = {p["name"]: p for p in info["presets"]}
+    for name, editor in (("ddpm_edit", "identity"), ("ddpm+p2p", "p2p"), ("ledits++", "ledits")):
+        assert presets[name]["families"] == ["sd", "pixart"] and presets[name]["editor"] == editor
+        assert presets[name]["inversion"] == "ddpm" and presets[name]["solver"] == "ddpm"
+    assert info["matrix"]["ledits++"] == {"sd": True, "pixart": True, "sd3": False, "flux": False}
+    assert "ddpm" in {i["name"] for i in info["inversions"]} and "ddpm" in {s["name"] for s in info["solvers"]}
+
+
+def test_cli_ledits_with_concept_options(tmp_path):
+    from retouch.cli import main
+    from retouch.models.tiny import save_tiny_pipeline
+
+    model = save_tiny_pipeline("sd", tmp_path / "tiny-sd")
+    image = tmp_path / "in.png"
+    random_image(64, 64).save(image)
+    out = tmp_path / "edited.png"
+    rc = main(
+        ["edit", str(image), "-s", "a red circle", "-t", "a green circle", "--model", str(model),
+         "--method", "ledits++", "--steps", "4", "--inversion-skip", "0.5", "--no-progress", "-o", str(out),
+         "--option", 'edit_prompts=["green", "red"]', "--option", "reverse=[false, true]",
+         "--option", "scales=[6, 3]", "--option", "thresholds=0.8", "--option", "map_downsample=2"]
+    )  # fmt: skip
+    assert rc == 0 and out.is_file()
+    report = json.loads((tmp_path / "edited.png.json").read_text())
+    assert report["method"] == "ledits++" and report["solver"] == "ddpm" and report["inversion"] == "ddpm"
+    assert report["config"]["inversion"]["skip"] == 0.5 and report["config"]["options"]["reverse"] == [False, True]
+    assert report["nfe"] == {"inversion": 4, "sampling": 4, "total": 8}
+    assert main(["edit", str(image), "-s", "a red circle", "-t", "a green circle", "--model", str(model),
+                 "--method", "ledits++", "--steps", "2", "--no-progress", "-o", str(out),
+                 "--option", "scales=[1, 2, 3]"]) == 1  # fmt: skip

@@ -70,9 +70,16 @@ class Concept:
         return step >= self.warmup and (self.cooldown is None or step < self.cooldown)
 
 
-def derive_concepts(source: str, target: str) -> list[tuple[str, bool]]:
-    """Edit concepts from a prompt pair: the target's new words (added) and the source's dropped words
-    (removed, ``reverse=True``), each run joined into one concept."""
+def derive_concepts(source: str, target: str, mode: str = "words") -> list[tuple[str, bool]]:
+    """Edit concepts from a prompt pair. ``"words"``: the target's new words (added) and the source's dropped
+    words (removed, ``reverse=True``), each joined into one concept. ``"prompts"``: the whole target prompt
+    (added) and the whole source prompt (removed)."""
+    if mode == "prompts":
+        if source == target:
+            raise ValueError("source and target prompts are the same: give the edit concepts (edit_prompts=...)")
+        return [(target, False), (source, True)]
+    if mode != "words":
+        raise ValueError(f"concepts must be 'words' or 'prompts', got {mode!r}")
     removed, added = tokens.changed_words(source, target)
     out: list[tuple[str, bool]] = []
     if added:
@@ -301,15 +308,17 @@ def make_ledits(
     noise_mask_after: float = 800.0,
     map_downsample: int | None = None,
     attention_tokens: str = "concept",
+    concepts: str = "words",
 ) -> SemanticGuidance:
     """LEDITS++ semantic guidance. ``edit_prompts``: one concept or a list (default: the target prompt's new
     words, plus the source prompt's dropped words as a concept to remove); ``reverse``, ``scales``,
     ``thresholds``, ``warmup``, ``cooldown``: one value for all concepts or one per concept (``reverse=true``
-    removes a concept); ``masks``: ``intersect`` | ``attention`` | ``noise``."""
+    removes a concept); ``masks``: ``intersect`` | ``attention`` | ``noise``; ``concepts``: how concepts are
+    derived from the prompts when ``edit_prompts`` is not given (``words`` | ``prompts``)."""
     if not backbone.uses_cfg:
         raise ValueError(f"LEDITS++ guides with unconditional predictions; {backbone.family} has none (no CFG)")
     if edit_prompts is None:
-        pairs = derive_concepts(config.source_prompt, config.target_prompt)
+        pairs = derive_concepts(config.source_prompt, config.target_prompt, concepts)
         prompts = [p for p, _ in pairs]
         directions = [r for _, r in pairs]
         if reverse is not False:
