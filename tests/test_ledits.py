@@ -123,6 +123,17 @@ def test_ddpm_inversion_is_seeded():
     assert not torch.equal(a.latents[1], c.latents[1])
 
 
+def test_ddpm_p2p_composes_with_attention_control():
+    """P2P on the DDPM inversion: the source branch is the exact replay, the target is edited."""
+    bb = tiny_backbone("pixart")
+    cfg = EditConfig("a red circle", "a blue circle", method="ddpm+p2p", num_steps=4, seed=0)
+    res = edit(bb, random_image(32, 32), cfg, keep_latents=True)
+    z0 = res.trajectory.latents[-1]
+    assert torch.allclose(res.latents[0], z0, atol=1e-6)
+    assert (res.latents[1] - z0).abs().max() > 1e-3
+    assert res.report["attention_calls"]["materialised"] > 0
+
+
 def test_presets_resolve():
     bb = tiny_backbone("sd")
     r = resolve(bb, EditConfig("a red circle", "a blue circle", method="ddpm_edit"))
