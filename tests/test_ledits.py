@@ -93,6 +93,18 @@ def test_skip_takes_the_tail_of_the_longer_grid():
         InversionConfig(skip=-0.1)
 
 
+def test_skip_applies_to_any_inversion():
+    """--inversion-skip with a deterministic inversion: the run starts part-way down a longer grid."""
+    bb = tiny_backbone("sd")
+    cfg = EditConfig("a red circle", "a red circle", method="direct+p2p", num_steps=4, seed=0,
+                     inversion=InversionConfig(skip=1.0))  # fmt: skip
+    res = edit(bb, random_image(32, 32), cfg, keep_latents=True)
+    full = bb.grid("ddim", 8, (4, 4))
+    assert torch.equal(res.trajectory.grid.timesteps, full.timesteps[4:])
+    assert res.report["nfe"]["total"] == 8
+    assert torch.allclose(res.latents[0], res.trajectory.latents[-1], atol=1e-6)
+
+
 @pytest.mark.parametrize("family", ["sd", "pixart", "sd3", "flux"])
 def test_ddpm_inversion_reconstructs_on_tiny_models(family):
     """Sampling both branches with the maps at the inversion's own guidance gives the image latent back;
