@@ -216,6 +216,21 @@ def test_ledits_edits_the_target_and_reconstructs_the_source():
     assert torch.allclose(zero.latents[1], z0, atol=2e-5)
 
 
+def test_ledits_base_prompt_replays_the_inversion_of_that_prompt():
+    """base_prompt=source (diffusers' negative_prompt): inverted under the source prompt, zero scales give
+    the image back; with the empty inversion prompt they do not (the base must match the inversion)."""
+    bb = tiny_backbone("sd")
+    cfg = EditConfig(
+        "a red circle", "a green circle", method="ledits++", num_steps=4, seed=0,
+        inversion=InversionConfig(prompt="a red circle"), options={"base_prompt": "source", "scales": 0.0},
+    )  # fmt: skip
+    res = edit(bb, random_image(32, 32), cfg, keep_latents=True)
+    z0 = res.trajectory.latents[-1]
+    assert torch.allclose(res.latents[1], z0, atol=2e-5)
+    other = edit(bb, random_image(32, 32), cfg.with_(inversion=InversionConfig(prompt="")), keep_latents=True)
+    assert (other.latents[1] - other.trajectory.latents[-1]).abs().max() > 1e-3
+
+
 def test_ledits_on_pixart_runs_with_attention_masks():
     bb = tiny_backbone("pixart")
     cfg = EditConfig("a red circle", "a green circle", method="ledits++", num_steps=4, seed=0)

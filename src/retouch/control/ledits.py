@@ -128,6 +128,7 @@ class SemanticGuidance:
         *,
         masks: str = "intersect",
         noise_mask_after: float = 800.0,
+        base_prompt: str = "",
     ) -> None:
         if not concepts:
             raise ValueError("LEDITS++ needs at least one edit concept")
@@ -140,6 +141,7 @@ class SemanticGuidance:
         self.map_layers = map_layers
         self.masks = masks
         self.noise_mask_after = noise_mask_after
+        self.base_prompt = base_prompt
         self._sums: Tensor | None = None  # [E, N_img, T] head-summed probabilities of this step
         self._count = 0
         self._map_hw: tuple[int, int] | None = None
@@ -231,7 +233,7 @@ class SemanticGuidanceModel:
         if self._cond is None:
             f = self.backbone.vae_scale_factor
             hw = (latent_hw[0] * f, latent_hw[1] * f)
-            prompts = ["", *(c.prompt for c in self.editor.concepts)]
+            prompts = [self.editor.base_prompt, *(c.prompt for c in self.editor.concepts)]
             enc = self.backbone.encode_prompt(prompts, image_size=hw)
             self._cond = Conditioning.cat([enc.select([0]), enc])  # [src uncond, tgt uncond, concepts]
         return self._cond
@@ -309,12 +311,15 @@ def make_ledits(
     map_downsample: int | None = None,
     attention_tokens: str = "concept",
     concepts: str = "words",
+    base_prompt: str = "",
 ) -> SemanticGuidance:
     """LEDITS++ semantic guidance. ``edit_prompts``: one concept or a list (default: the target prompt's new
     words, plus the source prompt's dropped words as a concept to remove); ``reverse``, ``scales``,
     ``thresholds``, ``warmup``, ``cooldown``: one value for all concepts or one per concept (``reverse=true``
     removes a concept); ``masks``: ``intersect`` | ``attention`` | ``noise``; ``concepts``: how concepts are
-    derived from the prompts when ``edit_prompts`` is not given (``words`` | ``prompts``)."""
+    derived from the prompts when ``edit_prompts`` is not given (``words`` | ``prompts``); ``base_prompt``: the
+    prompt of the "unconditional" prediction the concepts are added to (diffusers' ``negative_prompt``; default
+    empty; ``"source"`` means the source prompt — then invert under it too, ``--inversion-prompt``)."""
     if not backbone.uses_cfg:
         raise ValueError(f"LEDITS++ guides with unconditional predictions; {backbone.family} has none (no CFG)")
     if edit_prompts is None:
@@ -348,4 +353,7 @@ def make_ledits(
     positions = [concept_token_positions(backbone, c.prompt, attention_tokens) for c in concepts]
     selector = map_layer_selector(backbone, map_downsample) if masks != "noise" else (lambda info: False)
     log.info("LEDITS++ concepts: %s", [(c.prompt, "-" if c.reverse else "+") for c in concepts])
-    return SemanticGuidance(concepts, positions, selector, masks=masks, noise_mask_after=noise_mask_after)
+    base = config.source_prompt if base_prompt == "source" else base_prompt
+    return SemanticGuidance(
+        concepts, positions, selector, masks=masks, noise_mask_after=noise_mask_after, base_prompt=base
+    )
