@@ -206,13 +206,6 @@ class SemanticGuidance:
     def wrap_model(self, guided: Any) -> SemanticGuidanceModel:
         return SemanticGuidanceModel(guided, self)
 
-    def report(self) -> dict[str, Any]:
-        return {
-            "concepts": [c.__dict__ for c in self.concepts],
-            "masks": self.masks,
-            "mean_mask_fraction": [sum(f) / len(f) if f else 0.0 for f in self.mask_fraction],
-        }
-
 
 class SemanticGuidanceModel:
     """``model_fn(x, k) -> Pred`` for ``x = [source, target]``: one model call on
