@@ -64,6 +64,14 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--inversion-guidance", type=float, default=None, help="guidance scale while inverting (1)")
     p.add_argument("--inversion-iterations", type=int, default=6, help="fixed-point iterations (dpmpp inversion)")
     p.add_argument("--inversion-prompt", default=None, help="prompt used while inverting (default: the source)")
+    p.add_argument(
+        "--inversion-skip",
+        type=float,
+        default=None,
+        metavar="FRACTION",
+        help="leave out the noisiest FRACTION of the steps: invert and sample only the last --steps of "
+        "a grid of steps*(1+FRACTION) (LEDITS++ / edit-friendly DDPM's skip; default: the preset's, or 0)",
+    )
     p.add_argument("--inversion-option", action="append", default=[], metavar="KEY=VALUE",
                    help="inversion option, e.g. --inversion-option gamma=0.5 (repeatable)")  # fmt: skip
     p.add_argument(
@@ -276,6 +284,7 @@ def _run(args: argparse.Namespace, source: str, target: str, method: str, option
             iterations=args.inversion_iterations,
             prompt=args.inversion_prompt,
             options=_parse_options(args.inversion_option, "--inversion-option"),
+            skip=args.inversion_skip,
         ),
         merge=MergeConfig(ratio=args.merge_ratio, max_downsample=args.merge_max_downsample),
         options=options,

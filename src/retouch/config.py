@@ -42,6 +42,9 @@ class InversionConfig:
     eta: float = 1.0
     prompt: str | None = None  # None: the source prompt (RF-Inversion and MasaCtrl's PIE runs invert with "")
     options: Mapping[str, Any] = field(default_factory=dict)
+    # fraction of the noisiest steps left out (LEDITS++'s / edit-friendly DDPM's "skip"): the grid has
+    # int(num_steps * (1 + skip)) steps and only its last num_steps are inverted and sampled; None: the preset's, or 0
+    skip: float | None = None
 
     def __post_init__(self) -> None:
         if self.guidance is not None and (not math.isfinite(self.guidance) or self.guidance < 0):
@@ -50,6 +53,8 @@ class InversionConfig:
             raise ValueError("inversion iterations must be >= 0 and sweeps >= 1")
         if not 0 < self.eta <= 1:
             raise ValueError(f"inversion eta must be in (0, 1], got {self.eta}")
+        if self.skip is not None and not (math.isfinite(self.skip) and 0 <= self.skip < 10):
+            raise ValueError(f"inversion skip must be a fraction >= 0 (of the steps run), got {self.skip}")
 
 
 @dataclass(frozen=True)

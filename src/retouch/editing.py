@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from retouch import io
+from retouch import io, schedules
 from retouch.backbones.base import Backbone
 from retouch.config import EditConfig, InversionConfig
 from retouch.control import BatchLayout, EditState, attention_editing
@@ -153,6 +153,7 @@ def resolve(backbone: Backbone, cfg: EditConfig) -> Resolved:
                     "prompt": preset.inversion_prompt if cfg.inversion.prompt is None else cfg.inversion.prompt,
                     "guidance": preset.inversion_guidance if cfg.inversion.guidance is None else cfg.inversion.guidance,
                     "options": {**preset.inversion_options, **cfg.inversion.options},
+                    "skip": preset.inversion_skip if cfg.inversion.skip is None else cfg.inversion.skip,
                 }
             ),
             options={**preset.options, **cfg.options},
@@ -176,7 +177,8 @@ def resolve(backbone: Backbone, cfg: EditConfig) -> Resolved:
         raise ValueError(
             f"inversion {inv_name!r} does not apply to {backbone.family} (it supports {', '.join(inversion.families)})"
         )
-    base = base_inversion(solver.name) if inversion.source_correction else inv_name
+    # Direct Inversion runs the sampler's own inversion; other corrected inversions (ddpm) run themselves
+    base = base_inversion(solver.name) if inversion.source_correction and inversion.solver == "*" else inv_name
     if get_inversion(base).solver not in ("*", solver.name):
         log.warning("inverting with %s but sampling with %s: reconstruction will not be exact", base, solver.name)
     steps = cfg.num_steps or backbone.default_steps
@@ -186,7 +188,12 @@ def resolve(backbone: Backbone, cfg: EditConfig) -> Resolved:
         num_steps=steps,
         guidance=guidance,
         inversion=InversionConfig(
-            **{**cfg.inversion.__dict__, "name": inv_name, "guidance": cfg.inversion.guidance or 1.0}
+            **{
+                **cfg.inversion.__dict__,
+                "name": inv_name,
+                "guidance": cfg.inversion.guidance or 1.0,
+                "skip": cfg.inversion.skip or 0.0,
+            }
         ),
     )
     return Resolved(
@@ -225,7 +232,7 @@ def run_inversion(
     kwargs: dict[str, Any] = dict(inv.options)
     if base == "dpmpp":
         kwargs.update(iterations=inv.iterations, sweeps=inv.sweeps, eta=inv.eta)
-    if base == "rf_inversion":
+    if base in ("rf_inversion", "ddpm"):
         kwargs["generator"] = generator
     if base == "null_text":
         kwargs.update(uncond=uncond, guidance=guidance)
@@ -315,7 +322,10 @@ def edit(
                 inv_cond = backbone.encode_prompt([inv_prompt], image_size=hw, guidance=cfg.inversion.guidance)
 
         latent_hw = (z0.shape[-2], z0.shape[-1])
-        grid = backbone.grid(res.solver.grid, res.num_steps, latent_hw)
+        total = schedules.skipped_steps(res.num_steps, cfg.inversion.skip or 0.0)
+        grid = backbone.grid(res.solver.grid, total, latent_hw)
+        if total != res.num_steps:  # skip: start part-way down the schedule
+            grid = schedules.tail(grid, res.num_steps)
         editor = get_editor(res.editor, backbone.family).build(backbone, cfg, dict(cfg.options))
         recorder = None
         if record_attention:
@@ -358,10 +368,14 @@ def edit(
                     cond = editor.prepare_conditioning(cond, uncond)
                 model = GuidedModel(backbone, grid, cond, uncond, res.guidance, state)
                 guided = model
+                if hasattr(editor, "wrap_model"):  # e.g. LEDITS++: its own batch of edit-concept rows
+                    model = editor.wrap_model(model)
                 if hasattr(editor, "modify_prediction"):
                     model = HookedModel(model, editor.modify_prediction, res.num_steps)
                 x = traj.noise.repeat(2, 1, 1, 1)
                 solver_state: dict[str, Any] = {"generator": generator}
+                if "noise_maps" in traj.extras:  # edit-friendly DDPM inversion: the ddpm solver replays them
+                    solver_state["noise_maps"] = traj.extras["noise_maps"]
                 per_step_uncond = traj.extras.get("uncond_per_step")
                 for i in range(grid.num_steps):
                     state.step = i

@@ -24,6 +24,7 @@ class Preset:
     inversion_prompt: str | None = None
     inversion_guidance: float | None = None
     inversion_options: Mapping[str, Any] = field(default_factory=dict)
+    inversion_skip: float | None = None
 
 
 PRESETS: dict[str, Preset] = {
@@ -75,6 +76,20 @@ PRESETS: dict[str, Preset] = {
                "Wu et al. disentanglement: per-step neutral/target embedding mixing; weights=PATH applies saved "
                "weights, otherwise they are optimised on the image (directional CLIP + content loss, Adam 0.05, "
                "clip_model=PATH; save_to=PATH keeps them)"),
+        Preset("ddpm_edit", "identity", "ddpm", ("sd", "pixart"),
+               "Edit-friendly DDPM inversion (Huberman-Spiegelglas et al.): noise maps of the source image under "
+               "the source prompt at CFG 3.5, regenerated under the target prompt at CFG 15; 100-step grid, the "
+               "first 36 skipped (64 run)", solver="ddpm", num_steps=64, guidance=15.0, inversion_guidance=3.5,
+               inversion_skip=0.5625),
+        Preset("ddpm+p2p", "p2p", "ddpm", ("sd", "pixart"),
+               "Prompt-to-Prompt on edit-friendly DDPM inversion (the paper's DDPM + P2P combination)",
+               solver="ddpm", num_steps=64, guidance=15.0, inversion_guidance=3.5, inversion_skip=0.5625),
+        Preset("ledits++", "ledits", "ddpm", ("sd", "pixart"),
+               "LEDITS++ (Brack et al.): edit-friendly DDPM inversion of the empty prompt, then semantic guidance "
+               "per edit concept (scale 10, threshold 0.75, intersected attention / noise masks); 50 steps after "
+               "skipping 10%; concepts from the prompts' changed words or edit_prompts=[...]",
+               solver="ddpm", num_steps=50, guidance=1.0, inversion_prompt="", inversion_guidance=1.0,
+               inversion_skip=0.1, options={"scales": 10.0, "thresholds": 0.75}),
     )
 }  # fmt: skip
 

@@ -126,6 +126,29 @@ def vp_grid_from_alphas_cumprod(alphas_cumprod: torch.Tensor, timesteps: list[in
     return NoiseGrid(timesteps=t_all, alphas=abar.sqrt(), sigmas=(1 - abar).sqrt(), kind="vp")
 
 
+def tail(grid: NoiseGrid, num_steps: int) -> NoiseGrid:
+    """The last ``num_steps`` steps of ``grid`` (its last ``num_steps + 1`` points): a run that starts part-way
+    down the schedule, as LEDITS++ and edit-friendly DDPM inversion do with their ``skip``."""
+    if not 1 <= num_steps <= grid.num_steps:
+        raise ValueError(f"cannot take {num_steps} steps from a {grid.num_steps}-step grid")
+    start = grid.num_steps - num_steps
+    return NoiseGrid(
+        timesteps=grid.timesteps[start:],
+        alphas=grid.alphas[start:],
+        sigmas=grid.sigmas[start:],
+        kind=grid.kind,
+        lower_order_final=grid.lower_order_final,
+    )
+
+
+def skipped_steps(num_steps: int, skip: float) -> int:
+    """Steps of the whole grid when the noisiest ``skip`` fraction (of ``num_steps``) is left out:
+    ``int(num_steps * (1 + skip))``, the rule of diffusers' LEDITS++ pipeline."""
+    if skip < 0:
+        raise ValueError(f"skip must be >= 0, got {skip}")
+    return int(num_steps * (1 + skip))
+
+
 def check_steps(num_steps: int) -> None:
     if not isinstance(num_steps, int) or num_steps < 1 or num_steps > 1000:
         raise ValueError(f"num_steps must be an integer in [1, 1000], got {num_steps!r}")
@@ -137,6 +160,8 @@ __all__ = [
     "dpm_grid",
     "flow_grid",
     "flux_shift_mu",
+    "skipped_steps",
+    "tail",
     "uniform_flow_grid",
     "vp_grid_from_alphas_cumprod",
 ]

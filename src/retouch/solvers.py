@@ -103,6 +103,40 @@ def fireflow_step(model_fn: ModelFn, x: Tensor, grid: NoiseGrid, i: int, state: 
     return x + (s_next - s) * v_mid
 
 
+def ddpm_sigma(grid: NoiseGrid, i: int, eta: float = 1.0) -> Tensor:
+    """Standard deviation of the stochastic step ``i -> i+1``: the DDPM posterior's, times ``eta``.
+
+    For ``x_k = a_k x0 + s_k eps`` with Markov forward transitions, ``q(x_{k+1} | x_k, x0)`` has variance
+    ``s'^2 (1 - (a s' / (a' s))^2)`` (primes: the cleaner point ``k+1``). On a VP grid this is DDIM's
+    ``sigma_t(eta)`` (Song et al. 2021, eq. 16); on a flow grid (``a = 1 - s``) it is the same posterior of the
+    rectified-flow interpolant, and it is 0 on a last step to ``sigma = 0``.
+    """
+    a, s = grid.alphas[i], grid.sigmas[i]
+    a1, s1 = grid.alphas[i + 1], grid.sigmas[i + 1]
+    ratio = (a * s1) / (a1 * s)
+    return eta * s1 * (1 - ratio**2).clamp_min(0).sqrt()
+
+
+def ddpm_step(model_fn: ModelFn, x: Tensor, grid: NoiseGrid, i: int, state: MutableMapping[str, Any]) -> Tensor:
+    """Stochastic DDPM step (DDIM with eta = 1; Song et al. 2021, eq. 12):
+    ``x' = a' x0 + sqrt(s'^2 - sigma^2) eps + sigma z``.
+
+    The noise term ``sigma z`` is ``state['noise_maps'][i]`` when an edit-friendly inversion left one (its
+    per-step maps reproduce the inverted image exactly, Huberman-Spiegelglas et al. 2024), else ``sigma`` times
+    a draw from ``state['generator']``.
+    """
+    p = model_fn(x, i)
+    sigma = ddpm_sigma(grid, i)
+    mean = grid.alphas[i + 1] * p.x0 + (grid.sigmas[i + 1] ** 2 - sigma**2).clamp_min(0).sqrt() * p.eps
+    maps = state.get("noise_maps")
+    if maps is not None:
+        if i >= maps.shape[0]:
+            raise ValueError(f"the inversion left {maps.shape[0]} noise maps; step {i} needs one more")
+        return mean + maps[i].to(mean)
+    z = torch.randn(mean.shape, generator=state.get("generator"), dtype=mean.dtype).to(mean.device)
+    return mean + sigma * z
+
+
 def _eval_at_sigma(model_fn: ModelFn, x: Tensor, grid: NoiseGrid, i: int, sigma: Tensor) -> Tensor:
     """Evaluate between grid points: model functions accept a float ``k`` meaning "sigma given in state"."""
     evaluator = getattr(model_fn, "at_sigma", None)
@@ -144,6 +178,15 @@ SOLVERS: dict[str, Solver] = {
             "dpm",
             ("sd", "pixart", "sd3", "flux", "qwenimage", "sana", "flux2", "zimage"),
             "multistep DPM-Solver++(2M), data prediction",
+        ),
+        Solver(
+            "ddpm",
+            ddpm_step,
+            1,
+            1,
+            "ddim",
+            ("sd", "pixart", "sd3", "flux"),
+            "stochastic DDPM (DDIM eta=1); replays the noise maps of the edit-friendly `ddpm` inversion",
         ),
         Solver(
             "flow_euler",

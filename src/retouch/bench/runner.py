@@ -90,6 +90,7 @@ class MethodSpec:
     num_steps: int | None = None
     guidance: float | None = None
     merge_ratio: float = 0.0
+    inversion_skip: float | None = None  # None: the preset's (InversionConfig.skip)
 
     def __post_init__(self) -> None:
         if not self.method:
@@ -112,7 +113,7 @@ class MethodSpec:
     @classmethod
     def from_file(cls, path: str | Path) -> tuple[MethodSpec, ...]:
         """A JSON list of specs, e.g. ``[{"label": "p2p-0.6", "method": "ddim+p2p", "options": {...}}]``
-        (keys: method, label, options, solver, inversion, num_steps, guidance, merge_ratio)."""
+        (keys: method, label, options, solver, inversion, num_steps, guidance, merge_ratio, inversion_skip)."""
         try:
             items = json.loads(Path(path).read_text())
         except (OSError, json.JSONDecodeError) as err:
@@ -422,7 +423,7 @@ def _edit_config(cfg: BenchConfig, spec: MethodSpec, case: BenchCase, accepted: 
         num_steps=spec.num_steps or cfg.steps,
         guidance=spec.guidance if spec.guidance is not None else cfg.guidance,
         seed=cfg.seed,
-        inversion=InversionConfig(name=spec.inversion),
+        inversion=InversionConfig(name=spec.inversion, skip=spec.inversion_skip),
         options=options,
         merge=MergeConfig(ratio=float(spec.merge_ratio)),
     )

@@ -93,6 +93,14 @@ class ComposedEditor:
             if hook is not None:
                 hook(trajectory)
 
+    def wrap_model(self, model: Any) -> Any:
+        """Each editor's model wrapper in turn (e.g. LEDITS++'s concept batch); the model itself if none."""
+        for e in self.editors:
+            hook = getattr(e, "wrap_model", None)
+            if hook is not None:
+                model = hook(model)
+        return model
+
     def modify_prediction(self, i: int, x: Tensor, p: Any, grid: Any, num_steps: int) -> Any:
         for e in self.editors:
             hook = getattr(e, "modify_prediction", None)

@@ -16,6 +16,7 @@ from retouch.backbones.base import Backbone, LayerInfo
 from retouch.control.compose import ComposedEditor
 from retouch.control.context import AttentionEditor, IdentityEditor
 from retouch.control.disentangle import make_disentangle
+from retouch.control.ledits import make_ledits
 from retouch.control.masactrl import MutualSelfAttention
 from retouch.control.p2p import LocalBlend, PromptToPrompt, align_prompts, word_positions
 from retouch.control.p2p_zero import make_p2p_zero
@@ -202,6 +203,10 @@ EDITORS: dict[str, EditorSpec] = {
         EditorSpec("disentangle", make_disentangle, ALL_FAMILIES,
                    "Wu et al. text-embedding disentanglement: per-step mixing of neutral (source) and target "
                    "embeddings; weights optimised with a directional CLIP + content loss, or loaded (weights=)"),
+        EditorSpec("ledits", make_ledits, ("sd", "pixart"),
+                   "LEDITS++ semantic guidance: unconditional prediction plus one masked guidance term per edit "
+                   "concept (own scale / threshold / direction; implicit masks from cross-attention and noise "
+                   "estimates); use with the ddpm inversion"),
     )
 }  # fmt: skip
 

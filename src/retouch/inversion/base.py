@@ -31,7 +31,7 @@ def check_start(z0: Tensor, grid: NoiseGrid) -> None:
 
 
 def _registry() -> dict[str, Inversion]:
-    from retouch.inversion import direct, dpm, naive, null_text, rf
+    from retouch.inversion import ddpm, direct, dpm, naive, null_text, rf
 
     items = (
         Inversion(
@@ -90,6 +90,15 @@ def _registry() -> dict[str, Inversion]:
             "ddim",
             ("sd", "pixart", "sd3", "qwenimage", "sana"),
             "Negative-prompt inversion (Miyake et al. 2023): the source prompt replaces the null prompt",
+        ),
+        Inversion(
+            "ddpm",
+            ddpm.ddpm_inversion,
+            "ddpm",
+            ("sd", "pixart", "sd3", "flux"),
+            "Edit-friendly DDPM inversion (Huberman-Spiegelglas et al. 2024): independent noisy latents, per-step "
+            "noise maps that make the stochastic `ddpm` sampler reproduce the image exactly (seeded)",
+            source_correction=True,
         ),
         Inversion(
             "direct",

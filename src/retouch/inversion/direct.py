@@ -22,6 +22,7 @@ NATURAL = {
     "flow_euler": "flow_euler",
     "rf_solver": "rf_solver",
     "fireflow": "fireflow",
+    "ddpm": "ddpm",
 }
 
 
