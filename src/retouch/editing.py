@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from retouch import io
+from retouch import io, masks
 from retouch.backbones.base import Backbone
 from retouch.config import EditConfig, InversionConfig
 from retouch.control import BatchLayout, EditState, attention_editing
@@ -93,6 +93,8 @@ class GuidedModel:
     def __call__(self, x: Tensor, k: int) -> Pred:
         if self.on_eval is not None:
             self.on_eval(k)
+        if self.state is not None:
+            self.state.point = k
         g = self.grid
         raw = self.raw(x, g.timesteps[k])
         return to_x0_eps(raw, x, g.alphas[k], g.sigmas[k], self.backbone.prediction)
@@ -101,6 +103,8 @@ class GuidedModel:
         """Evaluate off-grid on a flow grid (midpoint solvers)."""
         if self.grid.kind != "flow":
             raise ValueError("off-grid evaluation needs a flow model")
+        if self.state is not None:
+            self.state.point = -1
         raw = self.raw(x, sigma * 1000)
         return to_x0_eps(raw, x, 1 - sigma, sigma, self.backbone.prediction)
 
@@ -264,6 +268,30 @@ def make_merger(backbone: Backbone, cfg: EditConfig) -> Any:
     return TokenMerger(ratio=m.ratio, layers=layers, seed=cfg.seed, random_dst=m.random)
 
 
+def tail_grid(grid: NoiseGrid, start: int) -> NoiseGrid:
+    """The grid from point ``start`` on (an editor that skips the noisiest steps inverts and samples on it)."""
+    if not 0 <= start < grid.num_steps:
+        raise ValueError(f"start step {start} is outside a {grid.num_steps}-step grid")
+    if start == 0:
+        return grid
+    return NoiseGrid(
+        timesteps=grid.timesteps[start:], alphas=grid.alphas[start:], sigmas=grid.sigmas[start:], kind=grid.kind,
+        lower_order_final=grid.lower_order_final,
+    )  # fmt: skip
+
+
+def run_mask(
+    backbone: Backbone, spec: masks.MaskSpec, cfg: EditConfig, z0: Tensor, cond: Conditioning, grid: NoiseGrid,
+    image_hw: tuple[int, int],
+) -> tuple[Tensor, int]:  # fmt: skip
+    """The latent mask ``[1, 1, h, w]`` of a run and the NFE it cost (auto masks read attention)."""
+    latent_hw = (z0.shape[-2], z0.shape[-1])
+    if not spec.is_auto:
+        return masks.to_latent(masks.fit_mask(spec.array, image_hw, cfg.size_policy), latent_hw, z0.device), 0
+    blend = masks.word_blend(backbone, cfg.source_prompt, cfg.target_prompt, spec.words, spec.threshold)
+    return masks.auto_mask(backbone, z0, cond, grid, blend, torch.Generator().manual_seed(cfg.seed))
+
+
 @contextmanager
 def _timed(timings: dict[str, float], key: str) -> Iterator[None]:
     t0 = time.perf_counter()
@@ -281,11 +309,15 @@ def edit(
     progress: Progress | None = None,
     keep_latents: bool = False,
     record_attention: bool = False,
+    mask: Any = None,
 ) -> EditResult:
     """Edit ``image`` from ``cfg.source_prompt`` to ``cfg.target_prompt`` with ``cfg.method``.
 
-    With the ``identity`` method and equal prompts this is inversion -> reconstruction.
+    With the ``identity`` method and equal prompts this is inversion -> reconstruction. ``mask`` (white = may
+    change; a file path, image, array or ``"auto:WORDS"``, see :mod:`retouch.masks`) keeps the source trajectory
+    outside it at every step.
     """
+    mask_spec = masks.parse_mask(mask)
     res = resolve(backbone, cfg)
     cfg = res.config
     backbone.check_prompts([cfg.source_prompt, cfg.target_prompt])
@@ -322,9 +354,19 @@ def edit(
             editor = ComposedEditor([e for e in (editor, recorder) if e is not None])
         after_step = getattr(editor, "after_step", None)
 
+        latent_mask, mask_nfe = None, 0
+        if mask_spec is not None:
+            with _timed(timings, "mask"):
+                latent_mask, mask_nfe = run_mask(backbone, mask_spec, cfg, z0, cond, grid, hw)
+        if hasattr(editor, "set_mask"):  # editors built on a mask (KV-Edit) check and shape it
+            latent_mask = editor.set_mask(latent_mask)
+        start = editor.start_step(grid.num_steps) if hasattr(editor, "start_step") else 0
+        grid = tail_grid(grid, start)
+        n_run = grid.num_steps
+
         merger = make_merger(backbone, cfg)
         with attention_editing(backbone, editor, merger=merger) as state, ExitStack() as hooks:
-            state.num_steps = res.num_steps
+            state.num_steps = n_run
             if hasattr(editor, "install"):  # e.g. feature injection through forward hooks (reversible)
                 hooks.enter_context(editor.install(backbone, state))
             with _timed(timings, "invert"):
@@ -338,7 +380,7 @@ def edit(
                     state,
                 )
                 if progress:  # inversions walk the grid from point N (clean) to 0 (noise)
-                    inv_model.on_eval = lambda k: progress("invert", res.num_steps - k, res.num_steps)
+                    inv_model.on_eval = lambda k: progress("invert", n_run - k, n_run)
                 traj = run_inversion(
                     z0, grid, inv_model, cfg.inversion, res.base_inversion, generator,
                     uncond=uncond.select([0]) if uncond is not None else None, guidance=res.guidance,
@@ -346,7 +388,7 @@ def edit(
             if hasattr(editor, "begin"):
                 editor.begin(traj)
             if progress:
-                progress("invert", res.num_steps, res.num_steps)  # close the bar whatever the last k was
+                progress("invert", n_run, n_run)  # close the bar whatever the last k was
 
             with _timed(timings, "sample"):
                 state.phase = "sample"
@@ -355,7 +397,7 @@ def edit(
                 model = GuidedModel(backbone, grid, cond, uncond, res.guidance, state)
                 guided = model
                 if hasattr(editor, "modify_prediction"):
-                    model = HookedModel(model, editor.modify_prediction, res.num_steps)
+                    model = HookedModel(model, editor.modify_prediction, n_run)
                 x = traj.noise.repeat(2, 1, 1, 1)
                 solver_state: dict[str, Any] = {"generator": generator}
                 per_step_uncond = traj.extras.get("uncond_per_step")
@@ -375,6 +417,8 @@ def edit(
                     if after_step is not None:
                         out = after_step(i, x, state)
                         x = x if out is None else out
+                    if latent_mask is not None:  # keep the source trajectory outside the mask
+                        x = masks.blend(x, traj.latents[i + 1], latent_mask, range(1, x.shape[0]))
                     if progress:
                         progress("sample", i + 1, grid.num_steps)
                 state.step = -1
@@ -396,7 +440,7 @@ def edit(
         "seed": cfg.seed,
         "num_steps": res.num_steps,
         "guidance": res.guidance,
-        "nfe": {"inversion": traj.nfe, "sampling": model.nfe, "total": traj.nfe + model.nfe},
+        "nfe": {"inversion": traj.nfe, "sampling": model.nfe, "total": traj.nfe + model.nfe + mask_nfe},
         "timings": {k: round(v, 4) for k, v in timings.items()},
         "size": size_note,
         "attention_calls": {
@@ -410,7 +454,19 @@ def edit(
         "device": str(backbone.device),
         "dtype": str(backbone.dtype).removeprefix("torch."),
     }
+    if mask_nfe:
+        report["nfe"]["mask"] = mask_nfe
+    if start:
+        report["start_step"] = start
+    if latent_mask is not None or mask_spec is not None:
+        report["mask"] = {
+            "source": mask_spec.describe() if mask_spec is not None else None,
+            "coverage": masks.coverage(latent_mask) if latent_mask is not None else None,
+            "latent_hw": list(latent_hw),
+        }
     extras: dict[str, Any] = {}
+    if latent_mask is not None:
+        extras["mask"] = latent_mask
     if recorder is not None:
         extras["attention_maps"] = dict(zip(("source", "target"), recorder.maps(), strict=True))
     return EditResult(

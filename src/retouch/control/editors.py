@@ -15,6 +15,7 @@ from retouch.backbones.base import Backbone, LayerInfo
 from retouch.control.compose import ComposedEditor
 from retouch.control.context import AttentionEditor, IdentityEditor
 from retouch.control.disentangle import make_disentangle
+from retouch.control.kv_edit import make_kv_edit
 from retouch.control.masactrl import MutualSelfAttention
 from retouch.control.p2p import LocalBlend, PromptToPrompt, align_prompts, word_positions
 from retouch.control.p2p_zero import make_p2p_zero
@@ -192,6 +193,9 @@ EDITORS: dict[str, EditorSpec] = {
         EditorSpec("disentangle", make_disentangle, ALL_FAMILIES,
                    "Wu et al. text-embedding disentanglement: per-step mixing of neutral (source) and target "
                    "embeddings; weights optimised with a directional CLIP + content loss, or loaded (weights=)"),
+        EditorSpec("kv_edit", make_kv_edit, ("pixart", "sd3", "flux"),
+                   "KV-Edit: background keys / values cached while inverting, foreground regenerated against them, "
+                   "background latent pasted back (needs a mask); inversion_free=true for the cache-free variant"),
     )
 }  # fmt: skip
 
