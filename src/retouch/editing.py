@@ -360,7 +360,7 @@ def edit(
                 latent_mask, mask_nfe = run_mask(backbone, mask_spec, cfg, z0, cond, grid, hw)
         if hasattr(editor, "set_mask"):  # editors built on a mask (KV-Edit) check and shape it
             latent_mask = editor.set_mask(latent_mask)
-        start = editor.start_step(grid.num_steps) if hasattr(editor, "start_step") else 0
+        start = editor.grid_start(grid.num_steps) if hasattr(editor, "grid_start") else 0
         grid = tail_grid(grid, start)
         n_run = grid.num_steps
 

@@ -138,12 +138,12 @@ def to_latent(mask: np.ndarray, latent_hw: tuple[int, int], device: Any = None) 
 def blend(x: Tensor, reference: Tensor, mask: Tensor, rows: Sequence[int]) -> Tensor:
     """``x[r] <- reference + mask * (x[r] - reference)`` for the target rows ``rows``; other rows unchanged.
 
-    Where ``mask`` is 0 the result is ``reference`` exactly (``0 * finite = 0``), where it is 1 it is ``x``."""
+    Where ``mask`` is 0 the result is ``reference`` exactly, where it is 1 it is ``x`` exactly."""
     out = x.clone()
     ref = reference[0] if reference.ndim == x.ndim else reference
     m = mask[0].to(x.dtype)  # [1, h, w] broadcasts over channels
     for r in rows:
-        out[r] = torch.where(m == 0, ref, ref + m * (x[r] - ref))
+        out[r] = torch.where(m == 0, ref, torch.where(m == 1, x[r], ref + m * (x[r] - ref)))
     return out
 
 

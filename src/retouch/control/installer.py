@@ -184,7 +184,7 @@ class EditState:
         if not editor.applies(ctx):
             return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
         q, k, v = editor.edit_qkv(q, k, v, ctx)
-        bias_fn = getattr(editor, "attention_bias", None)  # an additive logit bias (KV-Edit's masks / scale)
+        bias_fn = getattr(editor, "logit_bias", None)  # an additive logit bias (KV-Edit's masks / scale)
         bias = bias_fn(ctx, q, k) if bias_fn is not None else None
         if bias is not None:
             attn_mask = bias if attn_mask is None else _additive(attn_mask, q.dtype) + bias

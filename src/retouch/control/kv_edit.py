@@ -96,7 +96,7 @@ class KVEdit:
             log.warning("kv_edit: the mask is empty; the output will be the input")
         return self.mask
 
-    def start_step(self, num_steps: int) -> int:
+    def grid_start(self, num_steps: int) -> int:
         if self.skip >= num_steps:
             raise ValueError(f"kv_edit skip={self.skip} leaves no step of {num_steps}")
         return self.skip
@@ -219,7 +219,7 @@ class KVEdit:
             raise ValueError(f"kv_edit: no cached keys / values for {name} at step {ctx.step} (was it inverted?)")
         return self.cache[(name, later[0])]
 
-    def attention_bias(self, ctx: AttnContext, q: Tensor, k: Tensor) -> Tensor | None:
+    def logit_bias(self, ctx: AttnContext, q: Tensor, k: Tensor) -> Tensor | None:
         """An additive bias on the attention logits, broadcast to ``[B, h, Nq, Nk]`` (or None):
 
         * mask-guided inversion (``attn_mask``; the inversion pass, or the source row of the inversion-free
