@@ -226,6 +226,23 @@ def word_blend(backbone: Any, source: str, target: str, words: Sequence[str], th
     return LocalBlend(sorted(set(src_pos)), sorted(set(tgt_pos)), threshold=threshold, start=0.0)
 
 
+def word_mask(blend: Any, latent_hw: tuple[int, int], *, range_normalise: bool = True) -> Tensor | None:
+    """The 0/1 mask ``[1, h, w]`` of a LocalBlend's recorded word maps: each side's map (source words, target
+    words; a side without words is left out) is max-pooled 3x3, brought to the latent (nearest), normalised and
+    thresholded at ``blend.threshold``; the union is returned. ``range_normalise`` maps ``[min, max]`` to
+    ``[0, 1]`` (P2P divides by the max only, which keeps a whole frame when a word's attention is nearly flat,
+    as on small models)."""
+    if blend.maps is None:
+        return None
+    sides = [i for i, pos in enumerate(blend.positions) if pos]
+    m = F.max_pool2d(blend.maps[sides, None], 3, stride=1, padding=1)
+    m = F.interpolate(m, size=latent_hw, mode="nearest")
+    flat = m.flatten(1)
+    lo = flat.amin(1) if range_normalise else torch.zeros_like(flat[:, 0])
+    m = (m - lo[:, None, None, None]) / (flat.amax(1) - lo).clamp_min(1e-12)[:, None, None, None]
+    return (m > blend.threshold).any(0).float()
+
+
 def auto_mask(
     backbone: Any,
     z0: Tensor,
@@ -240,7 +257,7 @@ def auto_mask(
 
     The source latent is noised to a few grid points (``x = alpha z0 + sigma eps``, ``eps`` from ``generator``)
     and the model is evaluated there on the [source, target] prompts (conditional only), with a recorder
-    installed; the maps are summed, max-pooled, normalised and thresholded as P2P's local blend does."""
+    installed; the maps are summed, max-pooled, normalised and thresholded (:func:`word_mask`)."""
     from retouch.control import attention_editing
     from retouch.control.context import BatchLayout
 
@@ -256,7 +273,7 @@ def auto_mask(
         for k in ks:
             x = grid.alphas[k] * z0 + grid.sigmas[k] * eps
             backbone.predict(x.repeat(cond.batch_size, 1, 1, 1), grid.timesteps[k], cond)
-    mask = blend.mask(latent_hw)
+    mask = word_mask(blend, latent_hw, range_normalise=True)
     if mask is None:
         raise ValueError("auto mask: no text-attention layer was reached (the model has no cross attention?)")
     if float(mask.sum()) == 0:
