@@ -242,3 +242,49 @@ def test_bench_mask_flag_passes_case_masks(tmp_path):
     run(unmasked, backbone=bb)
     err = ResultsLog(tmp_path / "plain" / "results.jsonl").read()
     assert all("needs a mask" in r["error"] for r in err)
+
+
+# --- benchmark scripts ----------------------------------------------------------------------------------------
+def _script(name: str):
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"bench_{name}_kv", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve annotations through sys.modules
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_scale_times_kv_edit_and_its_memory_runs(tmp_path):
+    scale = _script("scale")
+    presets = ["kv_edit", "kv_edit_inf"]
+    scale.run_benchmark([("tiny-sd3", (64, 64))], [scale.EditRun.parse("tiny-flux@64x64/kv_edit_inf/s2,4")],
+                        presets=presets, ratios=[], nfe=1, warmup=0, isolate=False, results_dir=tmp_path)  # fmt: skip
+    entry = json.loads((tmp_path / "scale_tiny-sd3.json").read_text())["entries"][0]
+    assert [o["preset"] for o in entry["overheads"]] == presets
+    for v in entry["variants"]:
+        assert v["finite"] and v["seconds_per_nfe"] > 0
+    (run,) = json.loads((tmp_path / "scale_tiny-flux.json").read_text())["edit_runs"]
+    assert [r["num_steps"] for r in run["runs"]] == [2, 4] and all(r["nfe"]["inversion"] == 0 for r in run["runs"])
+
+
+def test_new_editors_script_skips_unknown_methods_and_writes_markdown(caplog):
+    ne = _script("new_editors")
+    with caplog.at_level("INFO", logger="new_editors"):
+        methods = ne.parse_methods("plain,kv_edit@mask,not_a_method,kv_edit_inf", "shapes-pixart", "pixart")
+    assert methods == [("kv_edit@mask", "kv_edit", True)]
+    assert "not in the registry" in caplog.text and "does not support the pixart family" in caplog.text
+    with pytest.raises(SystemExit, match="@mask"):
+        ne.parse_methods("kv_edit@brush", "shapes-flux", "flux")
+    rows = [{"method": "kv_edit@mask", "edit_success": 1.0, "psnr_out": 30.0, "psnr_out_ceiling": 31.0,
+             "psnr_in_gt": None, "nfe": 10, "seconds": 1.0, "edit_applied": 1.0, "edit_preserved": 1.0},
+            {"method": "kv_edit@mask", "error": "ValueError: x"}]  # fmt: skip
+    summary = ne.summarise(rows, ["kv_edit@mask"])
+    assert summary["kv_edit@mask"]["rows"] == 2 and summary["kv_edit@mask"]["errors"] == 1
+    payload = {"config": {"command": "", "seed": 0, "cases": 1, "dilate": 0}, "torch_threads": 1,
+               "load_average": None, "models": [{"model": "m", "summary": summary}]}  # fmt: skip
+    text = ne.markdown(payload)
+    assert "| kv_edit@mask | 2 | 1 | 100 |" in text and "30.00 (31.00)" in text
