@@ -310,7 +310,7 @@ def bench_mask(size_hw: tuple[int, int]) -> Any:
 
 def _mask_editor(editor: Any) -> bool:
     """Editors built on a mask (KV-Edit) take it through ``set_mask``."""
-    return hasattr(editor, "set_mask")
+    return bool(getattr(editor, "needs_mask", False))
 
 
 # ============================================================================================ random backbone
@@ -745,7 +745,7 @@ def time_nfes(
                 state.num_steps, state.phase, state.step = num_steps, "sample", v.step
                 if editor is not None and hasattr(editor, "install"):
                     stack.enter_context(editor.install(bb, state))
-                if _mask_editor(editor) and not editor.inversion_free:  # fill KV-Edit's cache at the timed point
+                if _mask_editor(editor) and not getattr(editor, "inversion_free", True):  # fill KV-Edit's cache
                     state.phase = "invert"
                     inv_guidance = plan.resolved.config.inversion.guidance
                     inv_uncond = uncond.select([0]) if uncond is not None else None

@@ -288,3 +288,14 @@ def test_new_editors_script_skips_unknown_methods_and_writes_markdown(caplog):
                "load_average": None, "models": [{"model": "m", "summary": summary}]}  # fmt: skip
     text = ne.markdown(payload)
     assert "| kv_edit@mask | 2 | 1 | 100 |" in text and "30.00 (31.00)" in text
+
+
+def test_kv_edit_with_attention_recording_keeps_its_mask(tmp_path):
+    """--save-attention composes a recorder with the editor: the mask hooks pass through the composition."""
+    bb = tiny_backbone("flux")
+    cfg = EditConfig(SRC, TGT, method="kv_edit", num_steps=4, options={"skip": 1})
+    res = edit(bb, random_image(64, 64), cfg, mask=_square(), keep_latents=True, record_attention=True)
+    m = res.extras["mask"][0, 0]
+    assert set(m.unique().tolist()) == {0.0, 1.0} and res.report["start_step"] == 1
+    assert torch.equal(res.latents[1][:, m == 0], res.trajectory.latents[-1][0][:, m == 0])
+    assert res.extras["attention_maps"]["target"]

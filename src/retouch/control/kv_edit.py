@@ -50,6 +50,8 @@ IMAGE_KINDS = ("self", "joint", "single")
 class KVEdit:
     """The KV-Edit policy (module docstring). Built by :func:`make_kv_edit`; needs a mask (``set_mask``)."""
 
+    needs_mask = True
+
     def __init__(
         self,
         *,
