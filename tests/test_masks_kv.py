@@ -58,11 +58,11 @@ def test_parse_and_fit_masks(tmp_path):
     assert masks.fit_mask(spec.array, (64, 32), "crop").shape == (64, 32)
     with pytest.raises(io.ImageError, match="give a mask of that size"):
         masks.fit_mask(spec.array, (64, 64), "strict")
-    # soft at the latent: a cell holds the fraction of its pixels that may change
-    half = np.zeros((8, 8), np.float32)
-    half[:, :4] = 1
-    lat = masks.to_latent(half, (1, 1))
-    assert torch.allclose(lat, torch.tensor(0.5))
+    # at the latent a cell is as editable as its most editable pixel; soft values are kept
+    soft = np.zeros((8, 8), np.float32)
+    soft[:, :4] = 0.5
+    soft[0, 5] = 1.0
+    assert masks.to_latent(soft, (1, 2)).flatten().tolist() == [0.5, 1.0]
 
 
 def test_generic_mask_keeps_the_source_trajectory_at_every_step(monkeypatch, family):

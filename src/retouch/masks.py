@@ -2,8 +2,8 @@
 
 A mask is read from any image file (greyscale luminance in [0, 1]; a soft mask is allowed), brought to the
 model's image size with the *same* size policy as the image (``resize`` / ``crop`` / ``strict``, see
-:func:`retouch.io.fit_size`) and averaged down to the latent grid (``area``: a latent cell's value is the
-fraction of its pixels that may change). ``auto:WORDS`` derives a mask instead from the image-query →
+:func:`retouch.io.fit_size`) and reduced to the latent grid by the maximum over each cell (a cell the mask
+touches may change; soft values inside a soft region are kept). ``auto:WORDS`` derives a mask instead from the image-query →
 text-key attention of those words (the maps of Prompt-to-Prompt's local blend, :class:`LocalBlend`), read in a
 dedicated pass over the noised source latent before the inversion (a few NFE, reported as ``nfe.mask``).
 
@@ -130,9 +130,12 @@ def fit_mask(mask: np.ndarray, size_hw: tuple[int, int], policy: str) -> np.ndar
 
 
 def to_latent(mask: np.ndarray, latent_hw: tuple[int, int], device: Any = None) -> Tensor:
-    """Image-size mask -> ``[1, 1, h, w]`` float: each latent cell holds the mean of its pixels (area)."""
+    """Image-size mask -> ``[1, 1, h, w]`` float: each latent cell is as editable as its most editable pixel
+    (max over the cell). A latent cell cannot be half-edited sensibly: averaging a hard edge down to 0.5 mixed the
+    old and new content at every edge (a colour edit kept a rim of the old colour), so a cell the mask touches is
+    editable; inside a soft region the softness is kept."""
     t = torch.from_numpy(np.ascontiguousarray(mask, dtype=np.float32))[None, None]
-    return F.interpolate(t, size=latent_hw, mode="area").clamp(0, 1).to(device)
+    return F.adaptive_max_pool2d(t, latent_hw).clamp(0, 1).to(device)
 
 
 def blend(x: Tensor, reference: Tensor, mask: Tensor, rows: Sequence[int]) -> Tensor:
