@@ -426,6 +426,9 @@ def edit(
 
         with _timed(timings, "decode"):
             decoded = backbone.decode(x.to(backbone.dtype)).float()
+            if latent_mask is not None:
+                decoded = masks.composite(decoded, backbone.decode(traj.latents[-1].to(backbone.dtype)).float(),
+                                          latent_mask)  # fmt: skip
             recon_img = io.tensor_to_pil(decoded[0])
             edited_img = io.tensor_to_pil(decoded[1])
 
