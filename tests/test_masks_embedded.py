@@ -58,20 +58,12 @@ def test_kv_presets_run_from_the_cli_with_a_mask(tmp_path, capsys, model, method
     assert main(args) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["method"] == method and report["mask"]["coverage"] > 0
-    # outside the (binarised, latent-level) mask the output is the decoded input latent: the VAE's round trip
+    # outside the latent cells the mask touches the output pixels are the input latent's decoded round trip
     bb = load_backbone(str(registry.resolve(model)), device="cpu", dtype="fp32")
     with torch.no_grad():
         px = torch.from_numpy(case.source_image).permute(2, 0, 1)[None].float() / 127.5 - 1
         rt = ((bb.decode(bb.encode_image(px)).clamp(-1, 1) + 1) * 127.5).round()[0].permute(1, 2, 0).numpy()
-    used = np.asarray(Image.open(tmp_path / "used.png")) > 0
-    keep = ~used
-    for _ in range(4):  # away from the mask's edge by the decoder's reach (4 px = one latent cell)
-        keep[1:] &= keep[:-1]
-        keep[:-1] &= keep[1:]
-        keep[:, 1:] &= keep[:, :-1]
-        keep[:, :-1] &= keep[:, 1:]
+    keep = np.asarray(Image.open(tmp_path / "used.png")) == 0
     edited = np.asarray(Image.open(out).convert("RGB")).astype(np.float64)
     assert keep.mean() > 0.5
-    diff = np.abs(edited[keep] - rt[keep])
-    # the decoder's receptive field reaches past one latent cell: measured max 7 / 5, mean 1.16 / 0.73 (of 255)
-    assert diff.mean() < 2.0 and diff.max() <= 12
+    assert np.abs(edited[keep] - rt[keep]).max() <= 1  # the round trip (up to a rounding step)
