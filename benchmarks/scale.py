@@ -19,7 +19,8 @@ per model and size, run interleaved round-robin so that background load hits all
 * ``routed``: retouch's processors with no editor (the cost of routing alone; also what a step outside the
   editor's schedule costs);
 * ``<preset>``: each editing preset's editor (``direct+p2p``, ``direct+masactrl``, ``dit4edit`` on PixArt,
-  ``rf_solver``'s value injection on SD3 / Flux), worst step;
+  ``rf_solver``'s value injection on SD3 / Flux, ``kv_edit`` on the DiTs and ``kv_edit_inf`` on SD3 / Flux with
+  :func:`bench_mask`, KV-Edit's cache filled for the timed point by one untimed inversion-phase call), worst step;
 * ``<preset>+merge<r>``: the same with token merging (``MergeConfig(ratio=r)`` through ``make_merger``);
 * ``merge<r>``: merging with no editor, at the largest ratio.
 
@@ -193,7 +194,7 @@ MODELS: dict[str, ModelSpec] = {
             },
             scheduler_class="DPMSolverMultistepScheduler", scheduler_config=_PIXART_SCHEDULER,
             latent_channels=4, text=(120, 4096), t5_length=120, depth_keys=("num_layers",),
-            presets=("direct+p2p", "direct+masactrl", "dit4edit"),
+            presets=("direct+p2p", "direct+masactrl", "dit4edit", "kv_edit"),
             sizes=((512, 512), (1024, 1024)),
             default_blocks={(512, 512): "4", (1024, 1024): "2", (1024, 2048): "1"},
         ),
@@ -209,7 +210,7 @@ MODELS: dict[str, ModelSpec] = {
             scheduler_class="FlowMatchEulerDiscreteScheduler",
             scheduler_config={"num_train_timesteps": 1000, "shift": 3.0},
             latent_channels=16, text=(77 + 256, 4096), pooled=2048, t5_length=256, depth_keys=("num_layers",),
-            presets=("direct+p2p", "direct+masactrl", "rf_solver"),
+            presets=("direct+p2p", "direct+masactrl", "rf_solver", "kv_edit", "kv_edit_inf"),
             default_blocks={(512, 512): "2", (1024, 1024): "1"},
         ),
         ModelSpec(
@@ -223,7 +224,7 @@ MODELS: dict[str, ModelSpec] = {
             scheduler_class="FlowMatchEulerDiscreteScheduler", scheduler_config=_FLUX_SCHEDULER,
             latent_channels=16, text=(512, 4096), pooled=768, t5_length=512,
             depth_keys=("num_layers", "num_single_layers"),
-            presets=("direct+p2p", "direct+masactrl", "rf_solver"),
+            presets=("direct+p2p", "direct+masactrl", "rf_solver", "kv_edit", "kv_edit_inf"),
             default_blocks={(512, 512): "1:2", (1024, 1024): "1:1"},
         ),
         # tiny versions of the same four architectures: the smoke test, and a quick look at the machinery
@@ -276,7 +277,8 @@ MODELS: dict[str, ModelSpec] = {
             scheduler_class="FlowMatchEulerDiscreteScheduler", scheduler_config=_FLUX_SCHEDULER,
             latent_channels=16, text=(32, 32), pooled=32, t5_length=32,
             depth_keys=("num_layers", "num_single_layers"),
-            presets=("direct+p2p", "direct+masactrl", "rf_solver"), sizes=((64, 64),), tiny=True,
+            presets=("direct+p2p", "direct+masactrl", "rf_solver", "kv_edit", "kv_edit_inf"), sizes=((64, 64),),
+            tiny=True,
         ),
     )
 }  # fmt: skip
@@ -460,7 +462,25 @@ DEFAULT_JOBS: tuple[tuple[str, tuple[int, int]], ...] = (
 DEFAULT_EDIT_RUNS: tuple[str, ...] = (
     "pixart@512x512/b2/ddim+p2p/s2,4,8,16",  # peak memory vs number of steps (P2P materialises probabilities)
     "pixart@1024x2048/b1/dit4edit/s3/i1",  # a 1024x2048 PixArt-config DiT4Edit edit runs (1 block, 3 steps)
+    "flux@512x512/b1:1/kv_edit/s7,14,28",  # KV-Edit's background cache grows with the steps
+    "flux@512x512/b1:1/kv_edit_inf/s7,14,28",  # the inversion-free variant's memory must stay flat
 )
+
+
+def bench_mask(size_hw: tuple[int, int]) -> Any:
+    """The mask KV-Edit is timed with: a centred rectangle of half the height and width (a quarter of the
+    image may change)."""
+    import numpy as np
+
+    h, w = size_hw
+    m = np.zeros((h, w), np.float32)
+    m[h // 4 : h // 4 + h // 2, w // 4 : w // 4 + w // 2] = 1.0
+    return m
+
+
+def _mask_editor(editor: Any) -> bool:
+    """Editors built on a mask (KV-Edit) take it through ``set_mask``."""
+    return bool(getattr(editor, "needs_mask", False))
 
 
 # ============================================================================================ random backbone
@@ -851,6 +871,11 @@ def plan_preset(backbone: Any, preset: str, latent_hw: tuple[int, int]) -> Prese
 
     res = resolve(backbone, EditConfig(SOURCE_PROMPT, TARGET_PROMPT, method=preset))
     editor = get_editor(res.editor, backbone.family).build(backbone, res.config, dict(res.config.options))
+    if _mask_editor(editor):
+        from retouch.masks import to_latent
+
+        f = backbone.vae_scale_factor
+        editor.set_mask(to_latent(bench_mask((latent_hw[0] * f, latent_hw[1] * f)), latent_hw, backbone.device))
     grid = backbone.grid(res.solver.grid, res.num_steps, latent_hw)
     cfg = backbone.uses_cfg and res.guidance != 1.0
     sigs = step_signatures(editor, backbone, res.num_steps, latent_hw, BatchLayout(branches=2, cfg=cfg))
@@ -938,6 +963,12 @@ def time_nfes(
                 state.num_steps, state.phase, state.step = num_steps, "sample", v.step
                 if editor is not None and hasattr(editor, "install"):
                     stack.enter_context(editor.install(bb, state))
+                if _mask_editor(editor) and not getattr(editor, "inversion_free", True):  # fill KV-Edit's cache
+                    state.phase = "invert"
+                    inv_guidance = plan.resolved.config.inversion.guidance
+                    inv_uncond = uncond.select([0]) if uncond is not None else None
+                    GuidedModel(bb, grid, cond.select([0]), inv_uncond, inv_guidance, state)(x[:1], v.step)
+                    state.phase, state.calls = "sample", 0
             model = GuidedModel(bb, grid, cond, uncond, guidance, state)
             with meter.measure() as mem:
                 _sync(device)
@@ -1148,6 +1179,12 @@ def edit_once(
     h, w = size
     image = Image.new("RGB", (w, h), (128, 128, 128))
     options = {"blend_words": "cat dog"} if method.endswith("p2p") else {}  # P2P's local blend keeps word maps
+    from retouch.presets import get_preset
+
+    preset = get_preset(method)
+    mask = None
+    if preset is not None and preset.editor == "kv_edit":  # KV-Edit needs a mask; skip its 4 of 28 steps
+        mask, options = bench_mask(size), {"skip": 4 / 28}
     inversion = InversionConfig() if inversion_iterations is None else InversionConfig(iterations=inversion_iterations)
     cfg = EditConfig(
         SOURCE_PROMPT, TARGET_PROMPT, method=method, num_steps=num_steps, seed=seed, options=options,
@@ -1156,7 +1193,7 @@ def edit_once(
     load_start = load_average()
     with meter.measure() as mem:
         t = time.perf_counter()
-        report = edit(bb, image, cfg).report  # the result (images, maps) is dropped before "retained"
+        report = edit(bb, image, cfg, mask=mask).report  # the result (images, maps) is dropped before "retained"
         wall = time.perf_counter() - t
     used = ":".join(str(overrides.get(k, spec.config[k])) for k in spec.depth_keys) or "full"
     return {

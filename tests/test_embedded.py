@@ -100,10 +100,22 @@ def _preset_cases() -> list[tuple[str, str]]:
 
 @pytest.mark.parametrize(("method", "name"), _preset_cases())
 def test_every_preset_edits_an_embedded_model(method, name, tmp_path, capsys):
+    from PIL import Image
+
+    from retouch.presets import PRESETS
+
     case = json.loads((EXAMPLES / "examples.json").read_text())[0]
     out = tmp_path / "edit.png"
+    extra = []
+    if PRESETS[method].editor == "kv_edit":  # mask-based presets need a mask: the centre quarter
+        w, h = Image.open(EXAMPLES / case["image"]).size
+        mask = Image.new("L", (w, h), 0)
+        mask.paste(255, (w // 4, h // 4, w // 4 + w // 2, h // 4 + h // 2))
+        mask.save(tmp_path / "mask.png")
+        extra = ["--mask", str(tmp_path / "mask.png")]
     rc = main(["edit", str(EXAMPLES / case["image"]), "--source", case["source"], "--target", case["target"],
-               "--model", name, "--method", method, "--steps", "2", "-o", str(out), "--no-progress"])  # fmt: skip
+               "--model", name, "--method", method, "--steps", "2", "-o", str(out), "--no-progress",
+               *extra])  # fmt: skip
     assert rc == 0, capsys.readouterr().err
     sidecar = json.loads(out.with_name(out.name + ".json").read_text())
     assert sidecar["method"] == method and out.is_file()

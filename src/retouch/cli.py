@@ -115,6 +115,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--save-attention", metavar="DIR", default=None,
                    help="write per-word text-attention heatmaps of both branches to DIR")  # fmt: skip
+    p.add_argument("--mask", default=None, metavar="PATH|auto:WORDS",
+                   help="edit only where the mask is white (any size, resized like the image; soft masks allowed); "
+                   "auto:WORDS derives it from those words' cross-attention")  # fmt: skip
+    p.add_argument("--save-mask", default=None, metavar="PATH", help="write the mask that was used (PNG)")
 
     p = sub.add_parser("invert", help="invert an image and regenerate it; prints the reconstruction PSNR")
     _add_run_args(p)
@@ -289,6 +293,14 @@ def _run(args: argparse.Namespace, source: str, target: str, method: str, option
         merge=MergeConfig(ratio=args.merge_ratio, max_downsample=args.merge_max_downsample),
         options=options,
     )
+    from retouch import masks
+
+    mask = masks.parse_mask(getattr(args, "mask", None))  # a bad mask file fails before any model is loaded
+    save_mask = getattr(args, "save_mask", None)
+    if save_mask is not None:
+        if mask is None:
+            raise CliError("--save-mask needs --mask")
+        _output_path(argparse.Namespace(output=save_mask, image=args.image), "mask")
     attention_dir = getattr(args, "save_attention", None)
     if attention_dir is not None and Path(attention_dir).is_file():
         raise CliError(f"--save-attention {attention_dir} is a file; give a directory")
@@ -300,7 +312,12 @@ def _run(args: argparse.Namespace, source: str, target: str, method: str, option
 
         cfg = cfg.with_(method=DEFAULT_METHOD[backbone.family])
     result = edit(
-        backbone, image, cfg, progress=_progress(args.no_progress), record_attention=attention_dir is not None
+        backbone,
+        image,
+        cfg,
+        progress=_progress(args.no_progress),
+        record_attention=attention_dir is not None,
+        mask=mask,
     )
     return image, out, result
 
@@ -370,6 +387,11 @@ def cmd_edit(args: argparse.Namespace) -> int:
     if args.save_attention:
         maps = save_attention_maps(Path(args.save_attention), result)
         report["attention_maps"] = [str(p) for p in maps]
+    if args.save_mask:
+        from retouch import masks
+
+        w, h = result.image.size
+        report["mask_file"] = str(masks.save_mask(result.extras["mask"], args.save_mask, (h, w)))
     if args.json:
         print(json.dumps(report, indent=2, default=str))
     else:

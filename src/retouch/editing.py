@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from retouch import io, schedules
+from retouch import io, masks, schedules
 from retouch.backbones.base import Backbone
 from retouch.config import EditConfig, InversionConfig
 from retouch.control import BatchLayout, EditState, attention_editing
@@ -94,6 +94,8 @@ class GuidedModel:
     def __call__(self, x: Tensor, k: int) -> Pred:
         if self.on_eval is not None:
             self.on_eval(k)
+        if self.state is not None:
+            self.state.point = k
         g = self.grid
         raw = self.raw(x, g.timesteps[k])
         return to_x0_eps(raw, x, g.alphas[k], g.sigmas[k], self.backbone.prediction)
@@ -102,6 +104,8 @@ class GuidedModel:
         """Evaluate off-grid on a flow grid (midpoint solvers)."""
         if self.grid.kind != "flow":
             raise ValueError("off-grid evaluation needs a flow model")
+        if self.state is not None:
+            self.state.point = -1
         raw = self.raw(x, sigma * 1000)
         return to_x0_eps(raw, x, 1 - sigma, sigma, self.backbone.prediction)
 
@@ -275,6 +279,18 @@ def make_merger(backbone: Backbone, cfg: EditConfig) -> Any:
     return TokenMerger(ratio=m.ratio, layers=layers, seed=cfg.seed, random_dst=m.random)
 
 
+def run_mask(
+    backbone: Backbone, spec: masks.MaskSpec, cfg: EditConfig, z0: Tensor, cond: Conditioning, grid: NoiseGrid,
+    image_hw: tuple[int, int],
+) -> tuple[Tensor, int]:  # fmt: skip
+    """The latent mask ``[1, 1, h, w]`` of a run and the NFE it cost (auto masks read attention)."""
+    latent_hw = (z0.shape[-2], z0.shape[-1])
+    if not spec.is_auto:
+        return masks.to_latent(masks.fit_mask(spec.array, image_hw, cfg.size_policy), latent_hw, z0.device), 0
+    blend = masks.word_blend(backbone, cfg.source_prompt, cfg.target_prompt, spec.words, spec.threshold)
+    return masks.auto_mask(backbone, z0, cond, grid, blend, torch.Generator().manual_seed(cfg.seed))
+
+
 @contextmanager
 def _timed(timings: dict[str, float], key: str) -> Iterator[None]:
     t0 = time.perf_counter()
@@ -292,11 +308,15 @@ def edit(
     progress: Progress | None = None,
     keep_latents: bool = False,
     record_attention: bool = False,
+    mask: Any = None,
 ) -> EditResult:
     """Edit ``image`` from ``cfg.source_prompt`` to ``cfg.target_prompt`` with ``cfg.method``.
 
-    With the ``identity`` method and equal prompts this is inversion -> reconstruction.
+    With the ``identity`` method and equal prompts this is inversion -> reconstruction. ``mask`` (white = may
+    change; a file path, image, array or ``"auto:WORDS"``, see :mod:`retouch.masks`) keeps the source trajectory
+    outside it at every step.
     """
+    mask_spec = masks.parse_mask(mask)
     res = resolve(backbone, cfg)
     cfg = res.config
     backbone.check_prompts([cfg.source_prompt, cfg.target_prompt])
@@ -336,9 +356,20 @@ def edit(
             editor = ComposedEditor([e for e in (editor, recorder) if e is not None])
         after_step = getattr(editor, "after_step", None)
 
+        latent_mask, mask_nfe = None, 0
+        if mask_spec is not None:
+            with _timed(timings, "mask"):
+                latent_mask, mask_nfe = run_mask(backbone, mask_spec, cfg, z0, cond, grid, hw)
+        if hasattr(editor, "set_mask"):  # editors built on a mask (KV-Edit) check and shape it
+            latent_mask = editor.set_mask(latent_mask)
+        start = editor.grid_start(grid.num_steps) if hasattr(editor, "grid_start") else 0
+        if start:  # the editor skips the noisiest steps: it inverts and samples on the rest of the grid
+            grid = schedules.tail(grid, grid.num_steps - start)
+        n_run = grid.num_steps
+
         merger = make_merger(backbone, cfg)
         with attention_editing(backbone, editor, merger=merger) as state, ExitStack() as hooks:
-            state.num_steps = res.num_steps
+            state.num_steps = n_run
             if hasattr(editor, "install"):  # e.g. feature injection through forward hooks (reversible)
                 hooks.enter_context(editor.install(backbone, state))
             with _timed(timings, "invert"):
@@ -352,7 +383,7 @@ def edit(
                     state,
                 )
                 if progress:  # inversions walk the grid from point N (clean) to 0 (noise)
-                    inv_model.on_eval = lambda k: progress("invert", res.num_steps - k, res.num_steps)
+                    inv_model.on_eval = lambda k: progress("invert", n_run - k, n_run)
                 traj = run_inversion(
                     z0, grid, inv_model, cfg.inversion, res.base_inversion, generator,
                     uncond=uncond.select([0]) if uncond is not None else None, guidance=res.guidance,
@@ -360,7 +391,7 @@ def edit(
             if hasattr(editor, "begin"):
                 editor.begin(traj)
             if progress:
-                progress("invert", res.num_steps, res.num_steps)  # close the bar whatever the last k was
+                progress("invert", n_run, n_run)  # close the bar whatever the last k was
 
             with _timed(timings, "sample"):
                 state.phase = "sample"
@@ -371,7 +402,7 @@ def edit(
                 if hasattr(editor, "wrap_model"):  # e.g. LEDITS++: its own batch of edit-concept rows
                     model = editor.wrap_model(model)
                 if hasattr(editor, "modify_prediction"):
-                    model = HookedModel(model, editor.modify_prediction, res.num_steps)
+                    model = HookedModel(model, editor.modify_prediction, n_run)
                 x = traj.noise.repeat(2, 1, 1, 1)
                 solver_state: dict[str, Any] = {"generator": generator}
                 if "noise_maps" in traj.extras:  # edit-friendly DDPM inversion: the ddpm solver replays them
@@ -393,6 +424,8 @@ def edit(
                     if after_step is not None:
                         out = after_step(i, x, state)
                         x = x if out is None else out
+                    if latent_mask is not None:  # keep the source trajectory outside the mask
+                        x = masks.blend(x, traj.latents[i + 1], latent_mask, range(1, x.shape[0]))
                     if progress:
                         progress("sample", i + 1, grid.num_steps)
                 state.step = -1
@@ -400,6 +433,9 @@ def edit(
 
         with _timed(timings, "decode"):
             decoded = backbone.decode(x.to(backbone.dtype)).float()
+            if latent_mask is not None:
+                decoded = masks.composite(decoded, backbone.decode(traj.latents[-1].to(backbone.dtype)).float(),
+                                          latent_mask)  # fmt: skip
             recon_img = io.tensor_to_pil(decoded[0])
             edited_img = io.tensor_to_pil(decoded[1])
 
@@ -414,7 +450,7 @@ def edit(
         "seed": cfg.seed,
         "num_steps": res.num_steps,
         "guidance": res.guidance,
-        "nfe": {"inversion": traj.nfe, "sampling": model.nfe, "total": traj.nfe + model.nfe},
+        "nfe": {"inversion": traj.nfe, "sampling": model.nfe, "total": traj.nfe + model.nfe + mask_nfe},
         "timings": {k: round(v, 4) for k, v in timings.items()},
         "size": size_note,
         "attention_calls": {
@@ -428,7 +464,19 @@ def edit(
         "device": str(backbone.device),
         "dtype": str(backbone.dtype).removeprefix("torch."),
     }
+    if mask_nfe:
+        report["nfe"]["mask"] = mask_nfe
+    if start:
+        report["start_step"] = start
+    if latent_mask is not None or mask_spec is not None:
+        report["mask"] = {
+            "source": mask_spec.describe() if mask_spec is not None else None,
+            "coverage": masks.coverage(latent_mask) if latent_mask is not None else None,
+            "latent_hw": list(latent_hw),
+        }
     extras: dict[str, Any] = {}
+    if latent_mask is not None:
+        extras["mask"] = latent_mask
     if recorder is not None:
         extras["attention_maps"] = dict(zip(("source", "target"), recorder.maps(), strict=True))
     return EditResult(

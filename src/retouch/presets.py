@@ -90,6 +90,18 @@ PRESETS: dict[str, Preset] = {
                "skipping 10%; concepts from the prompts' changed words or edit_prompts=[...]",
                solver="ddpm", num_steps=50, guidance=1.0, inversion_prompt="", inversion_guidance=1.0,
                inversion_skip=0.1, options={"scales": 10.0, "thresholds": 0.75}),
+        Preset("kv_edit", "kv_edit", None, ("pixart", "sd3", "flux"),
+               "KV-Edit (Zhu et al. 2025; needs --mask): inversion caching the background keys / values, "
+               "foreground denoised against them, background latent pasted back; 28 steps, the first 4 "
+               "(1/7 of the steps) skipped, inversion guidance 1.5, guidance 5.5, attention scale 1 (the "
+               "released demo's settings)",
+               num_steps=28, guidance=5.5, inversion_guidance=1.5, options={"skip": 4 / 28, "attn_scale": 1.0}),
+        Preset("kv_edit_inf", "kv_edit", "none", ("sd3", "flux"),
+               "KV-Edit's inversion-free variant (needs --mask): noised source and target evaluated in one "
+               "batch, the target's background keys / values taken from the source row, foreground moved by "
+               "the velocity difference; memory constant in the steps; 28 steps, 4 (1/7) skipped, source guidance "
+               "1.5, target guidance 5.5", solver="flow_euler", num_steps=28, guidance=5.5,
+               options={"skip": 4 / 28, "attn_scale": 1.0, "inversion_free": True, "source_guidance": 1.5}),
     )
 }  # fmt: skip
 

@@ -29,13 +29,15 @@ __all__ = [
 @dataclass(frozen=True, eq=False)
 class CaseData:
     """The pixels of one case. Images are uint8 ``[H, W, 3]``; ``mask`` is bool ``[H, W]`` (True = edit region),
-    decoded with PIE-Bench's border rule. Ground truth (``gt_image``, scenes) exists for ShapesBench only."""
+    decoded with PIE-Bench's border rule (``edit_mask``: the same without it, for masked editing). Ground truth
+    (``gt_image``, scenes) exists for ShapesBench only."""
 
     source_image: np.ndarray
     mask: np.ndarray
     gt_image: np.ndarray | None = None
     source_scene: Any = None
     target_scene: Any = None
+    edit_mask: np.ndarray | None = None  # the edit region without PIE's border rule (what a masked edit is given)
 
 
 @dataclass(frozen=True, eq=False)

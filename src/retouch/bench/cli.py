@@ -80,6 +80,9 @@ def _add_run_args(p: argparse.ArgumentParser, suite: str) -> None:
         help="LPIPS-SqueezeNet (needs torchvision + torchmetrics or lpips; default: on for pie, off for shapes)",
     )
     p.add_argument("--no-blend", action="store_true", help="do not pass blended words to P2P's local blend")
+    p.add_argument(
+        "--mask", action="store_true", help="masked editing: give every edit its case's mask (no PIE border rule)"
+    )
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="editor option for all methods")
     p.add_argument("--no-images", action="store_true", help="do not save images (the report then has no grid)")
     p.add_argument("--report-per-type", type=int, default=2, help="cases per editing type in the report grid")
@@ -173,6 +176,7 @@ def config_from_args(args: argparse.Namespace) -> Any:
         save_images=not args.no_images,
         report_per_type=args.report_per_type,
         retry_errors=args.retry_errors,
+        mask=args.mask,
     )
 
 

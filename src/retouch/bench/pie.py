@@ -95,6 +95,7 @@ def pie_cases(
                 source_image=image,
                 mask=mask_decode(rle, h, w, border=border),
                 gt_image=_read_rgb(gt_path) if gt_path is not None else None,
+                edit_mask=mask_decode(rle, h, w, border=False),
             )
 
         cases.append(

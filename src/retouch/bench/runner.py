@@ -152,6 +152,7 @@ class BenchConfig:
         save_images: write source / reconstruction / edit / ground truth PNGs under ``images/``.
         report_per_type: cases per editing type in the report's image grid.
         retry_errors: run again the (case, method) rows that ended in an error.
+        mask: give every edit its case's mask (the edit region, without PIE's border rule): masked editing.
     """
 
     suite: str
@@ -178,6 +179,7 @@ class BenchConfig:
     save_images: bool = True
     report_per_type: int = 2
     retry_errors: bool = False
+    mask: bool = False
 
     def __post_init__(self) -> None:
         if self.suite not in ("pie", "shapes"):
@@ -491,7 +493,9 @@ def _one(
     try:
         edit_cfg = _edit_config(cfg, spec, case, accepted)
         row["options"] = dict(edit_cfg.options)
-        result = edit(backbone, Image.fromarray(data.source_image), edit_cfg)
+        if cfg.mask and data.edit_mask is None:
+            raise ValueError(f"case {case.case_id} has no mask to edit with")
+        result = edit(backbone, Image.fromarray(data.source_image), edit_cfg, mask=data.edit_mask if cfg.mask else None)
     except (ValueError, TypeError, RuntimeError) as err:
         log.warning("%s / %s failed: %s", case.case_id, spec.label, err)
         row.update(error=f"{type(err).__name__}: {err}", metrics={}, notes={}, seconds=None, nfe=None)

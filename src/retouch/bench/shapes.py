@@ -93,6 +93,7 @@ def shapes_cases(
                 gt_image=case.target_image,
                 source_scene=case.source_scene,
                 target_scene=case.target_scene,
+                edit_mask=case.mask,
             )
 
         cases.append(

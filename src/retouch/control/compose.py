@@ -130,6 +130,29 @@ class ComposedEditor:
                 out = res if res is not None else out
         return out
 
+    @property
+    def needs_mask(self) -> bool:
+        return any(getattr(e, "needs_mask", False) for e in self.editors)
+
+    def set_mask(self, mask: Any) -> Any:
+        """Pass the run's mask through every editor that shapes it (KV-Edit binarises it)."""
+        for e in self.editors:
+            if hasattr(e, "set_mask"):
+                mask = e.set_mask(mask)
+        return mask
+
+    def grid_start(self, num_steps: int) -> int:
+        return max((e.grid_start(num_steps) for e in self.editors if hasattr(e, "grid_start")), default=0)
+
+    def logit_bias(self, ctx: AttnContext, q: Tensor, k: Tensor) -> Tensor | None:
+        out = None
+        for e in self._active(ctx):
+            fn = getattr(e, "logit_bias", None)
+            bias = fn(ctx, q, k) if fn is not None else None
+            if bias is not None:
+                out = bias if out is None else out + bias
+        return out
+
     def before_step(self, i: int, x: Tensor, model: Any, grid: Any) -> Tensor:
         for e in self.editors:
             if hasattr(e, "before_step"):

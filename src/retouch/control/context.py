@@ -52,6 +52,7 @@ class AttnContext:
     layout: BatchLayout
     latent_hw: tuple[int, int]
     num_text: int = 0  # text tokens in a joint / single sequence
+    point: int = -1  # grid point of the current on-grid model evaluation (inversion and sampling); -1 off-grid
 
     @property
     def image_hw(self) -> tuple[int, int]:

@@ -16,6 +16,7 @@ from retouch.backbones.base import Backbone, LayerInfo
 from retouch.control.compose import ComposedEditor
 from retouch.control.context import AttentionEditor, IdentityEditor
 from retouch.control.disentangle import make_disentangle
+from retouch.control.kv_edit import make_kv_edit
 from retouch.control.ledits import make_ledits
 from retouch.control.masactrl import MutualSelfAttention
 from retouch.control.p2p import LocalBlend, PromptToPrompt, align_prompts, word_positions
@@ -207,6 +208,9 @@ EDITORS: dict[str, EditorSpec] = {
                    "LEDITS++ semantic guidance: unconditional prediction plus one masked guidance term per edit "
                    "concept (own scale / threshold / direction; implicit masks from cross-attention and noise "
                    "estimates); use with the ddpm inversion"),
+        EditorSpec("kv_edit", make_kv_edit, ("pixart", "sd3", "flux"),
+                   "KV-Edit: background keys / values cached while inverting, foreground regenerated against them, "
+                   "background latent pasted back (needs a mask); inversion_free=true for the cache-free variant"),
     )
 }  # fmt: skip
 

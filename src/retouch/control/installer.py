@@ -153,6 +153,7 @@ class EditState:
     prob_calls: int = 0  # calls that materialised the full probability map
     block_calls: int = 0  # calls that edited only a block of it (fused output + a low-rank correction)
     merger: Any = None  # a retouch.merging.TokenMerger, or None
+    point: int = -1  # grid point of the current on-grid evaluation (set by the model function), -1 off-grid
 
     def merge(self, hidden: Tensor, layer: LayerInfo) -> tuple[Tensor, Any]:
         """Merge the image tokens ``[B, N, C]`` of ``layer`` if merging applies there; returns (tokens, plan)."""
@@ -190,10 +191,15 @@ class EditState:
             layout=self.layout,
             latent_hw=self.latent_hw,
             num_text=num_text,
+            point=self.point,
         )
         if not editor.applies(ctx):
             return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
         q, k, v = editor.edit_qkv(q, k, v, ctx)
+        bias_fn = getattr(editor, "logit_bias", None)  # an additive logit bias (KV-Edit's masks / scale)
+        bias = bias_fn(ctx, q, k) if bias_fn is not None else None
+        if bias is not None:
+            attn_mask = bias if attn_mask is None else _additive(attn_mask, q.dtype) + bias
         if editor.needs_probs(ctx):
             block = getattr(editor, "probs_block", None)
             rows_cols = block(ctx, k.shape[-2]) if block is not None else None

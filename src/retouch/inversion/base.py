@@ -109,6 +109,14 @@ def _registry() -> dict[str, Inversion]:
             "pinned to the inversion trajectory at every step (exact source reconstruction)",
             source_correction=True,
         ),
+        Inversion(
+            "none",
+            naive.no_inversion,
+            "*",
+            ("sd", "pixart", "sd3", "flux"),
+            "no inversion (0 NFE): the trajectory holds the clean latent at every point, for inversion-free "
+            "editors that build their own latents (kv_edit_inf)",
+        ),
     )
     return {i.name: i for i in items}
 

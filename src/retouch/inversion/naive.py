@@ -28,6 +28,12 @@ def ddim_inversion(model_fn: ModelFn, z0: Tensor, grid: NoiseGrid) -> Trajectory
     return Trajectory(latents=tuple(reversed(latents)), grid=grid, nfe=n)
 
 
+def no_inversion(model_fn: ModelFn, z0: Tensor, grid: NoiseGrid) -> Trajectory:
+    """No inversion: the clean latent at every grid point, 0 NFE (inversion-free editors start from it)."""
+    check_start(z0, grid)
+    return Trajectory(latents=(z0,) * (grid.num_steps + 1), grid=grid, nfe=0)
+
+
 def flow_euler_inversion(model_fn: ModelFn, z0: Tensor, grid: NoiseGrid) -> Trajectory:
     """Rectified-flow inversion by explicit Euler from data to noise: ``x_{j-1} = x_j + (s_{j-1}-s_j) u(x_j, s_j)``.
 
