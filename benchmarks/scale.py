@@ -647,12 +647,17 @@ def build_backbone(
     from retouch.backbones import backbone_class
 
     config = {**spec.config, **overrides}
-    with torch.random.fork_rng(devices=[]):
+    # built where it runs, in the dtype it runs in: a 20B-parameter config would need 80 GB of host memory as
+    # float32, and random initialisation is far faster on a GPU
+    default_dtype = torch.get_default_dtype()
+    with torch.random.fork_rng(devices=[]), torch.device(device):
         torch.manual_seed(seed)
-        denoiser = getattr(diffusers, spec.denoiser_class)(**config)
-    if dtype != next(denoiser.parameters()).dtype:
-        denoiser = denoiser.to(dtype=dtype)
-    denoiser = denoiser.to(device=device).eval().requires_grad_(False)
+        torch.set_default_dtype(dtype)
+        try:
+            denoiser = getattr(diffusers, spec.denoiser_class)(**config)
+        finally:
+            torch.set_default_dtype(default_dtype)
+    denoiser = denoiser.to(device=device, dtype=dtype).eval().requires_grad_(False)
     scheduler = getattr(diffusers, spec.scheduler_class)(**spec.scheduler_config)
     base = backbone_class(spec.family)
     cls = type(f"Random{base.__name__}", (RandomIO, base), {"spec": spec})
