@@ -1,23 +1,21 @@
 #!/usr/bin/env bash
 # Real-scale rows on one CUDA GPU: the newer families at their published configs' full depth (random weights,
-# built on the GPU in bf16) and KV-Edit on Flux.1 at 1024². Each job is bounded in time; a job that fails or runs
-# out of time is reported and the next one runs. Results go to benchmarks/results/scale_<model>.json (merged with
-# the entries already there); regenerate the README table with `python benchmarks/scale.py --readme-only`.
+# built on the GPU in bf16). One scale.py run per model, so that each model's JSON is written as soon as it is
+# done; each run is bounded in time. Results go to benchmarks/results/scale_<model>.json (merged with the
+# entries already there); regenerate the README table with `python benchmarks/scale.py --readme-only`.
 #
-#   PYTHONPATH=src bash benchmarks/scale_gpu.sh
+#   PYTHONPATH=src bash benchmarks/scale_gpu.sh [MODEL ...]
+#
+# The committed rows (2026-12-04, one H200) came from: zimage flux2-klein qwenimage sana (this script) and
+# sd35-large (the same flags with merge ratios 0.5 and 0.75 and --warmup 2). flux2-dev and sd35-medium ran out of
+# the session's device time. KV-Edit cannot run beside token merging (its cache is per token), so its GPU rows
+# need `--ratios` with no value: `--models flux --presets kv_edit kv_edit_inf --ratios`.
 set -u
 py=${PYTHON:-python3}
-job() {
-    local limit=$1
-    shift
-    echo "== $(date +%T) scale.py $*"
-    timeout "$limit" "$py" benchmarks/scale.py --device cuda --dtype bf16 --nfe 2 --warmup 2 --sizes 1024 \
-        --blocks full "$@" || echo "== job failed or timed out (exit $?): $*"
-}
-job 90 --models zimage flux2-klein --edit-runs zimage@1024x1024/bfull/direct+p2p/s2,4,8
-job 90 --models sana sd35-medium --edit-runs sana@1024x1024/bfull/direct+p2p/s2,4,8
-job 90 --models qwenimage --edit-runs qwenimage@1024x1024/bfull/direct+p2p/s2,4,8
-job 80 --models sd35-large --edit-runs
-job 80 --models flux2-dev --edit-runs flux2-dev@1024x1024/bfull/rf_inversion/s2,4,8
-job 90 --models flux --presets kv_edit kv_edit_inf --ratios --edit-runs \
-    flux@1024x1024/bfull/kv_edit/s7,14,28 flux@1024x1024/bfull/kv_edit_inf/s7,14,28
+models=("$@")
+[ ${#models[@]} -gt 0 ] || models=(zimage flux2-klein qwenimage sana sd35-medium sd35-large flux2-dev)
+for model in "${models[@]}"; do
+    echo "== $(date +%T) $model"
+    timeout 120 "$py" benchmarks/scale.py --device cuda --dtype bf16 --nfe 2 --warmup 1 --sizes 1024 --blocks full \
+        --ratios 0.75 --edit-runs --models "$model" || echo "== $model failed or timed out (exit $?)"
+done
