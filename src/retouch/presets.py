@@ -57,6 +57,25 @@ PRESETS: dict[str, Preset] = {
                "FireFlow: midpoint inversion and sampling reusing velocities (~1 NFE per step), source value "
                "injection as RF-Solver-Edit", solver="fireflow",
                options={"start_step": 0, "end_step": 0.2, "start_layer": 0.5, "share": "v"}),
+        Preset("rf_solver_ref", "value_replay", "rf_solver", ("flux",),
+               "RF-Solver-Edit as its official code runs (run_boy.sh): midpoint inversion and sampling, 15 steps, "
+               "guidance 2, values of the single-stream blocks from 20/38 on stored during inversion and replayed in "
+               "the first 2 sampling steps, no source branch", solver="rf_solver", num_steps=15, guidance=2.0,
+               inversion_guidance=1.0, options={"inject": 2, "start_layer": 20 / 38}),
+        Preset("fireflow_ref", "value_replay", "fireflow", ("flux",),
+               "FireFlow as its official code runs (run_boy.sh): velocity-reusing midpoint inversion and sampling, "
+               "8 steps, guidance 2, values of all single-stream blocks stored during inversion and replayed in the "
+               "first sampling step, no source branch", solver="fireflow", num_steps=8, guidance=2.0,
+               inversion_guidance=1.0, options={"inject": 1, "start_layer": 0}),
+        Preset("flowedit", "flowedit", "none", ("flux",),
+               "FlowEdit (Kulikov et al.), FlowEdit repo's FLUX_exp.yaml: inversion-free ODE on the target-minus-source "
+               "velocity, 28 steps, the last n_max=24 integrated, source / target guidance 1.5 / 5.5, n_avg 1",
+               solver="flow_euler", num_steps=28, guidance=5.5,
+               options={"n_max": 24, "n_min": 0, "n_avg": 1, "source_guidance": 1.5}),
+        Preset("flowedit_sd3", "flowedit", "none", ("sd3", "sd", "pixart"),
+               "FlowEdit with the FlowEdit repo's SD3_exp.yaml: 50 steps, n_max=33, CFG 3.5 (source) / 13.5 "
+               "(target); on SD / PixArt in the flow view of their DDIM grid", solver="ddim", num_steps=50,
+               guidance=13.5, options={"n_max": 33, "n_min": 0, "n_avg": 1, "source_guidance": 3.5}),
         Preset("ddim+pnp", "pnp", "ddim", ALL,
                "Plug-and-Play (Tumanyan et al.) on plain DDIM inversion: features for the first 80% of the steps, "
                "self-attention Q/K for the first 50%", solver="ddim",

@@ -183,6 +183,14 @@ class Backbone(abc.ABC):
         shift = getattr(vae.config, "shift_factor", None) or 0.0
         return ((lat - shift) * vae.config.scaling_factor).to(self.dtype)
 
+    def randn_latent(self, shape: Sequence[int], generator: torch.Generator | None = None) -> Tensor:
+        """Standard-normal latents ``[B,C,h,w]`` (float32, CPU) drawn from ``generator``.
+
+        The draw order is the family's: a method's noise is only reproducible across implementations when
+        both draw the same numbers into the same places (Flux overrides this to draw in its packed layout).
+        """
+        return torch.randn(tuple(shape), generator=generator, dtype=torch.float32)
+
     def decode(self, latents: Tensor) -> Tensor:
         """Model latent -> ``[B,3,H,W]`` in [-1, 1]."""
         vae = self.vae

@@ -92,6 +92,13 @@ def _registry() -> dict[str, Inversion]:
             "Negative-prompt inversion (Miyake et al. 2023): the source prompt replaces the null prompt",
         ),
         Inversion(
+            "none",
+            naive.no_inversion,
+            "*",
+            ("sd", "pixart", "sd3", "flux"),
+            "no inversion: the method starts from the clean latent (FlowEdit's inversion-free ODE)",
+        ),
+        Inversion(
             "direct",
             direct.direct_inversion,
             "*",
