@@ -149,7 +149,7 @@ def write_json(path: Path, data: Any) -> None:
 def write_case(folder: Path, case_id: str, tensors: dict[str, torch.Tensor]) -> None:
     from safetensors.torch import save_file
 
-    clean = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    clean = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
     _atomic(folder / f"{case_id}.safetensors", lambda p: save_file(clean, str(p)))
 
 

@@ -46,9 +46,15 @@ PRESETS: dict[str, Preset] = {
                solver="dpmpp", num_steps=30, guidance=4.5),
         Preset("rf_inversion", "rf_control", "rf_inversion", ("sd3", "flux"),
                "RF-Inversion (Rout et al.): controlled forward ODE (gamma 0.5) from an empty-prompt, guidance-0 "
-               "inversion, controlled reverse ODE (eta 0.9 over the first 25% of 28 steps)",
+               "inversion, controlled reverse ODE (eta 0.9 over the first 25% of 28 steps), target branch only",
                solver="flow_euler", num_steps=28, inversion_prompt="", inversion_guidance=0.0,
                options={"eta": 0.9, "start": 0.0, "stop": 0.25}, inversion_options={"gamma": 0.5}),
+        Preset("rf_inversion_ref", "rf_control", "rf_inversion", ("sd3", "flux"),
+               "RF-Inversion exactly as diffusers' community pipeline runs it: rf_inversion's settings with its "
+               "forward-ODE schedule (model at t = i/(N+1), shifted gaps read from the noisy end)",
+               solver="flow_euler", num_steps=28, inversion_prompt="", inversion_guidance=0.0,
+               options={"eta": 0.9, "start": 0.0, "stop": 0.25},
+               inversion_options={"gamma": 0.5, "schedule": "community"}),
         Preset("rf_solver", "masactrl", "rf_solver", ("sd3", "flux"),
                "RF-Solver-Edit: second-order midpoint inversion and sampling, source value injection in the "
                "deeper half of the blocks for the first 20% of the steps",
