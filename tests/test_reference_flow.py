@@ -161,20 +161,46 @@ def test_flowedit_noise_and_trace(flux, cases):
 
 @pytest.mark.parametrize("case_id", _case_ids("rf_inversion"))
 def test_rf_inversion_ref_matches_community_pipeline(flux, cases, case_id):
-    """``rf_inversion_ref`` from the pipeline's own latent (a posterior sample) and its ``y_1``: every transformer
-    input on the way, the inverted noise and the edit agree; 56 calls of one item, as the pipeline."""
+    """``rf_inversion_ref`` from the image, seeded as the pipeline (its VAE posterior sample, then ``y_1`` in the
+    packed layout, from one generator): every transformer input on the way, the inverted noise and the edit agree;
+    56 calls of one item, as the pipeline."""
     fx = _fixture("rf_inversion", case_id)
-    keep = _settings("rf_inversion")["keep_evals"]
+    st = _settings("rf_inversion")
+    keep = st["keep_evals"]
     with _Inputs(flux.denoiser) as rec:
-        res = edit(flux, _source(cases, case_id), _config("rf_inversion", case_id, "rf_inversion_ref"),
-                   latent=fx["init_latent"], noise=_replay(fx), keep_latents=True)  # fmt: skip
+        res = edit(flux, _source(cases, case_id), _config("rf_inversion", case_id, "rf_inversion_ref",
+                   seed=st["settings"]["seed"]), keep_latents=True)  # fmt: skip
     assert len(rec.seen) == 56 and all(x.shape[0] == 1 for x in rec.seen)
     for k in keep:
         assert _maxdiff(rec.seen[k], fx[f"eval.{k}"]) < ATOL, k
     assert _maxdiff(res.trajectory.noise, fx["inverted"]) < ATOL
+    assert _maxdiff(res.trajectory.latents[-1], fx["init_latent"]) < ATOL
     assert _maxdiff(res.latents, fx["final_latent"]) < ATOL
     assert res.reconstruction is None and res.report["source_branch"] is False
     assert _image_maxdiff(res, fx) <= 1
+
+
+def test_rf_inversion_from_the_references_latent_and_noise(flux, cases):
+    """The same with the pipeline's latent and ``y_1`` handed in (``latent=`` / ``noise=``), for the other two cases."""
+    for case_id in _case_ids("rf_inversion")[1:]:
+        fx = _fixture("rf_inversion", case_id)
+        res = edit(flux, _source(cases, case_id), _config("rf_inversion", case_id, "rf_inversion_ref"),
+                   latent=fx["init_latent"], noise=_replay(fx), keep_latents=True)  # fmt: skip
+        assert _maxdiff(res.latents, fx["final_latent"]) < ATOL
+
+
+def test_posterior_mean_departure(flux, cases):
+    """retouch's other presets encode with the posterior *mean*; these references sample it (``posterior="sample"``
+    in the reference-mode presets). Measured on the three fixtures: the latent moves by 0.27-0.52 (entries reach
+    about 5), and the RF-Inversion edit (whose ``y_1`` is then the generator's first draw) lands 1.1-1.9 away, image
+    PSNR 27-33 dB against the reference's; RF-Solver-Edit / FireFlow edits 0.26-0.36 away, 41-49 dB."""
+    case_id = _case_ids("rf_inversion")[0]
+    fx = _fixture("rf_inversion", case_id)
+    cfg = _config("rf_inversion", case_id, "rf_inversion_ref")
+    mean = cfg.with_(inversion=cfg.inversion.__class__(options={"posterior": "mean"}))
+    res = edit(flux, _source(cases, case_id), mean, keep_latents=True)
+    assert _maxdiff(res.trajectory.latents[-1], fx["init_latent"]) > 0.1
+    assert _maxdiff(res.latents, fx["final_latent"]) > 0.1
 
 
 def test_rf_inversion_grid_schedule_departure(flux, cases):
@@ -199,13 +225,15 @@ def test_rf_inversion_grid_schedule_departure(flux, cases):
 @pytest.mark.parametrize("index", [0, 1, 2])
 def test_value_replay_matches_official_code(flux, cases, name, method, index):
     """RF-Solver-Edit's / FireFlow's own transformer and loops on shapes-flux's weights vs retouch's reference-mode
-    preset from the same (posterior-sampled) latent: every recorded model input, the inverted noise and the edit."""
+    preset from the image (the same seeded posterior sample): every recorded model input, the inverted noise and
+    the edit."""
     case_id = _case_ids(name)[index]
     fx = _fixture(name, case_id)
     st = _settings(name)
     with _Inputs(flux.denoiser) as rec:
-        res = edit(flux, _source(cases, case_id), _config(name, case_id, method), latent=fx["init_latent"],
+        res = edit(flux, _source(cases, case_id), _config(name, case_id, method, seed=st["settings"]["seed"]),
                    keep_latents=True)  # fmt: skip
+    assert _maxdiff(res.trajectory.latents[-1], fx["init_latent"]) < ATOL
     for k in st["keep_evals"]:
         assert _maxdiff(rec.seen[k], fx[f"eval.{k}"]) < ATOL, k
     assert _maxdiff(res.trajectory.noise, fx["inverted"]) < ATOL
@@ -219,8 +247,7 @@ def test_value_replay_is_what_makes_the_match(flux, cases, name, method):
     so the parity above checks the injection, not just the solver."""
     case_id = _case_ids(name)[0]
     fx = _fixture(name, case_id)
-    res = edit(flux, _source(cases, case_id), _config(name, case_id, method, inject=0), latent=fx["init_latent"],
-               keep_latents=True)  # fmt: skip
+    res = edit(flux, _source(cases, case_id), _config(name, case_id, method, inject=0), keep_latents=True)
     assert _maxdiff(res.trajectory.noise, fx["inverted"]) < ATOL  # the inversion does not depend on the replay
     assert _maxdiff(res.latents, fx["final_latent"]) > 100 * ATOL
 

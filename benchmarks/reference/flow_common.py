@@ -192,8 +192,11 @@ def score(cases: Sequence[Any], images: Sequence[np.ndarray]) -> dict[str, float
     for case, img in zip(cases, images, strict=True):
         data = case.load()
         succ.append(oracle_metrics(img, data.source_scene, data.target_scene)["edit_success"])
-        bg.append(M.cap_psnr(M.pie_background_metrics(data.source_image, img, data.mask.astype(bool))["psnr_bg"]))
-    return {"edit_success": float(np.mean(succ)), "bg_psnr": float(np.mean(bg)), "per_case_success": succ}
+        value = M.pie_background_metrics(data.source_image, img, data.mask.astype(bool))["psnr_bg"]
+        if value is not None:  # None where the edit mask covers the whole image (PIE's "nan")
+            bg.append(M.cap_psnr(value))
+    return {"edit_success": float(np.mean(succ)), "bg_psnr": float(np.mean(bg)) if bg else float("nan"),
+            "bg_cases": len(bg), "per_case_success": succ}  # fmt: skip
 
 
 def result_row(
@@ -217,6 +220,7 @@ def result_row(
         "edit_success_both": both,
         "bg_psnr_ref": round(ref["bg_psnr"], 3),
         "bg_psnr_retouch": round(ours["bg_psnr"], 3),
+        "bg_psnr_cases": ref["bg_cases"],
         "seconds_ref": round(ref["seconds"], 4),
         "seconds_retouch": round(ours["seconds"], 4),
         "nfe_ref": ref["nfe"],

@@ -116,6 +116,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("checkout", type=Path)
     ap.add_argument("--bench", type=int, default=0, help="also score this many ShapesBench cases (results rows)")
+    ap.add_argument("--recon", type=int, default=0, help="reconstruction (target = source) on this many cases")
     args = ap.parse_args()
     C.setup_threads()
     head = C.check_commit(args.checkout, COMMIT)
@@ -143,7 +144,34 @@ def main() -> int:
             "rf_inversion": "retouch's preset: forward ODE at the grid's own sigmas, target branch only",
         })  # fmt: skip
         print(json.dumps({"ref_mean_seconds": float(np.mean([r["seconds"] for r in runs]))}))
+    if args.recon:
+        reconstruction(pipe, C.bench_cases(args.recon))
     return 0
+
+
+def reconstruction(pipe: Any, cases: list[Any]) -> None:
+    """Target = source: PSNR of the 'edit' against the source image, reference vs retouch's two schedules."""
+    import dataclasses
+
+    import bfl_common as B
+
+    from retouch import io
+
+    out: dict[str, list[float]] = {"reference": [], "rf_inversion_ref": [], "rf_inversion": []}
+    for case in cases:
+        same = dataclasses.replace(case, target_prompt=case.source_prompt)
+        src = case.load().source_image
+        out["reference"].append(io.psnr(src, run(pipe, same)["image"]))
+        for method in ("rf_inversion_ref", "rf_inversion"):
+            out[method].append(io.psnr(src, B.retouch_run(same, method)["image"]))
+    row = {
+        "reference": REFERENCE, "model": C.FLUX, "cases": len(cases), "case_ids": [c.case_id for c in cases],
+        "what": "reconstruction with target prompt = source prompt: mean PSNR (dB) of the output vs the source image",
+        **{f"psnr_{k}": round(float(np.mean(v)), 3) for k, v in out.items()},
+        "per_case": {k: [round(x, 3) for x in v] for k, v in out.items()},
+    }  # fmt: skip
+    C.write_json(C.RESULTS / "rf_inversion_reconstruction.json", row)
+    print(json.dumps({k: v for k, v in row.items() if k not in ("per_case", "case_ids")}))
 
 
 if __name__ == "__main__":

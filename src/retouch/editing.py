@@ -238,6 +238,7 @@ def run_inversion(
 ) -> Trajectory:
     """Run the inversion ``base`` (for Direct Inversion: the sampler's own) with the configured options."""
     kwargs: dict[str, Any] = dict(inv.options)
+    kwargs.pop("posterior", None)  # how the image was encoded (edit()), not an inversion argument
     if base == "dpmpp":
         kwargs.update(iterations=inv.iterations, sweeps=inv.sweeps, eta=inv.eta)
     if base == "rf_inversion":
@@ -324,9 +325,13 @@ def edit(
         with _timed(timings, "encode"):
             img, size_note = prepare_image(backbone, io.to_rgb(image), cfg)
             hw = (img.size[1], img.size[0])
+            posterior = cfg.inversion.options.get("posterior", "mean")
+            if posterior not in ("mean", "sample"):
+                raise ValueError(f"inversion option posterior must be 'mean' or 'sample', got {posterior!r}")
             if latent is None:
                 pixels = io.pil_to_tensor(img).to(backbone.device)
-                z0 = backbone.encode_image(pixels).float()
+                # "sample": the VAE posterior drawn from the run's generator first (the references' order)
+                z0 = backbone.encode_image(pixels, generator if posterior == "sample" else None).float()
             else:
                 f = backbone.vae_scale_factor
                 want = (1, backbone.latent_channels, hw[0] // f, hw[1] // f)

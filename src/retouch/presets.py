@@ -51,10 +51,11 @@ PRESETS: dict[str, Preset] = {
                options={"eta": 0.9, "start": 0.0, "stop": 0.25}, inversion_options={"gamma": 0.5}),
         Preset("rf_inversion_ref", "rf_control", "rf_inversion", ("sd3", "flux"),
                "RF-Inversion exactly as diffusers' community pipeline runs it: rf_inversion's settings with its "
-               "forward-ODE schedule (model at t = i/(N+1), shifted gaps read from the noisy end)",
+               "forward-ODE schedule (model at t = i/(N+1), shifted gaps read from the noisy end) and a VAE "
+               "posterior sample",
                solver="flow_euler", num_steps=28, inversion_prompt="", inversion_guidance=0.0,
                options={"eta": 0.9, "start": 0.0, "stop": 0.25},
-               inversion_options={"gamma": 0.5, "schedule": "community"}),
+               inversion_options={"gamma": 0.5, "schedule": "community", "posterior": "sample"}),
         Preset("rf_solver", "masactrl", "rf_solver", ("sd3", "flux"),
                "RF-Solver-Edit: second-order midpoint inversion and sampling, source value injection in the "
                "deeper half of the blocks for the first 20% of the steps",
@@ -67,12 +68,14 @@ PRESETS: dict[str, Preset] = {
                "RF-Solver-Edit as its official code runs (run_boy.sh): midpoint inversion and sampling, 15 steps, "
                "guidance 2, values of the single-stream blocks from 20/38 on stored during inversion and replayed in "
                "the first 2 sampling steps, no source branch", solver="rf_solver", num_steps=15, guidance=2.0,
-               inversion_guidance=1.0, options={"inject": 2, "start_layer": 20 / 38}),
+               inversion_guidance=1.0, options={"inject": 2, "start_layer": 20 / 38},
+               inversion_options={"posterior": "sample"}),
         Preset("fireflow_ref", "value_replay", "fireflow", ("flux",),
                "FireFlow as its official code runs (run_boy.sh): velocity-reusing midpoint inversion and sampling, "
                "8 steps, guidance 2, values of all single-stream blocks stored during inversion and replayed in the "
                "first sampling step, no source branch", solver="fireflow", num_steps=8, guidance=2.0,
-               inversion_guidance=1.0, options={"inject": 1, "start_layer": 0}),
+               inversion_guidance=1.0, options={"inject": 1, "start_layer": 0},
+               inversion_options={"posterior": "sample"}),
         Preset("flowedit", "flowedit", "none", ("flux",),
                "FlowEdit (Kulikov et al.), FlowEdit repo's FLUX_exp.yaml: inversion-free ODE on the target-minus-source "
                "velocity, 28 steps, the last n_max=24 integrated, source / target guidance 1.5 / 5.5, n_avg 1",
