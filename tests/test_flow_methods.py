@@ -120,3 +120,17 @@ def test_edit_uses_the_given_latent_and_noise():
     with pytest.raises(ValueError, match="latent has shape"):
         edit(bb, random_image(32, 32), EditConfig(SRC, TGT, method="flowedit", num_steps=4, options={"n_max": 3}),
              latent=z[..., :2, :2])  # fmt: skip
+
+
+def test_methods_json_lists_the_flow_reference_presets(capsys):
+    import json
+
+    from retouch.cli import main
+
+    assert main(["methods", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    names = {p["name"] for p in info["presets"]}
+    assert {"flowedit", "flowedit_sd3", "rf_inversion_ref", "rf_solver_ref", "fireflow_ref"} <= names
+    assert info["matrix"]["flowedit"] == {"sd": False, "pixart": False, "sd3": False, "flux": True}
+    assert info["matrix"]["flowedit_sd3"] == {"sd": True, "pixart": True, "sd3": True, "flux": False}
+    assert info["matrix"]["value_replay"] == {"sd": False, "pixart": False, "sd3": False, "flux": True}

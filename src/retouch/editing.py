@@ -368,7 +368,9 @@ def edit(
                 )  # fmt: skip
         source_branch = bool(getattr(editor, "source_branch", True))
         if not source_branch and res.source_correction:
-            raise ValueError(f"method {cfg.method!r} runs without a source branch; it cannot pin one (Direct Inversion)")
+            raise ValueError(
+                f"method {cfg.method!r} runs without a source branch; it cannot pin one (Direct Inversion)"
+            )
         recorder = None
         if record_attention:
             from retouch.control.compose import ComposedEditor

@@ -77,8 +77,8 @@ PRESETS: dict[str, Preset] = {
                inversion_guidance=1.0, options={"inject": 1, "start_layer": 0},
                inversion_options={"posterior": "sample"}),
         Preset("flowedit", "flowedit", "none", ("flux",),
-               "FlowEdit (Kulikov et al.), FlowEdit repo's FLUX_exp.yaml: inversion-free ODE on the target-minus-source "
-               "velocity, 28 steps, the last n_max=24 integrated, source / target guidance 1.5 / 5.5, n_avg 1",
+               "FlowEdit (Kulikov et al.), FlowEdit repo's FLUX_exp.yaml: inversion-free ODE on the target-minus-"
+               "source velocity, 28 steps, the last n_max=24 integrated, source / target guidance 1.5 / 5.5, n_avg 1",
                solver="flow_euler", num_steps=28, guidance=5.5,
                options={"n_max": 24, "n_min": 0, "n_avg": 1, "source_guidance": 1.5}),
         Preset("flowedit_sd3", "flowedit", "none", ("sd3", "sd", "pixart"),

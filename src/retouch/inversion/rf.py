@@ -18,10 +18,10 @@ exactly; ``docs/methods.md`` measures what it changes.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+
 import torch
 from torch import Tensor
-
-from collections.abc import Callable, Sequence
 
 from retouch.inversion.base import check_start
 from retouch.inversion.naive import flow_euler_inversion
