@@ -80,7 +80,7 @@ def main() -> int:
                 for c in cases]  # fmt: skip
         B.bench_rows(method_ref="fireflow", reference=REFERENCE, ref_runs=runs, cases=cases, retouch_methods={
             "fireflow_ref": "retouch's reference mode (value replay from the inversion, target branch only, "
-                            "run_boy.sh settings); retouch encodes with the posterior mean, the reference samples it",
+                            "run_boy.sh settings, the VAE posterior sampled from the run's generator as the reference does)",
             "fireflow": "retouch's own preset: 28 steps, guidance 3.5, source branch sampled beside the target and "
                         "its image values shared in the deeper half of all blocks for the first 20% of the steps",
         })  # fmt: skip

@@ -139,9 +139,10 @@ def main() -> int:
         runs = [run(pipe, c) for c in cases]
         B.bench_rows(method_ref="rf_inversion", reference=REFERENCE, ref_runs=runs, cases=cases, retouch_methods={
             "rf_inversion_ref": "retouch's reference mode: the pipeline's forward-ODE schedule (model at i/29, "
-                                "gaps read from the noisy end), target branch only; retouch encodes with the "
-                                "posterior mean and draws y_1 from its own seeded generator",
-            "rf_inversion": "retouch's preset: forward ODE at the grid's own sigmas, target branch only",
+                                "gaps read from the noisy end), target branch only, VAE posterior sample then y_1 "
+                                "from the run's generator (seed 0, as the reference's global one)",
+            "rf_inversion": "retouch's preset: forward ODE at the grid's own sigmas, target branch only, posterior "
+                            "mean (y_1 is then the generator's first draw)",
         })  # fmt: skip
         print(json.dumps({"ref_mean_seconds": float(np.mean([r["seconds"] for r in runs]))}))
     if args.recon:
