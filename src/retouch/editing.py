@@ -331,7 +331,8 @@ def edit(
             if latent is None:
                 pixels = io.pil_to_tensor(img).to(backbone.device)
                 # "sample": the VAE posterior drawn from the run's generator first (the references' order)
-                z0 = backbone.encode_image(pixels, generator if posterior == "sample" else None).float()
+                z0 = backbone.encode_image(pixels) if posterior == "mean" else backbone.encode_image(pixels, generator)
+                z0 = z0.float()
             else:
                 f = backbone.vae_scale_factor
                 want = (1, backbone.latent_channels, hw[0] // f, hw[1] // f)
