@@ -24,10 +24,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import flow_common as C
 import numpy as np
 import torch
-
-import flow_common as C
 
 
 def convert_weights(transformer: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -3,7 +3,8 @@ on shapes-flux -> parity fixtures.
 
 Usage (the checkout is never committed; clone it anywhere outside the repository)::
 
-    git clone https://github.com/HolmesShuan/FireFlow-Fast-Inversion-of-Rectified-Flow-for-Image-Semantic-Editing /tmp/FireFlow
+    git clone https://github.com/HolmesShuan/FireFlow-Fast-Inversion-of-Rectified-Flow-for-Image-Semantic-Editing \
+        /tmp/FireFlow
     git -C /tmp/FireFlow checkout 98588a6
     .venv/bin/pip install einops        # their model code needs it (not a retouch dependency)
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/reference/fireflow.py /tmp/FireFlow [--bench 30]
@@ -80,7 +81,8 @@ def main() -> int:
                 for c in cases]  # fmt: skip
         B.bench_rows(method_ref="fireflow", reference=REFERENCE, ref_runs=runs, cases=cases, retouch_methods={
             "fireflow_ref": "retouch's reference mode (value replay from the inversion, target branch only, "
-                            "run_boy.sh settings, the VAE posterior sampled from the run's generator as the reference does)",
+                            "run_boy.sh settings, the VAE posterior sampled from the run's generator as the "
+                            "reference does)",
             "fireflow": "retouch's own preset: 28 steps, guidance 3.5, source branch sampled beside the target and "
                         "its image values shared in the deeper half of all blocks for the first 20% of the steps",
         })  # fmt: skip

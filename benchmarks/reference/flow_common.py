@@ -173,8 +173,13 @@ def write_settings(
             "patch": [{"file": h.path, "reason": h.reason} for h in hunks],
             "settings": settings,
             "cases": [
-                {"case_id": c.case_id, "index": c.index, "type_id": c.type_id,
-                 "source_prompt": c.source_prompt, "target_prompt": c.target_prompt}
+                {
+                    "case_id": c.case_id,
+                    "index": c.index,
+                    "type_id": c.type_id,
+                    "source_prompt": c.source_prompt,
+                    "target_prompt": c.target_prompt,
+                }
                 for c in cases
             ],  # fmt: skip
             "notes": notes,

@@ -91,7 +91,8 @@ def main() -> int:
                       guidance=SETTINGS["guidance"], info_settings=info) for c in cases]  # fmt: skip
         B.bench_rows(method_ref="rf_solver", reference=REFERENCE, ref_runs=runs, cases=cases, retouch_methods={
             "rf_solver_ref": "retouch's reference mode (value replay from the inversion, target branch only, "
-                             "run_boy.sh settings, the VAE posterior sampled from the run's generator as the reference does)",
+                             "run_boy.sh settings, the VAE posterior sampled from the run's generator as the "
+                            "reference does)",
             "rf_solver": "retouch's own preset: 28 steps, guidance 3.5, source branch sampled beside the target and "
                          "its image values shared in the deeper half of all blocks for the first 20% of the steps",
         })  # fmt: skip
