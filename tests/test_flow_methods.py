@@ -43,8 +43,11 @@ def test_flowedit_edits_and_n_max_zero_is_identity(family):
     assert moved.report["guidance"] == [PRESETS[method].options["source_guidance"], PRESETS[method].guidance]
     still = _run(bb, method, num_steps=6, options={"n_max": 0})
     assert torch.equal(still.latents[1], still.latents[0])
-    with pytest.raises(ValueError, match="n_max"):
-        _run(bb, method, num_steps=6, options={"n_max": 7})
+    # n_max beyond the steps integrates them all (the reference's `T_steps - i > n_max` test)
+    over = _run(bb, method, num_steps=6, options={"n_max": 9})
+    assert over.report["nfe"]["sampling"] == 6
+    with pytest.raises(ValueError, match="n_min"):
+        _run(bb, method, num_steps=6, options={"n_max": 2, "n_min": 3})
 
 
 def test_flowedit_n_min_switches_to_plain_sampling():
@@ -100,7 +103,7 @@ def test_value_replay_refuses_families_without_single_blocks_and_bad_inject():
     with pytest.raises(ValueError, match="does not support"):
         _run(tiny_backbone("sd3"), "rf_solver_ref", num_steps=3)
     with pytest.raises(ValueError, match="inject"):
-        _run(tiny_backbone("flux"), "rf_solver_ref", num_steps=3, options={"inject": 4})
+        _run(tiny_backbone("flux"), "rf_solver_ref", num_steps=3, options={"inject": -1})
 
 
 def test_edit_uses_the_given_latent_and_noise():

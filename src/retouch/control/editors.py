@@ -191,19 +191,23 @@ def make_value_replay(
     if first >= len(singles):
         raise ValueError(f"start_layer={start_layer} selects none of the {len(singles)} single-stream blocks")
     chosen = {i.name for i in singles[first:]}
-    num_steps = int(config.num_steps)
-    if not 0 <= int(inject) <= num_steps:
-        raise ValueError(f"inject must be in 0..{num_steps} steps, got {inject}")
-    return InversionValueReplay(inject=int(inject), layers=lambda info: info.name in chosen)
+    if int(inject) < 0:
+        raise ValueError(f"inject must be >= 0 steps, got {inject}")
+    # more than num_steps means every step, as the references' inject lists do
+    return InversionValueReplay(inject=min(int(inject), int(config.num_steps)), layers=lambda info: info.name in chosen)
 
 
 def make_flowedit(
     backbone: Backbone, config: Any, n_max: int = 24, n_min: int = 0, n_avg: int = 1, source_guidance: float = 1.5
 ) -> FlowEditMethod:
-    """FlowEdit's inversion-free ODE; the run's guidance is the target scale, ``source_guidance`` the source's."""
-    if int(n_max) > int(config.num_steps):
-        raise ValueError(f"n_max={n_max} exceeds num_steps={config.num_steps}")
-    return FlowEditMethod(n_max=int(n_max), n_min=int(n_min), n_avg=int(n_avg), source_guidance=float(source_guidance))
+    """FlowEdit's inversion-free ODE; the run's guidance is the target scale, ``source_guidance`` the source's.
+    ``n_max`` above the number of steps integrates every step (as the reference's ``T_steps - i > n_max`` test)."""
+    n_max = min(int(n_max), int(config.num_steps))
+    if not 0 <= int(n_min) <= n_max:
+        raise ValueError(
+            f"FlowEdit needs 0 <= n_min <= n_max (= {n_max} at {config.num_steps} steps), got n_min={n_min}"
+        )
+    return FlowEditMethod(n_max=n_max, n_min=int(n_min), n_avg=int(n_avg), source_guidance=float(source_guidance))
 
 
 EDITORS: dict[str, EditorSpec] = {
