@@ -171,7 +171,7 @@ def reconstruction(pipe: Any, cases: list[Any]) -> None:
         **{f"psnr_{k}": round(float(np.mean(v)), 3) for k, v in out.items()},
         "per_case": {k: [round(x, 3) for x in v] for k, v in out.items()},
     }  # fmt: skip
-    C.write_json(C.RESULTS / "rf_inversion_reconstruction.json", row)
+    C.write_json(C.RESULTS.parent / "rf_inversion_reconstruction.json", row)  # own schema, not a results row
     print(json.dumps({k: v for k, v in row.items() if k not in ("per_case", "case_ids")}))
 
 
