@@ -132,7 +132,7 @@ def test_rf_inversion_eta_one_returns_to_image_latent(family):
     bb = tiny_backbone(family)
     res = _run(bb, "rf_inversion", steps=6, options={"eta": 1.0, "start": 0.0, "stop": 1.0})
     z0 = res.trajectory.latents[-1][0]
-    assert torch.allclose(res.latents[1], z0, atol=1e-4)
+    assert torch.allclose(res.latents[-1], z0, atol=1e-4)  # the target row (no source branch by default)
     assert res.report["config"]["inversion"]["prompt"] == ""
 
 

@@ -347,6 +347,8 @@ def save_attention_maps(directory: Path, result: Any) -> list[Path]:
     images = {"source": result.reconstruction, "target": result.image}
     for branch, maps in result.extras.get("attention_maps", {}).items():
         base = images[branch]
+        if base is None:  # the method ran without a source branch
+            continue
         w, h = base.size
         tiles = [base]
         for key, m in maps.items():

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,6 +35,7 @@ from retouch.types import Conditioning, NoiseGrid, Pred, Trajectory, to_x0_eps
 log = logging.getLogger(__name__)
 
 Progress = Callable[[str, int, int], None]
+Noise = Callable[[Sequence[int]], Tensor]  # shape -> standard-normal latent (the run's only randomness)
 
 
 class GuidedModel:
@@ -46,14 +47,19 @@ class GuidedModel:
         grid: NoiseGrid,
         cond: Conditioning,
         uncond: Conditioning | None,
-        guidance: float,
+        guidance: float | Sequence[float],
         state: EditState | None = None,
     ) -> None:
         self.backbone = backbone
         self.grid = grid
         self.cond = cond
-        self.guidance = guidance
-        self.cfg = backbone.uses_cfg and uncond is not None and guidance != 1.0
+        # one scale for every branch, or one per branch (FlowEdit guides source and target differently)
+        per_branch = not isinstance(guidance, (int, float))
+        scales = [float(g) for g in guidance] if per_branch else [float(guidance)]
+        if per_branch and len(scales) != cond.batch_size:
+            raise ValueError(f"{len(scales)} guidance scales for {cond.batch_size} branches")
+        self.guidance: float | Tensor = torch.tensor(scales).view(-1, 1, 1, 1) if per_branch else scales[0]
+        self.cfg = backbone.uses_cfg and uncond is not None and any(g != 1.0 for g in scales)
         self.uncond = uncond
         self.batch_cond = Conditioning.cat([uncond, cond]) if self.cfg else cond
         self.state = state
@@ -89,13 +95,17 @@ class GuidedModel:
         if not self.cfg:
             return out
         u, c = out.chunk(2)
-        return self.backbone.combine_guidance(u, c, self.guidance)
+        g = self.guidance.to(u.device) if isinstance(self.guidance, Tensor) else self.guidance
+        return self.backbone.combine_guidance(u, c, g)
+
+    def _mark(self, point: int, stage: str) -> None:
+        if self.state is not None:
+            self.state.point, self.state.stage = point, stage
 
     def __call__(self, x: Tensor, k: int) -> Pred:
         if self.on_eval is not None:
             self.on_eval(k)
-        if self.state is not None:
-            self.state.point = k
+        self._mark(k, "grid")
         g = self.grid
         raw = self.raw(x, g.timesteps[k])
         return to_x0_eps(raw, x, g.alphas[k], g.sigmas[k], self.backbone.prediction)
@@ -104,8 +114,7 @@ class GuidedModel:
         """Evaluate off-grid on a flow grid (midpoint solvers)."""
         if self.grid.kind != "flow":
             raise ValueError("off-grid evaluation needs a flow model")
-        if self.state is not None:
-            self.state.point = -1
+        self._mark(i, "mid")
         raw = self.raw(x, sigma * 1000)
         return to_x0_eps(raw, x, 1 - sigma, sigma, self.backbone.prediction)
 
@@ -113,7 +122,7 @@ class GuidedModel:
 @dataclass
 class EditResult:
     image: Image.Image  # the edited image (target branch)
-    reconstruction: Image.Image  # the source branch
+    reconstruction: Image.Image | None  # the source branch (None when the method runs without one)
     report: dict[str, Any]
     latents: Tensor | None = None  # final latents [branches, C, h, w]
     trajectory: Trajectory | None = None
@@ -195,7 +204,8 @@ def resolve(backbone: Backbone, cfg: EditConfig) -> Resolved:
             **{
                 **cfg.inversion.__dict__,
                 "name": inv_name,
-                "guidance": cfg.inversion.guidance or 1.0,
+                # 0 is a real setting (RF-Inversion inverts at guidance 0); only None means "the default, 1"
+                "guidance": 1.0 if cfg.inversion.guidance is None else cfg.inversion.guidance,
                 "skip": cfg.inversion.skip or 0.0,
             }
         ),
@@ -231,13 +241,16 @@ def run_inversion(
     *,
     uncond: Conditioning | None = None,
     guidance: float = 1.0,
+    noise: Noise | None = None,
 ) -> Trajectory:
     """Run the inversion ``base`` (for Direct Inversion: the sampler's own) with the configured options."""
     kwargs: dict[str, Any] = dict(inv.options)
+    kwargs.pop("posterior", None)  # how the image was encoded (edit()), not an inversion argument
     if base == "dpmpp":
         kwargs.update(iterations=inv.iterations, sweeps=inv.sweeps, eta=inv.eta)
     if base in ("rf_inversion", "ddpm"):
         kwargs["generator"] = generator
+        kwargs["noise"] = noise
     if base == "null_text":
         kwargs.update(uncond=uncond, guidance=guidance)
     return get_inversion(base).invert(model, z0, grid, **kwargs)
@@ -309,12 +322,19 @@ def edit(
     keep_latents: bool = False,
     record_attention: bool = False,
     mask: Any = None,
+    latent: Tensor | None = None,
+    noise: Noise | None = None,
 ) -> EditResult:
     """Edit ``image`` from ``cfg.source_prompt`` to ``cfg.target_prompt`` with ``cfg.method``.
 
     With the ``identity`` method and equal prompts this is inversion -> reconstruction. ``mask`` (white = may
-    change; a file path, image, array or ``"auto:WORDS"``, see :mod:`retouch.masks`) keeps the source trajectory
-    outside it at every step.
+    change; a file path, image, array or ``"auto:WORDS"``, see :mod:`retouch.masks`) keeps the source
+    trajectory outside it at every step.
+
+    ``latent``: start from this model latent ``[1, C, h, w]`` instead of encoding ``image`` (which then only
+    fixes the size), e.g. a reference implementation's own encoding in a parity test. ``noise``: where the
+    run's Gaussian draws come from, ``shape -> tensor`` (default: ``backbone.randn_latent`` from the seeded
+    generator).
     """
     mask_spec = masks.parse_mask(mask)
     res = resolve(backbone, cfg)
@@ -327,9 +347,21 @@ def edit(
     with torch.no_grad():
         with _timed(timings, "encode"):
             img, size_note = prepare_image(backbone, io.to_rgb(image), cfg)
-            pixels = io.pil_to_tensor(img).to(backbone.device)
-            z0 = backbone.encode_image(pixels).float()
             hw = (img.size[1], img.size[0])
+            posterior = cfg.inversion.options.get("posterior", "mean")
+            if posterior not in ("mean", "sample"):
+                raise ValueError(f"inversion option posterior must be 'mean' or 'sample', got {posterior!r}")
+            if latent is None:
+                pixels = io.pil_to_tensor(img).to(backbone.device)
+                # "sample": the VAE posterior drawn from the run's generator first (the references' order)
+                z0 = backbone.encode_image(pixels) if posterior == "mean" else backbone.encode_image(pixels, generator)
+                z0 = z0.float()
+            else:
+                f = backbone.vae_scale_factor
+                want = (1, backbone.latent_channels, hw[0] // f, hw[1] // f)
+                if tuple(latent.shape) != want:
+                    raise ValueError(f"latent has shape {tuple(latent.shape)}; a {hw[1]}x{hw[0]} image needs {want}")
+                z0 = latent.float().to(backbone.device)
             cond = backbone.encode_prompt([cfg.source_prompt, cfg.target_prompt], image_size=hw, guidance=res.guidance)
             need_uncond = backbone.uses_cfg and (
                 res.guidance != 1.0 or cfg.inversion.guidance != 1.0 or res.base_inversion == "null_text"
@@ -347,6 +379,25 @@ def edit(
         if total != res.num_steps:  # skip: start part-way down the schedule
             grid = schedules.tail(grid, res.num_steps)
         editor = get_editor(res.editor, backbone.family).build(backbone, cfg, dict(cfg.options))
+        if noise is None:
+
+            def noise(shape: Sequence[int]) -> Tensor:
+                return backbone.randn_latent(shape, generator).to(backbone.device)
+
+        branch_guidance = getattr(editor, "branch_guidance", None)
+        guidance: float | tuple[float, ...] = res.guidance
+        if branch_guidance is not None:  # e.g. FlowEdit: its own guidance scale for each branch
+            guidance = tuple(branch_guidance(res.guidance))
+            with torch.no_grad():
+                cond = Conditioning.cat(
+                    [backbone.encode_prompt([p], image_size=hw, guidance=g)
+                     for p, g in zip((cfg.source_prompt, cfg.target_prompt), guidance, strict=True)]
+                )  # fmt: skip
+        source_branch = bool(getattr(editor, "source_branch", True))
+        if not source_branch and res.source_correction:
+            raise ValueError(
+                f"method {cfg.method!r} runs without a source branch; it cannot pin one (Direct Inversion)"
+            )
         recorder = None
         if record_attention:
             from retouch.control.compose import ComposedEditor
@@ -386,7 +437,7 @@ def edit(
                     inv_model.on_eval = lambda k: progress("invert", n_run - k, n_run)
                 traj = run_inversion(
                     z0, grid, inv_model, cfg.inversion, res.base_inversion, generator,
-                    uncond=uncond.select([0]) if uncond is not None else None, guidance=res.guidance,
+                    uncond=uncond.select([0]) if uncond is not None else None, guidance=res.guidance, noise=noise,
                 )  # fmt: skip
             if hasattr(editor, "begin"):
                 editor.begin(traj)
@@ -397,18 +448,25 @@ def edit(
                 state.phase = "sample"
                 if hasattr(editor, "prepare_conditioning"):  # e.g. Pix2Pix-Zero's edit direction
                     cond = editor.prepare_conditioning(cond, uncond)
-                model = GuidedModel(backbone, grid, cond, uncond, res.guidance, state)
+                if not source_branch:  # the reference runs the target alone (e.g. RF-Inversion's own pipeline)
+                    cond = cond.select([1])
+                    uncond = uncond.select([1]) if uncond is not None else None
+                    guidance = guidance[1:] if isinstance(guidance, tuple) else guidance
+                model = GuidedModel(backbone, grid, cond, uncond, guidance, state)
                 guided = model
                 if hasattr(editor, "wrap_model"):  # e.g. LEDITS++: its own batch of edit-concept rows
                     model = editor.wrap_model(model)
                 if hasattr(editor, "modify_prediction"):
                     model = HookedModel(model, editor.modify_prediction, n_run)
-                x = traj.noise.repeat(2, 1, 1, 1)
+                x = traj.noise.repeat(cond.batch_size, 1, 1, 1)
                 solver_state: dict[str, Any] = {"generator": generator}
                 if "noise_maps" in traj.extras:  # edit-friendly DDPM inversion: the ddpm solver replays them
                     solver_state["noise_maps"] = traj.extras["noise_maps"]
                 per_step_uncond = traj.extras.get("uncond_per_step")
-                for i in range(grid.num_steps):
+                sampler = getattr(editor, "sample", None)
+                if sampler is not None:  # a method with its own loop (FlowEdit's inversion-free ODE)
+                    x = sampler(model, z0, grid, noise)
+                for i in range(grid.num_steps if sampler is None else 0):
                     state.step = i
                     if per_step_uncond is not None:  # null-text / negative-prompt inversion
                         guided.set_uncond(per_step_uncond[i].repeat(cond.batch_size))
@@ -425,7 +483,7 @@ def edit(
                         out = after_step(i, x, state)
                         x = x if out is None else out
                     if latent_mask is not None:  # keep the source trajectory outside the mask
-                        x = masks.blend(x, traj.latents[i + 1], latent_mask, range(1, x.shape[0]))
+                        x = masks.blend(x, traj.latents[i + 1], latent_mask, range(int(source_branch), x.shape[0]))
                     if progress:
                         progress("sample", i + 1, grid.num_steps)
                 state.step = -1
@@ -434,10 +492,10 @@ def edit(
         with _timed(timings, "decode"):
             decoded = backbone.decode(x.to(backbone.dtype)).float()
             if latent_mask is not None:
-                decoded = masks.composite(decoded, backbone.decode(traj.latents[-1].to(backbone.dtype)).float(),
-                                          latent_mask)  # fmt: skip
-            recon_img = io.tensor_to_pil(decoded[0])
-            edited_img = io.tensor_to_pil(decoded[1])
+                round_trip = backbone.decode(traj.latents[-1].to(backbone.dtype)).float()
+                decoded = masks.composite(decoded, round_trip, latent_mask, first_target=int(source_branch))
+            recon_img = io.tensor_to_pil(decoded[0]) if source_branch else None
+            edited_img = io.tensor_to_pil(decoded[-1])
 
     timings["total"] = time.perf_counter() - t_start
     report = {
@@ -449,7 +507,8 @@ def edit(
         "solver": res.solver.name,
         "seed": cfg.seed,
         "num_steps": res.num_steps,
-        "guidance": res.guidance,
+        "guidance": list(guidance) if isinstance(guidance, tuple) else res.guidance,
+        "source_branch": source_branch,
         "nfe": {"inversion": traj.nfe, "sampling": model.nfe, "total": traj.nfe + model.nfe + mask_nfe},
         "timings": {k: round(v, 4) for k, v in timings.items()},
         "size": size_note,

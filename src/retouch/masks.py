@@ -153,17 +153,18 @@ def blend(x: Tensor, reference: Tensor, mask: Tensor, rows: Sequence[int]) -> Te
     return out
 
 
-def composite(decoded: Tensor, round_trip: Tensor, mask: Tensor) -> Tensor:
+def composite(decoded: Tensor, round_trip: Tensor, mask: Tensor, first_target: int = 1) -> Tensor:
     """Decoded target rows outside the mask's latent cells become the input latent's decoded round trip.
 
     The output latent already equals the input latent there, but a VAE decoder mixes the whole frame (its
     mid-block attends globally), so an edit inside the mask still moves every decoded pixel a little (on
     shapes-sd: 32 dB to the round trip instead of its exact value). Outside the cells the mask touches the pixels
-    are now the round trip exactly; inside, ``round_trip + m (decoded - round_trip)`` with the cell's value."""
+    are now the round trip exactly; inside, ``round_trip + m (decoded - round_trip)`` with the cell's value.
+    Rows from ``first_target`` on are targets (0 when the method runs no source branch)."""
     m = F.interpolate(mask.float(), size=decoded.shape[-2:], mode="nearest").to(decoded.device)[0]  # [1, H, W]
     out = decoded.clone()
     rt = round_trip[0]
-    for r in range(1, decoded.shape[0]):
+    for r in range(first_target, decoded.shape[0]):
         out[r] = torch.where(m == 0, rt, torch.where(m == 1, decoded[r], rt + m * (decoded[r] - rt)))
     return out
 

@@ -48,9 +48,16 @@ PRESETS: dict[str, Preset] = {
                solver="dpmpp", num_steps=30, guidance=4.5),
         Preset("rf_inversion", "rf_control", "rf_inversion", FLOW,
                "RF-Inversion (Rout et al.): controlled forward ODE (gamma 0.5) from an empty-prompt, guidance-0 "
-               "inversion, controlled reverse ODE (eta 0.9 over the first 25% of 28 steps)",
+               "inversion, controlled reverse ODE (eta 0.9 over the first 25% of 28 steps), target branch only",
                solver="flow_euler", num_steps=28, inversion_prompt="", inversion_guidance=0.0,
                options={"eta": 0.9, "start": 0.0, "stop": 0.25}, inversion_options={"gamma": 0.5}),
+        Preset("rf_inversion_ref", "rf_control", "rf_inversion", ("sd3", "flux"),
+               "RF-Inversion exactly as diffusers' community pipeline runs it: rf_inversion's settings with its "
+               "forward-ODE schedule (model at t = i/(N+1), shifted gaps read from the noisy end) and a VAE "
+               "posterior sample",
+               solver="flow_euler", num_steps=28, inversion_prompt="", inversion_guidance=0.0,
+               options={"eta": 0.9, "start": 0.0, "stop": 0.25},
+               inversion_options={"gamma": 0.5, "schedule": "community", "posterior": "sample"}),
         Preset("rf_solver", "masactrl", "rf_solver", FLOW,
                "RF-Solver-Edit: second-order midpoint inversion and sampling, source value injection in the "
                "deeper half of the blocks for the first 20% of the steps",
@@ -59,6 +66,27 @@ PRESETS: dict[str, Preset] = {
                "FireFlow: midpoint inversion and sampling reusing velocities (~1 NFE per step), source value "
                "injection as RF-Solver-Edit", solver="fireflow",
                options={"start_step": 0, "end_step": 0.2, "start_layer": 0.5, "share": "v"}),
+        Preset("rf_solver_ref", "value_replay", "rf_solver", ("flux",),
+               "RF-Solver-Edit as its official code runs (run_boy.sh): midpoint inversion and sampling, 15 steps, "
+               "guidance 2, values of the single-stream blocks from 20/38 on stored during inversion and replayed in "
+               "the first 2 sampling steps, no source branch", solver="rf_solver", num_steps=15, guidance=2.0,
+               inversion_guidance=1.0, options={"inject": 2, "start_layer": 20 / 38},
+               inversion_options={"posterior": "sample"}),
+        Preset("fireflow_ref", "value_replay", "fireflow", ("flux",),
+               "FireFlow as its official code runs (run_boy.sh): velocity-reusing midpoint inversion and sampling, "
+               "8 steps, guidance 2, values of all single-stream blocks stored during inversion and replayed in the "
+               "first sampling step, no source branch", solver="fireflow", num_steps=8, guidance=2.0,
+               inversion_guidance=1.0, options={"inject": 1, "start_layer": 0},
+               inversion_options={"posterior": "sample"}),
+        Preset("flowedit", "flowedit", "none", ("flux",),
+               "FlowEdit (Kulikov et al.), FlowEdit repo's FLUX_exp.yaml: inversion-free ODE on the target-minus-"
+               "source velocity, 28 steps, the last n_max=24 integrated, source / target guidance 1.5 / 5.5, n_avg 1",
+               solver="flow_euler", num_steps=28, guidance=5.5,
+               options={"n_max": 24, "n_min": 0, "n_avg": 1, "source_guidance": 1.5}),
+        Preset("flowedit_sd3", "flowedit", "none", ("sd3", "sd", "pixart"),
+               "FlowEdit with the FlowEdit repo's SD3_exp.yaml: 50 steps, n_max=33, CFG 3.5 (source) / 13.5 "
+               "(target); on SD / PixArt in the flow view of their DDIM grid", solver="ddim", num_steps=50,
+               guidance=13.5, options={"n_max": 33, "n_min": 0, "n_avg": 1, "source_guidance": 3.5}),
         Preset("ddim+pnp", "pnp", "ddim", ALL,
                "Plug-and-Play (Tumanyan et al.) on plain DDIM inversion: features for the first 80% of the steps, "
                "self-attention Q/K for the first 50%", solver="ddim",

@@ -177,15 +177,30 @@ class Backbone(abc.ABC):
                 )
 
     # --- latents --------------------------------------------------------------------------------------
-    def encode_image(self, pixels: Tensor) -> Tensor:
+    def encode_image(self, pixels: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """``[B,3,H,W]`` in [-1, 1] -> model latent ``[B,C,h,w]``: ``(mean - shift) * scale``.
 
-        The posterior *mean* (deterministic), as PnP-Inversion does; SD's VAE has no shift, SD3 / Flux do.
+        The posterior *mean* (deterministic), as PnP-Inversion and FlowEdit do; with ``generator`` a posterior
+        *sample* drawn from it (``mean + std * randn``, as diffusers' ``latent_dist.sample()``: what the
+        RF-Inversion pipeline, RF-Solver-Edit and FireFlow do). SD's VAE has no shift, SD3 / Flux do.
         """
         vae = self.vae
-        lat = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.mean
+        dist = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist
+        if generator is None:
+            lat = dist.mean
+        else:
+            draw = torch.randn(tuple(dist.mean.shape), generator=generator, dtype=torch.float32)
+            lat = dist.mean + dist.std * draw.to(dist.mean.device, dist.mean.dtype)
         shift = getattr(vae.config, "shift_factor", None) or 0.0
         return ((lat - shift) * vae.config.scaling_factor).to(self.dtype)
+
+    def randn_latent(self, shape: Sequence[int], generator: torch.Generator | None = None) -> Tensor:
+        """Standard-normal latents ``[B,C,h,w]`` (float32, CPU) drawn from ``generator``.
+
+        The draw order is the family's: a method's noise is only reproducible across implementations when
+        both draw the same numbers into the same places (Flux overrides this to draw in its packed layout).
+        """
+        return torch.randn(tuple(shape), generator=generator, dtype=torch.float32)
 
     def decode(self, latents: Tensor) -> Tensor:
         """Model latent -> ``[B,3,H,W]`` in [-1, 1]."""

@@ -91,6 +91,14 @@ class FluxBackbone(Backbone):
             tensors["guidance"] = torch.full((emb.shape[0],), float(g), device=emb.device, dtype=torch.float32)
         return Conditioning(tensors, static={"txt_ids": text_ids})
 
+    def randn_latent(self, shape: Sequence[int], generator: torch.Generator | None = None) -> Tensor:
+        """Noise drawn in the packed token layout ``[B, (h/2)(w/2), 4C]``, then unpacked: the order in which the
+        Flux editing references (FlowEdit, the diffusers RF-Inversion pipeline) draw ``randn_like`` of packed
+        latents, so the same seed gives the same noise."""
+        b, c, h, w = shape
+        tokens = torch.randn((b, (h // 2) * (w // 2), 4 * c), generator=generator, dtype=torch.float32)
+        return unpack(tokens, h, w)
+
     def image_seq_len(self, latent_hw: tuple[int, int]) -> int:
         return (latent_hw[0] // 2) * (latent_hw[1] // 2)
 

@@ -503,7 +503,8 @@ def _one(
     report = result.report
     size = data.source_image.shape[:2]
     edited, resized = _fit(result.image, size)
-    recon, _ = _fit(result.reconstruction, size)
+    # methods without a source branch (RF-Inversion as released, value replay) have no reconstruction
+    recon = _fit(result.reconstruction, size)[0] if result.reconstruction is not None else None
     row["model"] = cfg.model or report.get("model")
     t0 = time.perf_counter()
     try:
@@ -533,7 +534,7 @@ def _one(
         row["images"] = {
             **_case_images(cfg, folder, case, data),
             "edit": _save(edited, folder, f"images/{case.case_id}/{slug}.edit.png"),
-            "recon": _save(recon, folder, f"images/{case.case_id}/{slug}.recon.png"),
+            "recon": _save(recon, folder, f"images/{case.case_id}/{slug}.recon.png") if recon is not None else None,
         }
     return row
 

@@ -52,7 +52,10 @@ class AttnContext:
     layout: BatchLayout
     latent_hw: tuple[int, int]
     num_text: int = 0  # text tokens in a joint / single sequence
-    point: int = -1  # grid point of the current on-grid model evaluation (inversion and sampling); -1 off-grid
+    # which model evaluation this is: stage "grid" at grid point ``point`` (0 = noisiest), stage "mid" between
+    # points ``point`` and ``point + 1`` (midpoint solvers); "" when unknown
+    point: int = -1
+    stage: str = ""
 
     @property
     def image_hw(self) -> tuple[int, int]:

@@ -22,6 +22,8 @@ from retouch.control.masactrl import MutualSelfAttention
 from retouch.control.p2p import LocalBlend, PromptToPrompt, align_prompts, word_positions
 from retouch.control.p2p_zero import make_p2p_zero
 from retouch.control.pnp import make_pnp
+from retouch.control.value_replay import InversionValueReplay
+from retouch.flowedit import FlowEditMethod
 from retouch.inversion.rf import RFReverseControl
 
 log = logging.getLogger(__name__)
@@ -174,10 +176,50 @@ def make_unified(
 
 
 def make_rf_control(
-    backbone: Backbone, config: Any, eta: float = 0.9, start: float = 0.0, stop: float = 0.25
+    backbone: Backbone,
+    config: Any,
+    eta: float = 0.9,
+    start: float = 0.0,
+    stop: float = 0.25,
+    source_branch: bool = False,
 ) -> RFReverseControl:
-    """RF-Inversion's controlled reverse ODE (guidance of the velocity towards the image latent)."""
-    return RFReverseControl(eta=eta, start=start, stop=stop)
+    """RF-Inversion's controlled reverse ODE (guidance of the velocity towards the image latent).
+
+    ``source_branch``: also sample the source prompt beside the target (only for a reconstruction to look at:
+    the control never reads it; the paper's pipeline samples the target alone)."""
+    return RFReverseControl(eta=eta, start=start, stop=stop, source_branch=bool(source_branch))
+
+
+def make_value_replay(
+    backbone: Backbone, config: Any, inject: int = 2, start_layer: float | int = 20 / 38
+) -> InversionValueReplay:
+    """RF-Solver-Edit / FireFlow feature sharing as their code does it: values of the single-stream blocks from
+    ``start_layer`` (index among them, or a fraction: 20/38 is FLUX.1's ``id > 19``) stored during inversion and
+    replayed in the first ``inject`` sampling steps, target branch only."""
+    singles = sorted((i for i in backbone.attention_layers().values() if i.kind == "single"), key=lambda i: i.depth)
+    if not singles:
+        raise ValueError(f"value replay acts on single-stream blocks; {backbone.family} has none")
+    first = _steps(start_layer, len(singles), "start_layer")
+    if first >= len(singles):
+        raise ValueError(f"start_layer={start_layer} selects none of the {len(singles)} single-stream blocks")
+    chosen = {i.name for i in singles[first:]}
+    if int(inject) < 0:
+        raise ValueError(f"inject must be >= 0 steps, got {inject}")
+    # more than num_steps means every step, as the references' inject lists do
+    return InversionValueReplay(inject=min(int(inject), int(config.num_steps)), layers=lambda info: info.name in chosen)
+
+
+def make_flowedit(
+    backbone: Backbone, config: Any, n_max: int = 24, n_min: int = 0, n_avg: int = 1, source_guidance: float = 1.5
+) -> FlowEditMethod:
+    """FlowEdit's inversion-free ODE; the run's guidance is the target scale, ``source_guidance`` the source's.
+    ``n_max`` above the number of steps integrates every step (as the reference's ``T_steps - i > n_max`` test)."""
+    n_max = min(int(n_max), int(config.num_steps))
+    if not 0 <= int(n_min) <= n_max:
+        raise ValueError(
+            f"FlowEdit needs 0 <= n_min <= n_max (= {n_max} at {config.num_steps} steps), got n_min={n_min}"
+        )
+    return FlowEditMethod(n_max=n_max, n_min=int(n_min), n_avg=int(n_avg), source_guidance=float(source_guidance))
 
 
 EDITORS: dict[str, EditorSpec] = {
@@ -193,6 +235,12 @@ EDITORS: dict[str, EditorSpec] = {
                    "(SD3/Flux)"),
         EditorSpec("rf_control", make_rf_control, ("sd3", "flux", "qwenimage", "sana", "flux2", "zimage"),
                    "RF-Inversion's controlled reverse ODE: velocity pulled towards the image latent (eta)"),
+        EditorSpec("value_replay", make_value_replay, ("flux",),
+                   "RF-Solver-Edit / FireFlow feature sharing as released: single-stream values stored during "
+                   "inversion, replayed in the first sampling steps (target branch only)"),
+        EditorSpec("flowedit", make_flowedit, ALL_FAMILIES,
+                   "FlowEdit: inversion-free ODE on the difference of target and source velocities (flow view of "
+                   "the grid on SD / PixArt)"),
         EditorSpec("unified", make_unified, ALL_FAMILIES,
                    "DiT4Edit unified attention control: P2P + mutual self-attention on deep blocks"),
         EditorSpec("pnp", make_pnp, ALL_FAMILIES,

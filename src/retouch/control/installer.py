@@ -153,7 +153,8 @@ class EditState:
     prob_calls: int = 0  # calls that materialised the full probability map
     block_calls: int = 0  # calls that edited only a block of it (fused output + a low-rank correction)
     merger: Any = None  # a retouch.merging.TokenMerger, or None
-    point: int = -1  # grid point of the current on-grid evaluation (set by the model function), -1 off-grid
+    point: int = -1  # grid point / interval of the current model evaluation (see AttnContext)
+    stage: str = ""
 
     def merge(self, hidden: Tensor, layer: LayerInfo) -> tuple[Tensor, Any]:
         """Merge the image tokens ``[B, N, C]`` of ``layer`` if merging applies there; returns (tokens, plan)."""
@@ -192,6 +193,7 @@ class EditState:
             latent_hw=self.latent_hw,
             num_text=num_text,
             point=self.point,
+            stage=self.stage,
         )
         if not editor.applies(ctx):
             return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)

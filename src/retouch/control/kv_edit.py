@@ -149,7 +149,7 @@ class KVEdit:
         if ctx.layer.kind not in IMAGE_KINDS or self.mask is None:
             return False
         if ctx.phase == "invert":
-            return not self.inversion_free and ctx.point >= 0
+            return not self.inversion_free and ctx.point >= 0 and ctx.stage != "mid"  # on-grid evaluations
         return ctx.phase == "sample" and ctx.layout.branches >= 2
 
     def needs_probs(self, ctx: AttnContext) -> bool:

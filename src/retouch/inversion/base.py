@@ -115,7 +115,7 @@ def _registry() -> dict[str, Inversion]:
             "*",
             ("sd", "pixart", "sd3", "flux"),
             "no inversion (0 NFE): the trajectory holds the clean latent at every point, for inversion-free "
-            "editors that build their own latents (kv_edit_inf)",
+            "editors that build their own latents (FlowEdit, kv_edit_inf)",
         ),
     )
     return {i.name: i for i in items}

@@ -9,6 +9,13 @@ from retouch.solvers import ModelFn
 from retouch.types import NoiseGrid, Trajectory
 
 
+def no_inversion(model_fn: ModelFn, z0: Tensor, grid: NoiseGrid) -> Trajectory:
+    """No inversion: every point of the trajectory is the clean latent (methods that start from the image
+    itself, e.g. FlowEdit). Evaluates nothing."""
+    check_start(z0, grid)
+    return Trajectory(latents=(z0,) * (grid.num_steps + 1), grid=grid, nfe=0)
+
+
 def ddim_inversion(model_fn: ModelFn, z0: Tensor, grid: NoiseGrid) -> Trajectory:
     """DDIM inversion (Song et al. 2021; Dhariwal & Nichol 2021, appendix F; as in Mokady et al. 2023).
 
@@ -26,12 +33,6 @@ def ddim_inversion(model_fn: ModelFn, z0: Tensor, grid: NoiseGrid) -> Trajectory
         x = grid.alphas[j - 1] * x0 + grid.sigmas[j - 1] * eps
         latents.append(x)
     return Trajectory(latents=tuple(reversed(latents)), grid=grid, nfe=n)
-
-
-def no_inversion(model_fn: ModelFn, z0: Tensor, grid: NoiseGrid) -> Trajectory:
-    """No inversion: the clean latent at every grid point, 0 NFE (inversion-free editors start from it)."""
-    check_start(z0, grid)
-    return Trajectory(latents=(z0,) * (grid.num_steps + 1), grid=grid, nfe=0)
 
 
 def flow_euler_inversion(model_fn: ModelFn, z0: Tensor, grid: NoiseGrid) -> Trajectory:
