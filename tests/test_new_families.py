@@ -6,6 +6,7 @@ overriding the ``family`` fixture."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -184,7 +185,11 @@ def test_every_applicable_preset_runs_end_to_end(name):
         opts = {"lambdas": [0.5] * 3} if p.editor == "disentangle" else {}
         inv = InversionConfig(iterations=1)
         cfg = EditConfig(SRC, TGT, method=p.name, num_steps=3, options=opts, inversion=inv)
-        res = edit(bb, random_image(32, 32), cfg, keep_latents=True)
+        mask = None
+        if p.editor == "kv_edit":  # mask-based presets need a mask: the centre quarter
+            mask = np.zeros((32, 32), np.float32)
+            mask[8:24, 8:24] = 1.0
+        res = edit(bb, random_image(32, 32), cfg, mask=mask, keep_latents=True)
         assert res.image.size == (32, 32), p.name
         assert torch.isfinite(res.latents).all(), p.name
         assert res.report["nfe"]["sampling"] >= 3, p.name
