@@ -127,6 +127,7 @@ class Resolved:
     source_correction: bool
     num_steps: int
     guidance: float
+    source_branch_prompt: str | None = None  # the preset's source-branch prompt (MasaCtrl: ""), else None
 
 
 def resolve(backbone: Backbone, cfg: EditConfig) -> Resolved:
@@ -154,7 +155,9 @@ def resolve(backbone: Backbone, cfg: EditConfig) -> Resolved:
             options={**preset.options, **cfg.options},
         )
         editor = preset.editor
+        source_branch = preset.source_branch_prompt
     else:
+        source_branch = None
         editor = cfg.method
     get_editor(editor, backbone.family)
     inv_name = cfg.inversion.name
@@ -188,6 +191,7 @@ def resolve(backbone: Backbone, cfg: EditConfig) -> Resolved:
     return Resolved(
         config=full, editor=editor, solver=solver, inversion=inv_name, base_inversion=base,
         source_correction=inversion.source_correction, num_steps=steps, guidance=guidance,
+        source_branch_prompt=source_branch,
     )  # fmt: skip
 
 
@@ -281,14 +285,18 @@ def edit(
     progress: Progress | None = None,
     keep_latents: bool = False,
     record_attention: bool = False,
+    on_step: Callable[[int, Tensor], None] | None = None,
 ) -> EditResult:
     """Edit ``image`` from ``cfg.source_prompt`` to ``cfg.target_prompt`` with ``cfg.method``.
 
-    With the ``identity`` method and equal prompts this is inversion -> reconstruction.
+    With the ``identity`` method and equal prompts this is inversion -> reconstruction. ``on_step(i, x)`` sees
+    the latents of both branches after sampling step ``i`` (read-only; e.g. parity tests).
     """
     res = resolve(backbone, cfg)
     cfg = res.config
-    backbone.check_prompts([cfg.source_prompt, cfg.target_prompt])
+    backbone.check_prompts([cfg.target_prompt])
+    backbone.check_prompts([cfg.source_prompt], allow_empty=res.source_branch_prompt is not None)
+    source_branch = cfg.source_prompt if res.source_branch_prompt is None else res.source_branch_prompt
     timings: dict[str, float] = {}
     t_start = time.perf_counter()
     generator = torch.Generator().manual_seed(cfg.seed)
@@ -299,14 +307,14 @@ def edit(
             pixels = io.pil_to_tensor(img).to(backbone.device)
             z0 = backbone.encode_image(pixels).float()
             hw = (img.size[1], img.size[0])
-            cond = backbone.encode_prompt([cfg.source_prompt, cfg.target_prompt], image_size=hw, guidance=res.guidance)
+            cond = backbone.encode_prompt([source_branch, cfg.target_prompt], image_size=hw, guidance=res.guidance)
             need_uncond = backbone.uses_cfg and (
                 res.guidance != 1.0 or cfg.inversion.guidance != 1.0 or res.base_inversion == "null_text"
             )
             uncond = backbone.encode_prompt(["", ""], image_size=hw) if need_uncond else None
-            inv_prompt = cfg.source_prompt if cfg.inversion.prompt is None else cfg.inversion.prompt
+            inv_prompt = source_branch if cfg.inversion.prompt is None else cfg.inversion.prompt
             inv_cond = cond.select([0])
-            if inv_prompt != cfg.source_prompt or not backbone.uses_cfg:
+            if inv_prompt != source_branch or not backbone.uses_cfg:
                 # guidance-distilled models embed the inversion guidance in the conditioning
                 inv_cond = backbone.encode_prompt([inv_prompt], image_size=hw, guidance=cfg.inversion.guidance)
 
@@ -375,6 +383,8 @@ def edit(
                     if after_step is not None:
                         out = after_step(i, x, state)
                         x = x if out is None else out
+                    if on_step is not None:
+                        on_step(i, x)
                     if progress:
                         progress("sample", i + 1, grid.num_steps)
                 state.step = -1
@@ -396,6 +406,7 @@ def edit(
         "seed": cfg.seed,
         "num_steps": res.num_steps,
         "guidance": res.guidance,
+        "source_branch_prompt": source_branch,
         "nfe": {"inversion": traj.nfe, "sampling": model.nfe, "total": traj.nfe + model.nfe},
         "timings": {k: round(v, 4) for k, v in timings.items()},
         "size": size_note,

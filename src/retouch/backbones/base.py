@@ -106,6 +106,10 @@ class Backbone(abc.ABC):
     default_solver: str = "ddim"
     default_guidance: float = 7.5
     default_steps: int = 50
+    # Whether latents are ``(mean - shift_factor) * scaling_factor``: the family's diffusers pipeline decides.
+    # SD3 / Flux pipelines use the VAE's shift; StableDiffusion(XL) and PixArt pipelines ignore it (real SD
+    # VAEs have none), so a folder whose VAE config carries one was trained without it.
+    latent_shift: bool = True
 
     def __init__(self, pipe: Any, *, name: str | None = None) -> None:
         self.pipe = pipe
@@ -176,18 +180,24 @@ class Backbone(abc.ABC):
     def encode_image(self, pixels: Tensor) -> Tensor:
         """``[B,3,H,W]`` in [-1, 1] -> model latent ``[B,C,h,w]``: ``(mean - shift) * scale``.
 
-        The posterior *mean* (deterministic), as PnP-Inversion does; SD's VAE has no shift, SD3 / Flux do.
+        The posterior *mean* (deterministic), as PnP-Inversion does. ``shift`` is the VAE's ``shift_factor`` on
+        families whose pipeline uses it (``latent_shift``: SD3 / Flux), else 0.
         """
         vae = self.vae
         lat = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.mean
-        shift = getattr(vae.config, "shift_factor", None) or 0.0
-        return ((lat - shift) * vae.config.scaling_factor).to(self.dtype)
+        return ((lat - self.shift_factor) * vae.config.scaling_factor).to(self.dtype)
+
+    @property
+    def shift_factor(self) -> float:
+        """The shift subtracted from VAE latents before scaling (0 where the family's pipeline ignores it)."""
+        if not self.latent_shift:
+            return 0.0
+        return float(getattr(self.vae.config, "shift_factor", None) or 0.0)
 
     def decode(self, latents: Tensor) -> Tensor:
         """Model latent -> ``[B,3,H,W]`` in [-1, 1]."""
         vae = self.vae
-        shift = getattr(vae.config, "shift_factor", None) or 0.0
-        return vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor + shift).sample
+        return vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor + self.shift_factor).sample
 
     # --- denoising ------------------------------------------------------------------------------------
     @abc.abstractmethod
