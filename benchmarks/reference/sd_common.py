@@ -136,7 +136,7 @@ def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
     return out, time.perf_counter() - t0
 
 
-def setup(threads: int = 2) -> None:
+def setup(threads: int = 1) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.set_num_threads(threads)
     sys.dont_write_bytecode = True
