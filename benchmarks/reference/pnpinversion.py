@@ -84,7 +84,8 @@ def edits(latent: int, vae_factor: int, scale: float) -> list[sc.Edit]:
                 "    return np.full((64, 64, 3), 255, np.uint8)\n    plt.figure(dpi=300,figsize=(1,1))",
                 "text panel: Image.ANTIALIAS is gone in Pillow 10 and the panel is 512 px (decorative only)"),
         sc.Edit("models/p2p_editor.py", '"CompVis/stable-diffusion-v1-4"', model, "the local shapes-sd folder"),
-        sc.Edit("models/p2p_editor.py", "scheduler=self.scheduler).to(device)", f"scheduler=self.scheduler, {fp32}).to(device)",
+        sc.Edit("models/p2p_editor.py", "scheduler=self.scheduler).to(device)",
+                f"scheduler=self.scheduler, {fp32}).to(device)",
                 "the embedded folder stores fp16 weights; CPU runs them in fp32 (as retouch does)"),
         # --- MasaCtrl ---------------------------------------------------------------------------------------------
         sc.Edit("run_editing_masactrl.py", '"CompVis/stable-diffusion-v1-4"', model, "the local shapes-sd folder"),
@@ -166,7 +167,11 @@ def run(git_dir: str, methods: list[str], out_root: Path) -> None:
             wrap(fwd, fn, lambda out, *a, **k: rec.steps.append(out.detach().clone()))
         for cls in (inv.NullInversion, inv.DirectInversion):
             wrap(cls, "invert", lambda out, *a, **k: setattr(rec, "noise", out[2][-1].detach().clone()))
-        wrap(pe, "latent2image", lambda out, *a, **k: rec.decoded.append((k["latents"] if "latents" in k else a[-1]).detach().clone()))
+
+        def keep_decoded(out: Any, *a: Any, **k: Any) -> None:
+            rec.decoded.append((k["latents"] if "latents" in k else a[-1]).detach().clone())
+
+        wrap(pe, "latent2image", keep_decoded)
         editor = pe.P2PEditor(p2p_methods, torch.device("cpu"), num_ddim_steps=50)
         counter = sc.Counter(editor.ldm_stable.unet)
 
@@ -188,9 +193,7 @@ def run(git_dir: str, methods: list[str], out_root: Path) -> None:
         wrap(inv.DirectInversion, "invert", lambda out, *a, **k: setattr(rec, "noise", out[2][-1].detach().clone()))
         wrap(du.MasaCtrlPipeline, "step", lambda out, *a, **k: rec.steps.append(out[0].detach().clone()))
         wrap(du.MasaCtrlPipeline, "invert", lambda out, *a, **k: setattr(rec, "noise", out[0].detach().clone()))
-        wrap(
-            du.MasaCtrlPipeline, "latent2image", lambda out, *a, **k: rec.decoded.append(a[1].detach().clone())
-        )
+        wrap(du.MasaCtrlPipeline, "latent2image", lambda out, *a, **k: rec.decoded.append(a[1].detach().clone()))
         meditor = rm.MasaCtrlEditor(masa_methods, torch.device("cpu"))
         mcounter = sc.Counter(meditor.model.unet)
 
@@ -230,8 +233,13 @@ def run(git_dir: str, methods: list[str], out_root: Path) -> None:
                 "num_steps": 50,
                 "guidance": 7.5,
                 "settings": (
-                    {"cross_replace_steps": 0.4, "self_replace_steps": 0.6, "blend_word": "case.blended_word",
-                     "eq_params": {"words": "target blended word", "values": [2]}, "is_replace_controller": False}
+                    {
+                        "cross_replace_steps": 0.4,
+                        "self_replace_steps": 0.6,
+                        "blend_word": "case.blended_word",
+                        "eq_params": {"words": "target blended word", "values": [2]},
+                        "is_replace_controller": False,
+                    }
                     if method.endswith("+p2p")
                     else {"step": 4, "layper": 10, "source_branch_prompt": ""}
                 ),  # fmt: skip
