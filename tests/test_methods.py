@@ -186,7 +186,11 @@ def test_null_text_and_negative_prompt_beat_plain_ddim_under_guidance():
     plain = _source_error(_run(bb, "ddim+p2p", **kw))
     nti = _run(bb, "null_text+p2p", **kw)
     npi = _source_error(_run(bb, "negative_prompt+p2p", **kw))
-    assert len(nti.trajectory.extras["uncond_per_step"]) == 5
+    per_step = [c.tensors["encoder_hidden_states"] for c in nti.trajectory.extras["uncond_per_step"]]
+    assert len(per_step) == 5
+    # one embedding per step: the optimiser's in-place updates must not reach the earlier steps' (they once did)
+    assert len({t.data_ptr() for t in per_step}) == 5
+    assert not torch.equal(per_step[0], per_step[-1])
     assert _source_error(nti) < plain and npi < plain, (_source_error(nti), npi, plain)
     assert nti.report["nfe"]["inversion"] > 5  # the optimisation's forward passes are counted
 

@@ -161,8 +161,9 @@ class LocalBlend:
         self.last_mask: Tensor | None = None
 
     def _size(self, ctx: AttnContext) -> tuple[int, int]:
-        if self.map_size is None:  # the recorded layers' own grid: ¼ of the latent side on a UNet
-            return ctx.image_hw
+        if self.map_size is None:  # the recorded layers' own grid (¼ of the latent side on a UNet; the first
+            # recorded layer's when they differ, e.g. a UNet without that level)
+            return self.maps.shape[-2:] if self.maps is not None else ctx.image_hw
         lh, lw = ctx.latent_hw
         return self.map_size, max(1, round(self.map_size * lw / lh))
 
@@ -172,7 +173,7 @@ class LocalBlend:
         if not self.layers(ctx.layer):
             return
         hh, ww = ctx.image_hw
-        size = self._size(ctx)
+        size = tuple(self._size(ctx))
         maps = []
         for a, pos in ((a_src, self.positions[0]), (a_tgt, self.positions[1])):
             m = a[..., pos].sum(-1).mean(0).float().reshape(1, 1, hh, ww)  # [1, 1, hh, ww]
