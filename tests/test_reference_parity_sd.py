@@ -124,7 +124,8 @@ def test_matches_pnpinversion(sd, method, case_id):
 # --- diffusers' community null-text inversion pipeline -------------------------------------------------------
 
 NULL_TEXT = Path(__file__).parent / "fixtures" / "reference" / "null_text_community"
-NULL_ATOL = 1e-3  # see test_matches_community_null_text
+NULL_ATOL = 1e-3  # latents (measured ≤ 1.3e-4); see test_matches_community_null_text
+NULL_EMB_ATOL = 8e-3  # null embeddings (measured ≤ 4.0e-3): below one Adam step, lr·(1 − i/100) ≥ 9e-3
 
 
 def _null_text_params() -> list:
@@ -139,8 +140,10 @@ def test_matches_community_null_text(sd, case_id):
 
     Same algorithm (Mokady et al.'s code: Adam on the null embedding, lr 1e-2·(1 − i/100), early stop at
     ε + 2e-5·i). The optimisation is where float differences grow: Adam's update is ~lr·sign(gradient), so a
-    component whose gradient is at float-noise level can move either way. Measured: the null embeddings and
-    latents agree to ``NULL_ATOL``; the images to two 8-bit levels."""
+    component whose gradient is at float-noise level can move either way, and the embeddings carry over from
+    step to step. Measured on the three cases: the first step's embedding is identical, the later ones agree
+    to 4.0e-3 (``NULL_EMB_ATOL`` stays below the size of one Adam step, so one optimisation step more or less
+    fails), the final latents to 1.3e-4 (``NULL_ATOL``), the images to one 8-bit level."""
     from safetensors.torch import load_file
 
     from retouch.config import InversionConfig
@@ -170,6 +173,6 @@ def test_matches_community_null_text(sd, case_id):
     print(f"null-text {case_id}: noise {d_noise:.2e}, null {d_null}, source {d_src:.2e}, target {d_tgt:.2e}, "
           f"image {d_image}")  # fmt: skip
     assert d_noise < ATOL
-    assert max(d_null.values()) < NULL_ATOL, d_null
+    assert max(d_null.values()) < NULL_EMB_ATOL, d_null
     assert max(d_src, d_tgt) < NULL_ATOL
     assert d_image <= IMAGE_LEVELS
