@@ -41,13 +41,16 @@ def test_direct_inversion_leaves_uncoupled_target_untouched(family):
     assert torch.equal(direct.latents[0], direct.trajectory.latents[-1][0])
 
 
-@pytest.mark.parametrize("method", ["ddim+p2p", "ddim+masactrl"])
+@pytest.mark.parametrize("method", ["ddim+p2p", "masactrl"])
 def test_equal_prompts_reproduce_reconstruction(family, method):
     """P2P / MasaCtrl with identical prompts change nothing: both branches are the plain reconstruction.
-    (With Direct Inversion the source branch is pinned and the target is not, so they legitimately differ.)"""
+    (With Direct Inversion the source branch is pinned and the target is not, so they legitimately differ.
+    The ``ddim+masactrl`` preset regenerates the source branch under "" as the paper's code does, so the bare
+    ``masactrl`` editor on DDIM inversion is the one whose branches share a prompt.)"""
     bb = tiny_backbone(family)
     ref = _run(bb, "identity", src=SRC, tgt=SRC, inversion=InversionConfig(name="ddim"), solver="ddim")
-    res = _run(bb, method, src=SRC, tgt=SRC, options={"start_step": 0} if "masactrl" in method else {})
+    kw = {"options": {"start_step": 0}, "inversion": InversionConfig(name="ddim"), "solver": "ddim"}
+    res = _run(bb, method, src=SRC, tgt=SRC, **(kw if method == "masactrl" else {}))
     assert torch.allclose(res.latents[1], res.latents[0], atol=1e-5)
     # P2P materialises softmax where the identity run uses fused SDPA: equal up to float rounding
     assert torch.allclose(res.latents[1], ref.latents[1], atol=5e-4, rtol=1e-4)
@@ -102,6 +105,21 @@ def test_attention_with_lse_and_blocks_match_the_softmax(mask, path):
     assert torch.allclose(out, probs @ v, atol=1e-5)
     rows, cols = slice(4, 17), slice(20, 26)
     assert torch.allclose(inst.attention_block(q, k, lse, rows, cols, m), probs[:, :, rows, cols], atol=1e-6)
+
+
+def test_masactrl_preset_uses_the_empty_source_prompt():
+    """MasaCtrl's code inverts and regenerates the source branch under "": the preset does too, and then the
+    user's source prompt may be empty (elsewhere an empty source prompt is still an error)."""
+    bb = tiny_backbone("sd")
+    res = _run(bb, "ddim+masactrl", src="", options={"start_step": 0})
+    assert res.report["source_branch_prompt"] == ""
+    same = _run(bb, "ddim+masactrl", src=SRC, options={"start_step": 0})  # the source prompt is not used
+    assert torch.equal(res.latents, same.latents)
+    bare = _run(bb, "masactrl", src=SRC, inversion=InversionConfig(name="ddim"), solver="ddim",
+                options={"start_step": 0})  # fmt: skip
+    assert not torch.allclose(bare.latents[0], res.latents[0], atol=1e-4)
+    with pytest.raises(ValueError, match="prompt is empty"):
+        _run(bb, "ddim+p2p", src="")
 
 
 def test_masactrl_keeps_fused_attention():
@@ -169,7 +187,11 @@ def test_null_text_and_negative_prompt_beat_plain_ddim_under_guidance():
     plain = _source_error(_run(bb, "ddim+p2p", **kw))
     nti = _run(bb, "null_text+p2p", **kw)
     npi = _source_error(_run(bb, "negative_prompt+p2p", **kw))
-    assert len(nti.trajectory.extras["uncond_per_step"]) == 5
+    per_step = [c.tensors["encoder_hidden_states"] for c in nti.trajectory.extras["uncond_per_step"]]
+    assert len(per_step) == 5
+    # one embedding per step: the optimiser's in-place updates must not reach the earlier steps' (they once did)
+    assert len({t.data_ptr() for t in per_step}) == 5
+    assert not torch.equal(per_step[0], per_step[-1])
     assert _source_error(nti) < plain and npi < plain, (_source_error(nti), npi, plain)
     assert nti.report["nfe"]["inversion"] > 5  # the optimisation's forward passes are counted
 

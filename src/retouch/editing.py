@@ -141,6 +141,7 @@ class Resolved:
     source_correction: bool
     num_steps: int
     guidance: float
+    source_branch_prompt: str | None = None  # the preset's source-branch prompt (MasaCtrl: ""), else None
 
 
 def resolve(backbone: Backbone, cfg: EditConfig) -> Resolved:
@@ -172,7 +173,9 @@ def resolve(backbone: Backbone, cfg: EditConfig) -> Resolved:
             options={**preset.options, **cfg.options},
         )
         editor = preset.editor
+        branch_prompt = preset.source_branch_prompt
     else:
+        branch_prompt = None
         editor = cfg.method
     get_editor(editor, backbone.family)
     inv_name = cfg.inversion.name
@@ -213,6 +216,7 @@ def resolve(backbone: Backbone, cfg: EditConfig) -> Resolved:
     return Resolved(
         config=full, editor=editor, solver=solver, inversion=inv_name, base_inversion=base,
         source_correction=inversion.source_correction, num_steps=steps, guidance=guidance,
+        source_branch_prompt=branch_prompt,
     )  # fmt: skip
 
 
@@ -324,6 +328,7 @@ def edit(
     mask: Any = None,
     latent: Tensor | None = None,
     noise: Noise | None = None,
+    on_step: Callable[[int, Tensor], None] | None = None,
 ) -> EditResult:
     """Edit ``image`` from ``cfg.source_prompt`` to ``cfg.target_prompt`` with ``cfg.method``.
 
@@ -334,12 +339,15 @@ def edit(
     ``latent``: start from this model latent ``[1, C, h, w]`` instead of encoding ``image`` (which then only
     fixes the size), e.g. a reference implementation's own encoding in a parity test. ``noise``: where the
     run's Gaussian draws come from, ``shape -> tensor`` (default: ``backbone.randn_latent`` from the seeded
-    generator).
+    generator). ``on_step(i, x)`` sees the latents of every branch after sampling step ``i`` (read-only;
+    e.g. parity tests).
     """
     mask_spec = masks.parse_mask(mask)
     res = resolve(backbone, cfg)
     cfg = res.config
-    backbone.check_prompts([cfg.source_prompt, cfg.target_prompt])
+    backbone.check_prompts([cfg.target_prompt])
+    backbone.check_prompts([cfg.source_prompt], allow_empty=res.source_branch_prompt is not None)
+    source_text = cfg.source_prompt if res.source_branch_prompt is None else res.source_branch_prompt
     timings: dict[str, float] = {}
     t_start = time.perf_counter()
     generator = torch.Generator().manual_seed(cfg.seed)
@@ -362,14 +370,14 @@ def edit(
                 if tuple(latent.shape) != want:
                     raise ValueError(f"latent has shape {tuple(latent.shape)}; a {hw[1]}x{hw[0]} image needs {want}")
                 z0 = latent.float().to(backbone.device)
-            cond = backbone.encode_prompt([cfg.source_prompt, cfg.target_prompt], image_size=hw, guidance=res.guidance)
+            cond = backbone.encode_prompt([source_text, cfg.target_prompt], image_size=hw, guidance=res.guidance)
             need_uncond = backbone.uses_cfg and (
                 res.guidance != 1.0 or cfg.inversion.guidance != 1.0 or res.base_inversion == "null_text"
             )
             uncond = backbone.encode_prompt(["", ""], image_size=hw) if need_uncond else None
-            inv_prompt = cfg.source_prompt if cfg.inversion.prompt is None else cfg.inversion.prompt
+            inv_prompt = source_text if cfg.inversion.prompt is None else cfg.inversion.prompt
             inv_cond = cond.select([0])
-            if inv_prompt != cfg.source_prompt or not backbone.uses_cfg:
+            if inv_prompt != source_text or not backbone.uses_cfg:
                 # guidance-distilled models embed the inversion guidance in the conditioning
                 inv_cond = backbone.encode_prompt([inv_prompt], image_size=hw, guidance=cfg.inversion.guidance)
 
@@ -391,7 +399,7 @@ def edit(
             with torch.no_grad():
                 cond = Conditioning.cat(
                     [backbone.encode_prompt([p], image_size=hw, guidance=g)
-                     for p, g in zip((cfg.source_prompt, cfg.target_prompt), guidance, strict=True)]
+                     for p, g in zip((source_text, cfg.target_prompt), guidance, strict=True)]
                 )  # fmt: skip
         source_branch = bool(getattr(editor, "source_branch", True))
         if not source_branch and res.source_correction:
@@ -484,6 +492,8 @@ def edit(
                         x = x if out is None else out
                     if latent_mask is not None:  # keep the source trajectory outside the mask
                         x = masks.blend(x, traj.latents[i + 1], latent_mask, range(int(source_branch), x.shape[0]))
+                    if on_step is not None:
+                        on_step(i, x)
                     if progress:
                         progress("sample", i + 1, grid.num_steps)
                 state.step = -1
@@ -509,6 +519,7 @@ def edit(
         "num_steps": res.num_steps,
         "guidance": list(guidance) if isinstance(guidance, tuple) else res.guidance,
         "source_branch": source_branch,
+        "source_branch_prompt": source_text,
         "nfe": {"inversion": traj.nfe, "sampling": model.nfe, "total": traj.nfe + model.nfe + mask_nfe},
         "timings": {k: round(v, 4) for k, v in timings.items()},
         "size": size_note,

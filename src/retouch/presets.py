@@ -25,21 +25,34 @@ class Preset:
     inversion_guidance: float | None = None
     inversion_options: Mapping[str, Any] = field(default_factory=dict)
     inversion_skip: float | None = None
+    # the source branch's prompt when the paper's code does not use the user's (MasaCtrl: ""); None = the
+    # source prompt. The user's source prompt may then be empty.
+    source_branch_prompt: str | None = None
 
+
+# PnP-Inversion's PIE-Bench P2P settings (run_editing_p2p.py): AttentionRefine always, cross 0.4 / self 0.6, and
+# the target blend word reweighted by 2 whenever local blend is on.
+PIE_P2P: Mapping[str, Any] = {"mode": "refine", "cross_steps": 0.4, "self_steps": 0.6, "blend_reweight": 2.0}
 
 PRESETS: dict[str, Preset] = {
     p.name: p
     for p in (
         Preset("ddim+p2p", "p2p", "ddim", ALL,
-               "Prompt-to-Prompt on plain DDIM inversion (PIE-Bench's DDIM+P2P baseline)", solver="ddim"),
+               "Prompt-to-Prompt on plain DDIM inversion (PIE-Bench's DDIM+P2P baseline)", solver="ddim",
+               options=PIE_P2P),
         Preset("direct+p2p", "p2p", "direct", ALL,
-               "Prompt-to-Prompt with Direct Inversion's source-branch correction (Ju et al.)"),
+               "Prompt-to-Prompt with Direct Inversion's source-branch correction (Ju et al.)", options=PIE_P2P),
         Preset("null_text+p2p", "p2p", "null_text", ("sd", "pixart", "sd3", "qwenimage", "sana"),
-               "Prompt-to-Prompt on null-text inversion (Mokady et al.)", solver="ddim"),
+               "Prompt-to-Prompt on null-text inversion (Mokady et al.)", solver="ddim", options=PIE_P2P),
         Preset("negative_prompt+p2p", "p2p", "negative_prompt", ("sd", "pixart", "sd3", "qwenimage", "sana"),
-               "Prompt-to-Prompt on negative-prompt inversion (Miyake et al.)", solver="ddim"),
-        Preset("ddim+masactrl", "masactrl", "ddim", ALL, "MasaCtrl on plain DDIM inversion", solver="ddim"),
-        Preset("direct+masactrl", "masactrl", "direct", ALL, "MasaCtrl with Direct Inversion"),
+               "Prompt-to-Prompt on negative-prompt inversion (Miyake et al.)", solver="ddim", options=PIE_P2P),
+        Preset("ddim+masactrl", "masactrl", "ddim", ALL,
+               "MasaCtrl on plain DDIM inversion; as the paper's code, the image is inverted and the source branch "
+               "regenerated under the empty prompt (the bare 'masactrl' method uses the source prompt)",
+               solver="ddim", source_branch_prompt="", inversion_guidance=7.5),
+        Preset("direct+masactrl", "masactrl", "direct", ALL,
+               "MasaCtrl with Direct Inversion; empty source-branch prompt as in PnP-Inversion's code",
+               source_branch_prompt=""),
         Preset("dit4edit", "unified", "dpmpp", ("pixart",),
                "DiT4Edit on PixArt: DPM-Solver++ inversion (fixed-point corrected), 30 steps, CFG 4.5, "
                "unified attention control", solver="dpmpp", num_steps=30, guidance=4.5),

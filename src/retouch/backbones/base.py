@@ -110,6 +110,10 @@ class Backbone(abc.ABC):
     default_guidance: float = 7.5
     default_steps: int = 50
     step_distilled: bool = False  # few-step distilled (read from the model's config): presets keep its steps
+    # Whether latents are ``(mean - shift_factor) * scaling_factor``: the family's diffusers pipeline decides.
+    # SD3 / Flux pipelines use the VAE's shift; StableDiffusion(XL) and PixArt pipelines ignore it (real SD
+    # VAEs have none), so a folder whose VAE config carries one was trained without it.
+    latent_shift: bool = True
 
     def __init__(self, pipe: Any, *, name: str | None = None) -> None:
         self.pipe = pipe
@@ -182,7 +186,8 @@ class Backbone(abc.ABC):
 
         The posterior *mean* (deterministic), as PnP-Inversion and FlowEdit do; with ``generator`` a posterior
         *sample* drawn from it (``mean + std * randn``, as diffusers' ``latent_dist.sample()``: what the
-        RF-Inversion pipeline, RF-Solver-Edit and FireFlow do). SD's VAE has no shift, SD3 / Flux do.
+        RF-Inversion pipeline, RF-Solver-Edit and FireFlow do). ``shift`` is the VAE's ``shift_factor`` on
+        families whose pipeline uses it (``latent_shift``: SD3 / Flux), else 0.
         """
         vae = self.vae
         dist = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist
@@ -191,8 +196,14 @@ class Backbone(abc.ABC):
         else:
             draw = torch.randn(tuple(dist.mean.shape), generator=generator, dtype=torch.float32)
             lat = dist.mean + dist.std * draw.to(dist.mean.device, dist.mean.dtype)
-        shift = getattr(vae.config, "shift_factor", None) or 0.0
-        return ((lat - shift) * vae.config.scaling_factor).to(self.dtype)
+        return ((lat - self.shift_factor) * vae.config.scaling_factor).to(self.dtype)
+
+    @property
+    def shift_factor(self) -> float:
+        """The shift subtracted from VAE latents before scaling (0 where the family's pipeline ignores it)."""
+        if not self.latent_shift:
+            return 0.0
+        return float(getattr(self.vae.config, "shift_factor", None) or 0.0)
 
     def randn_latent(self, shape: Sequence[int], generator: torch.Generator | None = None) -> Tensor:
         """Standard-normal latents ``[B,C,h,w]`` (float32, CPU) drawn from ``generator``.
@@ -205,8 +216,7 @@ class Backbone(abc.ABC):
     def decode(self, latents: Tensor) -> Tensor:
         """Model latent -> ``[B,3,H,W]`` in [-1, 1]."""
         vae = self.vae
-        shift = getattr(vae.config, "shift_factor", None) or 0.0
-        return vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor + shift).sample
+        return vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor + self.shift_factor).sample
 
     # --- denoising ------------------------------------------------------------------------------------
     @abc.abstractmethod

@@ -18,6 +18,7 @@ _NAME = re.compile(r"^transformer_blocks\.(\d+)\.(attn\d)$")
 
 class PixArtBackbone(Backbone):
     family = "pixart"
+    latent_shift = False  # the diffusers pipeline ignores the VAE shift_factor
     prediction = Prediction.EPSILON
     default_solver = "dpmpp"
     default_guidance = 4.5

@@ -21,6 +21,7 @@ _NAME = re.compile(
 
 class SDBackbone(Backbone):
     family = "sd"
+    latent_shift = False  # the diffusers pipeline ignores the VAE shift_factor
     default_solver = "ddim"
     default_guidance = 7.5
     default_steps = 50

@@ -19,7 +19,14 @@ from retouch.control.disentangle import make_disentangle
 from retouch.control.kv_edit import make_kv_edit
 from retouch.control.ledits import make_ledits
 from retouch.control.masactrl import MutualSelfAttention
-from retouch.control.p2p import LocalBlend, PromptToPrompt, align_prompts, word_positions
+from retouch.control.p2p import (
+    LocalBlend,
+    PromptToPrompt,
+    align_prompts,
+    below_full_resolution,
+    quarter_level,
+    word_positions,
+)
 from retouch.control.p2p_zero import make_p2p_zero
 from retouch.control.pnp import make_pnp
 from retouch.control.value_replay import InversionValueReplay
@@ -73,18 +80,26 @@ def make_p2p(
     mode: str = "auto",
     cross_steps: float = 0.8,
     self_steps: float = 0.4,
-    self_max_tokens: int = 32 * 32,
+    self_max_tokens: int | None = None,
     blend_words: str | Sequence[Any] | None = None,
     blend_threshold: float = 0.3,
     blend_start: float = 0.2,
     reweight: dict[str, float] | None = None,
+    blend_map_size: int | None = None,
+    blend_reweight: float | None = None,
 ) -> PromptToPrompt:
     """Prompt-to-Prompt. ``blend_words``: "source_word target_word" (PIE-Bench's blended_word) or
-    ``[[source words], [target words]]`` enables local blend; ``reweight``: {target word: factor}."""
+    ``[[source words], [target words]]`` enables local blend; ``reweight``: {target word: factor}.
+
+    Resolution constants follow the latent size: self-attention is replaced below the full-resolution level
+    (``self_max_tokens`` adds a token cap), local blend reads the layers at ¼ of the latent side at that size
+    (``blend_map_size`` overrides the size). ``blend_reweight``: with blend words, also reweight the target
+    blend words by this factor (PnP-Inversion's PIE-Bench runs pass ``eq_params`` of 2 on them)."""
     segments = backbone.text_segments()
     src, tgt = config.source_prompt, config.target_prompt
-    alignment = align_prompts(segments, src, tgt, mode=mode, reweight=reweight)
     blend = None
+    sw: list[str] = []
+    tw: list[str] = []
     if blend_words:
         if isinstance(blend_words, str):
             parts = blend_words.split()
@@ -93,14 +108,25 @@ def make_p2p(
             sw, tw = [parts[0]], [parts[1]]
         else:
             sw, tw = _split_words(blend_words[0]), _split_words(blend_words[1])
+    if blend_reweight is not None and tw:
+        reweight = {**{w: float(blend_reweight) for w in tw}, **(reweight or {})}
+    alignment = align_prompts(segments, src, tgt, mode=mode, reweight=reweight)
+    if blend_words:
         blend = LocalBlend(
             word_positions(segments, src, sw),
             word_positions(segments, tgt, tw),
             threshold=blend_threshold,
             start=blend_start,
+            map_size=blend_map_size,
+            layers=quarter_level(backbone.attention_layers().values()),
         )
     return PromptToPrompt(
-        alignment, cross_steps=cross_steps, self_steps=self_steps, self_max_tokens=self_max_tokens, local_blend=blend
+        alignment,
+        cross_steps=cross_steps,
+        self_steps=self_steps,
+        self_layers=below_full_resolution(backbone.attention_layers().values()),
+        self_max_tokens=self_max_tokens,
+        local_blend=blend,
     )
 
 

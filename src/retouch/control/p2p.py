@@ -1,9 +1,11 @@
 """Prompt-to-Prompt (Hertz et al., ICLR 2023): cross-attention replace / refine / reweight and local blend.
 
 The target branch's image→text attention is rewritten from the source branch's during the first
-``cross_steps`` of sampling; self-attention maps are copied from the source during the first
-``self_steps`` (at layers with at most ``self_max_tokens`` image tokens, as P2P does at 32x32 and below);
-the copy is done on queries and keys, so no self-attention map is materialised.
+``cross_steps`` of sampling (``int(cross_steps * (num_steps + 1))`` steps, P2P's
+``get_time_words_attention_alpha``); self-attention maps are copied from the source during the first
+``self_steps`` at the layers below the full-resolution level (P2P's "32x32 and below" at 512 px, i.e. a
+threshold that follows the latent size; every layer of a single-level DiT); the copy is done on queries and
+keys, so no self-attention map is materialised.
 Only the conditional half of a CFG batch is edited. Works on cross-attention (SD, PixArt) and on the
 image-query / text-key block of joint attention (SD3, Flux double and single blocks). There the engine
 never builds the full map either: it runs the fused kernel, takes its log-sum-exp, forms only the N_img × T
@@ -17,7 +19,7 @@ SentencePiece for PixArt, Flux and SD3's T5 part) by :mod:`retouch.control.token
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
@@ -26,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from retouch.backbones.base import TextSegment
+from retouch.backbones.base import LayerInfo, TextSegment
 from retouch.control import tokens
 from retouch.control.context import AttnContext
 
@@ -108,13 +110,35 @@ def word_positions(segments: Sequence[TextSegment], prompt: str, words: Sequence
     return sorted(set(out))
 
 
+def below_full_resolution(layers: Iterable[LayerInfo]) -> Callable[[LayerInfo], bool]:
+    """P2P's self-attention layers: those below the denoiser's full-resolution attention level (the reference's
+    ``32**2`` tokens at 512 px, i.e. (L/2)² for a latent side L), or every layer of a single-level denoiser (DiT)."""
+    levels = {i.downsample for i in layers if i.kind == "self"}
+    if len(levels) <= 1:
+        return lambda info: True
+    finest = min(levels)
+    return lambda info: info.downsample > finest
+
+
+def quarter_level(layers: Iterable[LayerInfo]) -> Callable[[LayerInfo], bool]:
+    """P2P's local-blend layers: the text-attention layers at ¼ of the latent side (the reference's
+    ``down_cross[2:4] + up_cross[:3]``, 16x16 at 512 px), or all of them when no layer is at that level (DiT)."""
+    if any(i.kind in ("cross", "joint", "single") and i.downsample == 4 for i in layers):
+        return lambda info: info.downsample == 4
+    return lambda info: True
+
+
 class LocalBlend:
     """P2P's local blend: keep the source latent outside the region the blend words attend to.
 
-    Word maps (image-query attention to the words' tokens, conditional rows, averaged over heads and
-    layers, summed over steps) are resized to ``map_size``, max-pooled 3x3, upsampled to the latent,
-    normalised by their maximum and thresholded; the union of the source-word and target-word masks is
-    the editable region: ``x_tgt <- x_src + mask * (x_tgt - x_src)`` after each step from ``start``.
+    Word maps (image-query attention to the words' tokens, conditional rows, averaged over heads and the
+    recorded layers, summed over steps) are taken at ``map_size`` (default: the recorded layers' own grid,
+    which on a UNet is ¼ of the latent side, the level P2P reads: 16x16 at 512 px; a DiT's token grid),
+    max-pooled 3x3, upsampled to the latent (nearest), normalised by their maximum and thresholded; the union
+    of the source-word and target-word masks is the editable region: ``x_tgt <- x_src + mask * (x_tgt - x_src)``
+    after each step from ``start``. The target's maps are read after the cross-attention edit, as P2P's
+    attention store holds them. Which layers are recorded is the factory's choice (``layers``); P2P's are the
+    cross-attention layers at ¼ of the latent side.
     """
 
     def __init__(
@@ -124,25 +148,39 @@ class LocalBlend:
         *,
         threshold: float = 0.3,
         start: float = 0.2,
-        map_size: int = 16,
+        map_size: int | None = None,
+        layers: Callable[[LayerInfo], bool] | None = None,
     ) -> None:
         self.positions = (source_positions, target_positions)
         self.threshold = threshold
         self.start = start
         self.map_size = map_size
+        self.layers = layers or (lambda info: True)
         self.maps: Tensor | None = None  # [2, S, S] running sum (source words, target words)
         self.count = 0
         self.last_mask: Tensor | None = None
 
-    def record(self, probs_img_txt: Tensor, ctx: AttnContext, src_row: int, tgt_row: int) -> None:
-        """``probs_img_txt``: [B, h, N_img, T] image-query / text-key probabilities."""
+    def _size(self, ctx: AttnContext) -> tuple[int, int]:
+        if self.map_size is None:  # the recorded layers' own grid (¼ of the latent side on a UNet; the first
+            # recorded layer's when they differ, e.g. a UNet without that level)
+            return self.maps.shape[-2:] if self.maps is not None else ctx.image_hw
+        lh, lw = ctx.latent_hw
+        return self.map_size, max(1, round(self.map_size * lw / lh))
+
+    def record(self, a_src: Tensor, a_tgt: Tensor, ctx: AttnContext) -> None:
+        """``a_src`` / ``a_tgt``: ``[h, N_img, T]`` image-query / text-key probabilities of the source row and
+        of the (edited) target row."""
+        if not self.layers(ctx.layer):
+            return
         hh, ww = ctx.image_hw
+        size = tuple(self._size(ctx))
         maps = []
-        for row, pos in ((src_row, self.positions[0]), (tgt_row, self.positions[1])):
-            m = probs_img_txt[row][..., pos].sum(-1).mean(0).float()  # [N_img]
-            maps.append(m.reshape(1, 1, hh, ww))
-        size = (self.map_size, max(1, round(self.map_size * ww / hh)))
-        grid = torch.cat([F.interpolate(m, size=size, mode="bilinear", align_corners=False) for m in maps])[:, 0]
+        for a, pos in ((a_src, self.positions[0]), (a_tgt, self.positions[1])):
+            m = a[..., pos].sum(-1).mean(0).float().reshape(1, 1, hh, ww)  # [1, 1, hh, ww]
+            if (hh, ww) != size:
+                m = F.interpolate(m, size=size, mode="bilinear", align_corners=False)
+            maps.append(m)
+        grid = torch.cat(maps)[:, 0]
         self.maps = grid if self.maps is None else self.maps + grid
         self.count += 1
 
@@ -172,9 +210,11 @@ class PromptToPrompt:
 
     Args:
         alignment: text alignment of source and target (from :func:`align_prompts`).
-        cross_steps: fraction of steps with cross-attention replacement (P2P default 0.8; PIE-Bench 0.4).
+        cross_steps: fraction of steps with cross-attention replacement (P2P default 0.8; PIE-Bench 0.4); the
+            first ``int(cross_steps * (num_steps + 1))`` steps, as P2P counts them.
         self_steps: fraction of steps with self-attention replacement (P2P 0.4; PIE-Bench 0.6).
-        self_max_tokens: self-attention maps are replaced only at layers with at most this many image tokens.
+        self_layers: the self-attention layers whose maps are replaced (default: all).
+        self_max_tokens: optionally, also only layers with at most this many image tokens.
         local_blend: optional :class:`LocalBlend`.
     """
 
@@ -184,7 +224,8 @@ class PromptToPrompt:
         *,
         cross_steps: float = 0.8,
         self_steps: float = 0.4,
-        self_max_tokens: int = 32 * 32,
+        self_layers: Callable[[LayerInfo], bool] | None = None,
+        self_max_tokens: int | None = None,
         local_blend: LocalBlend | None = None,
     ) -> None:
         for label, v in (("cross_steps", cross_steps), ("self_steps", self_steps)):
@@ -193,16 +234,20 @@ class PromptToPrompt:
         self.alignment = alignment
         self.cross_steps = cross_steps
         self.self_steps = self_steps
+        self.self_layers = self_layers or (lambda info: True)
         self.self_max_tokens = self_max_tokens
         self.local_blend = local_blend
 
     # --- policy ---------------------------------------------------------------------------------------
     def _cross_active(self, ctx: AttnContext) -> bool:
-        return ctx.step < int(self.cross_steps * ctx.num_steps)
+        # P2P's alpha schedule has num_steps + 1 entries: words are replaced while step < int(f * (N + 1))
+        return ctx.step < int(self.cross_steps * (ctx.num_steps + 1))
 
     def _self_active(self, ctx: AttnContext) -> bool:
+        if ctx.step >= int(self.self_steps * ctx.num_steps) or not self.self_layers(ctx.layer):
+            return False
         h, w = ctx.image_hw
-        return ctx.step < int(self.self_steps * ctx.num_steps) and h * w <= self.self_max_tokens
+        return self.self_max_tokens is None or h * w <= self.self_max_tokens
 
     def applies(self, ctx: AttnContext) -> bool:
         if ctx.phase != "sample" or ctx.layout.branches < 2:
@@ -210,7 +255,7 @@ class PromptToPrompt:
         kind = ctx.layer.kind
         if kind == "self":
             return self._self_active(ctx)
-        return self._cross_active(ctx) or self.local_blend is not None
+        return self._cross_active(ctx) or (self.local_blend is not None and self.local_blend.layers(ctx.layer))
 
     def needs_probs(self, ctx: AttnContext) -> bool:
         # A self-attention map copy needs no map: softmax(q_src k_src^T) v_tgt is SDPA on the source's
@@ -282,18 +327,19 @@ class PromptToPrompt:
         layout = ctx.layout
         src = layout.row(0, cond=True)
         text_len = self.alignment.weights.shape[0]
-        if self.local_blend is not None:
-            self.local_blend.record(block[..., :text_len], ctx, src, layout.row(1, True))
-        if not self._cross_active(ctx):
-            return {}
-        n = min(text_len, block.shape[-1])
-        a_src = block[src, ..., :text_len]
         changes = {}
-        for b in range(1, layout.branches):
-            tgt = layout.row(b, True)
-            new = block[tgt].clone()
-            new[..., :n] = self._rewrite(a_src, block[tgt, ..., :text_len])[..., :n]
-            changes[tgt] = new
+        if self._cross_active(ctx):
+            n = min(text_len, block.shape[-1])
+            a_src = block[src, ..., :text_len]
+            for b in range(1, layout.branches):
+                tgt = layout.row(b, True)
+                new = block[tgt].clone()
+                new[..., :n] = self._rewrite(a_src, block[tgt, ..., :text_len])[..., :n]
+                changes[tgt] = new
+        if self.local_blend is not None:  # the target's map as edited (P2P stores the maps after the edit)
+            tgt = layout.row(1, True)
+            a_tgt = changes.get(tgt, block[tgt])
+            self.local_blend.record(block[src, ..., :text_len], a_tgt[..., :text_len], ctx)
         return changes
 
     def edit_probs(self, probs: Tensor, ctx: AttnContext) -> Tensor:

@@ -80,9 +80,10 @@ def null_text_inversion(
         with torch.no_grad():
             raw_c = bb.predict(z, t, cond).float()
         nfe += 1
-        null = null.detach().requires_grad_(True)
+        # a fresh tensor per step: Adam updates it in place, and the previous steps keep theirs
+        null = null.detach().clone().requires_grad_(True)
         opt = torch.optim.Adam([null], lr=lr * (1.0 - i / 100.0))
-        threshold = early_stop + i * 2 * early_stop
+        threshold = early_stop + i * 2e-5  # Mokady et al.'s code: a fixed slope of 2e-5 per step
         loss_value = float("nan")
         for _ in range(inner_steps):
             with torch.enable_grad():
