@@ -240,7 +240,9 @@ def check_inversion_options(name: str, options: Any) -> None:
     fn = get_inversion(name).invert
     target = fn.func if hasattr(fn, "func") else fn
     extra = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in inspect.signature(target).parameters.values())
-    table = option_types(fn, skip=_INVERSION_INTERNAL | {"iterations", "sweeps", "eta"} if name == "dpmpp" else _INVERSION_INTERNAL)
+    table = option_types(
+        fn, skip=_INVERSION_INTERNAL | {"iterations", "sweeps", "eta"} if name == "dpmpp" else _INVERSION_INTERNAL
+    )
     check_options(table, dict(options), f"inversion {name!r}", extra=extra)
 
 

@@ -208,6 +208,7 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], None]) ->
     tmp_path = Path(tmp)
     try:
         write(tmp_path)
+        os.chmod(tmp_path, 0o666 & ~_umask())
         os.replace(tmp_path, dest)
     except BaseException:
         tmp_path.unlink(missing_ok=True)
@@ -253,6 +254,18 @@ def _signals_deferred() -> Iterator[None]:
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
+def _umask() -> int:
+    """The process's umask, read without changing it (``/proc/self/status`` on Linux; 0o022 elsewhere)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    return 0o022
+
+
 def write_all(
     items: Sequence[tuple[str | os.PathLike[str], Callable[[Path], None]]], committed: list[Path] | None = None
 ) -> list[Path]:
@@ -271,6 +284,7 @@ def write_all(
             os.close(fd)
             staged.append((Path(tmp), dest))
             write(Path(tmp))
+            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; outputs get the usual permissions
         with _signals_deferred():
             try:
                 for tmp, dest in staged:

@@ -5,11 +5,12 @@ The estimate is a deliberately simple model of the working memory an edit adds o
 
 * **activations**: every attention layer keeps its image tokens' hidden states alive for a few tensors at once
   (input, Q, K, V, output): ``latent tokens x layers x batch x hidden width x 4 bytes x 6``;
-* **attention**: the largest attention product of one layer, materialised as scores and probabilities (what
-  editors that read attention probabilities, and the CPU's math kernel, do):
-  ``batch x heads x queries x keys x 4 bytes x 3``;
-* **VAE**: the largest convolution activation of the autoencoder at full pixel size (a few copies), and its
-  mid-block attention over latent pixels.
+* **attention**: the largest image-to-text attention map of one layer, materialised as scores and
+  probabilities (what editors that read text attention do): ``batch x heads x image tokens x text tokens x
+  4 bytes x 3``. Image-to-image attention runs in the fused ``scaled_dot_product_attention`` kernel, whose
+  memory grows with the tokens, not their square, and is counted in the activations;
+* **VAE**: the largest convolution activation of the autoencoder at full pixel size, a few copies, for two
+  images (its mid-block attention is fused too).
 
 ``batch`` is the sampling batch: two branches (source and target), doubled under classifier-free guidance.
 """
@@ -92,13 +93,12 @@ def estimate_edit_memory(backbone: Any, image_hw: tuple[int, int], *, batch: int
         except (AttributeError, TypeError):  # an attention module of unknown layout: assume a small one
             heads, width = 8, 512
         n_q = n_img + (n_text if info.kind in ("joint", "single") else 0)
-        n_k = n_text if info.kind == "cross" else n_q
         act += batch * n_q * width * 4 * ACTIVATION_COPIES
-        attn_peak = max(attn_peak, batch * heads * n_q * n_k * 4 * ATTENTION_COPIES)
+        attn_peak = max(attn_peak, batch * heads * n_img * n_text * 4 * ATTENTION_COPIES)
     vae_cfg = backbone.vae.config
     channels = max(int(c) for c in getattr(vae_cfg, "block_out_channels", (128,)))
     # the decoder's widest block runs at full pixel size in the stock layouts; a batch of two branches
-    vae = 2 * h * w * channels * 4 * VAE_COPIES + 2 * (latent_hw[0] * latent_hw[1]) ** 2 * 4 * ATTENTION_COPIES
+    vae = 2 * h * w * channels * 4 * VAE_COPIES
     return MemoryEstimate(
         activations=act,
         attention=attn_peak,

@@ -130,6 +130,4 @@ def check_options(table: Mapping[str, Any], options: Mapping[str, Any], owner: s
     for name, value in options.items():
         tp = table.get(name, Any)
         if not matches(value, tp):
-            raise ValueError(
-                f"option {name} of {owner} must be {_describe(tp)}, got {type(value).__name__} {value!r}"
-            )
+            raise ValueError(f"option {name} of {owner} must be {_describe(tp)}, got {type(value).__name__} {value!r}")
