@@ -498,3 +498,49 @@ def test_repair_removes_undecodable_lines_and_keeps_a_copy(tmp_path):
     assert path.read_text().splitlines() == [good, json.dumps({"case_id": "c1", "method": "m"})]
     copies = list(tmp_path.glob("results.jsonl.bad-*"))
     assert len(copies) == 1 and "{not json}" in copies[0].read_text()
+
+
+def test_api_warns_about_unknown_words_on_embedded_models(caplog):
+    from retouch.editing import warn_vocabulary
+    from retouch.models import registry
+
+    if "shapes-flux" not in registry.embedded_names():
+        pytest.skip("embedded models not installed")
+
+    class Named:
+        name = "shapes-flux"
+
+    with caplog.at_level("WARNING"):
+        assert warn_vocabulary(Named(), ["a red circle on a white background", "a blue circle"])
+    assert "white background" in caplog.text and "retouch models --vocab shapes-flux" in caplog.text
+    Named.name = "tiny-sd"
+    assert warn_vocabulary(Named(), ["a banana"]) == []
+
+
+# --- determinism across thread counts --------------------------------------------------------------------------
+@pytest.mark.slow
+def test_same_seed_is_byte_identical_whatever_the_thread_count():
+    """oneDNN's CPU convolutions sum in an order that depends on the thread count (shapes-sd's images differed in
+    a few pixels between 1 and 2 threads); edit() runs torch's own kernels by default and restores the flag."""
+    from retouch.backbones import load_backbone
+    from retouch.editing import edit
+    from retouch.models import registry
+
+    if "shapes-sd" not in registry.embedded_names():
+        pytest.skip("embedded models not installed")
+    bb = load_backbone("shapes-sd")
+    examples = Path(__file__).parent.parent / "examples"
+    img = Image.open(examples / "colour.png")
+    cfg = EditConfig((examples / "colour.source.txt").read_text().strip(),
+                     (examples / "colour.target.txt").read_text().strip(), method="direct+p2p", num_steps=6)  # fmt: skip
+    before = torch.get_num_threads()
+    flag = torch.backends.mkldnn.enabled
+    try:
+        images = []
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            images.append(np.asarray(edit(bb, img, cfg).image))
+        assert torch.backends.mkldnn.enabled == flag
+    finally:
+        torch.set_num_threads(before)
+    assert np.array_equal(images[0], images[1])

@@ -191,6 +191,9 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
                    help="token merging ratio in self-attention (0=off)")  # fmt: skip
     p.add_argument("--merge-max-downsample", type=_int_in(1, 64), default=1,
                    help="UNets: merge only up to this downsampling")  # fmt: skip
+    p.add_argument("--onednn", action="store_true",
+                   help="CPU: oneDNN convolutions (faster on large UNets, but results then differ in a few pixels "
+                   "between thread counts; default: torch's own, byte-identical whatever --threads)")  # fmt: skip
     p.add_argument("--strict", action="store_true",
                    help="refuse prompts with words an embedded model was never trained on (default: warn)")  # fmt: skip
     p.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
@@ -414,7 +417,7 @@ def _check_vocabulary(model: str, prompts: Sequence[str], strict: bool) -> None:
         return
     if strict:
         raise CliError(vocabulary_message(model, problems) + " (refused: --strict)")
-    log.warning("%s", vocabulary_message(model, problems))
+    # without --strict, edit() itself warns (for the Python API too)
 
 
 def _check_method_options(spec: Any, options: dict[str, Any], method: str) -> None:
@@ -479,6 +482,7 @@ def _run(args: argparse.Namespace, source: str, target: str, method: str, option
         progress=_progress(args.no_progress),
         record_attention=getattr(args, "save_attention", None) is not None,
         memory_limit=None if args.max_memory is None else args.max_memory * 1024**3,
+        deterministic=not args.onednn,
     )
     return image, out, result
 

@@ -304,6 +304,30 @@ def make_merger(backbone: Backbone, cfg: EditConfig) -> Any:
     return TokenMerger(ratio=m.ratio, layers=layers, seed=cfg.seed, random_dst=m.random)
 
 
+def warn_vocabulary(backbone: Backbone, prompts: list[str]) -> list[str]:
+    """Warn when a model trained on ShapesWorld (the embedded models) is given words it never saw; returns the
+    problems (empty for other models)."""
+    from retouch.models.vocab import model_vocabulary, vocabulary_message, vocabulary_problems
+
+    vocab = model_vocabulary(backbone.name)
+    problems = vocabulary_problems(prompts, vocab) if vocab is not None else []
+    if problems:
+        log.warning("%s", vocabulary_message(backbone.name, problems))
+    return problems
+
+
+@contextmanager
+def _torch_convolutions() -> Iterator[None]:
+    """CPU convolutions in torch's own kernels rather than oneDNN's (deterministic across thread counts); the
+    previous setting is restored on exit."""
+    old = torch.backends.mkldnn.enabled
+    torch.backends.mkldnn.enabled = False
+    try:
+        yield
+    finally:
+        torch.backends.mkldnn.enabled = old
+
+
 @contextmanager
 def _timed(timings: dict[str, float], key: str) -> Iterator[None]:
     t0 = time.perf_counter()
@@ -322,6 +346,7 @@ def edit(
     keep_latents: bool = False,
     record_attention: bool = False,
     memory_limit: float | None = None,
+    deterministic: bool = True,
 ) -> EditResult:
     """Edit ``image`` from ``cfg.source_prompt`` to ``cfg.target_prompt`` with ``cfg.method``.
 
@@ -335,6 +360,11 @@ def edit(
         memory_limit: bytes the edit may use on top of the loaded model; ``None``: the memory available on the
             backbone's device; ``float("inf")``: no check. An edit estimated above it is refused before any
             model runs (:mod:`retouch.backbones.memory`).
+        deterministic: on the CPU, run convolutions in torch's own kernels instead of oneDNN's: oneDNN picks
+            its convolution algorithm by thread count (a 1x1 convolution with bias in the VAE and UNet sums in
+            another order with 1 and 2 threads), so the same seed gave images differing in a few pixels between
+            ``--threads 1`` and ``--threads 2``. With this (the default) the output is byte-identical whatever
+            the thread count; ``False`` keeps oneDNN (faster convolutions on large UNets).
     """
     if not isinstance(backbone, Backbone):
         raise TypeError(
@@ -351,13 +381,32 @@ def edit(
     res = resolve(backbone, cfg)
     cfg = res.config
     backbone.check_prompts([cfg.source_prompt, cfg.target_prompt])
+    warn_vocabulary(backbone, [cfg.source_prompt, cfg.target_prompt])
     img, size_note = prepare_image(backbone, image, cfg)
     estimate = estimate_edit_memory(backbone, (img.size[1], img.size[0]), batch=4 if backbone.uses_cfg else 2)
     check_memory(estimate, backbone.device, memory_limit)
-    timings: dict[str, float] = {}
-    t_start = time.perf_counter()
     generator = torch.Generator().manual_seed(cfg.seed)
 
+    with ExitStack() as backend_flags:
+        if deterministic and backbone.device.type == "cpu":
+            backend_flags.enter_context(_torch_convolutions())
+        return _edit(backbone, cfg, res, img, size_note, estimate, generator, progress, keep_latents, record_attention)
+
+
+def _edit(
+    backbone: Backbone,
+    cfg: EditConfig,
+    res: Resolved,
+    img: Image.Image,
+    size_note: dict[str, Any],
+    estimate: Any,
+    generator: torch.Generator,
+    progress: Progress | None,
+    keep_latents: bool,
+    record_attention: bool,
+) -> EditResult:
+    timings: dict[str, float] = {}
+    t_start = time.perf_counter()
     with torch.no_grad():
         with _timed(timings, "encode"):
             pixels = io.pil_to_tensor(img).to(backbone.device)
