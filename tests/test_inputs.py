@@ -531,8 +531,8 @@ def test_same_seed_is_byte_identical_whatever_the_thread_count():
     bb = load_backbone("shapes-sd")
     examples = Path(__file__).parent.parent / "examples"
     img = Image.open(examples / "colour.png")
-    cfg = EditConfig((examples / "colour.source.txt").read_text().strip(),
-                     (examples / "colour.target.txt").read_text().strip(), method="direct+p2p", num_steps=6)  # fmt: skip
+    source, target = ((examples / f"colour.{k}.txt").read_text().strip() for k in ("source", "target"))
+    cfg = EditConfig(source, target, method="direct+p2p", num_steps=6)
     before = torch.get_num_threads()
     flag = torch.backends.mkldnn.enabled
     try:
