@@ -9,8 +9,9 @@ The estimate is a deliberately simple model of the working memory an edit adds o
   probabilities (what editors that read text attention do): ``batch x heads x image tokens x text tokens x
   4 bytes x 3``. Image-to-image attention runs in the fused ``scaled_dot_product_attention`` kernel, whose
   memory grows with the tokens, not their square, and is counted in the activations;
-* **VAE**: the largest convolution activation of the autoencoder at full pixel size, a few copies, for two
-  images (its mid-block attention is fused too).
+* **VAE**: the convolution activations of the autoencoder's decoder at full pixel size (the channels of its
+  last two blocks), a few copies plus the 9-fold unfolded input of torch's CPU convolution, for two images
+  (its mid-block attention is fused too).
 
 ``batch`` is the sampling batch: two branches (source and target), doubled under classifier-free guidance.
 """
@@ -31,6 +32,7 @@ GiB = 1024**3
 ACTIVATION_COPIES = 6  # hidden states alive per layer and token (input, q, k, v, attention output, residual)
 ATTENTION_COPIES = 3  # scores, probabilities and the softmax's temporary
 VAE_COPIES = 4  # input, output and two intermediates of a resnet block
+IM2COL = 9  # a 3x3 convolution's unfolded input (torch's CPU kernel)
 
 
 @dataclass(frozen=True)
@@ -96,9 +98,10 @@ def estimate_edit_memory(backbone: Any, image_hw: tuple[int, int], *, batch: int
         act += batch * n_q * width * 4 * ACTIVATION_COPIES
         attn_peak = max(attn_peak, batch * heads * n_img * n_text * 4 * ATTENTION_COPIES)
     vae_cfg = backbone.vae.config
-    channels = max(int(c) for c in getattr(vae_cfg, "block_out_channels", (128,)))
-    # the decoder's widest block runs at full pixel size in the stock layouts; a batch of two branches
-    vae = 2 * h * w * channels * 4 * VAE_COPIES
+    # the decoder's convolutions at full pixel size read the channels of its last two blocks; torch's own CPU
+    # convolution (edit()'s deterministic default) unfolds a 3x3 input into 9 copies (im2col); two branches
+    channels = max(int(c) for c in list(getattr(vae_cfg, "block_out_channels", (128,)))[:2])
+    vae = 2 * h * w * channels * 4 * (VAE_COPIES + IM2COL)
     return MemoryEstimate(
         activations=act,
         attention=attn_peak,
