@@ -191,11 +191,18 @@ def tensor_to_pil(x: torch.Tensor) -> Image.Image:
 
 def psnr(a: Image.Image | np.ndarray, b: Image.Image | np.ndarray) -> float:
     """PSNR in dB of two 8-bit images (inf when identical)."""
-    x = np.asarray(a, dtype=np.float64)
-    y = np.asarray(b, dtype=np.float64)
+    x = np.asarray(a)
+    y = np.asarray(b)
     if x.shape != y.shape:
         raise ValueError(f"PSNR of images of different shapes {x.shape} and {y.shape}")
-    mse = float(np.mean((x - y) ** 2))
+    if x.size == 0:
+        raise ValueError("PSNR of empty images")
+    rows = max(1, 4_000_000 // max(1, x[:1].size))  # row blocks: bounded memory for 100-megapixel images
+    total = 0.0
+    for i in range(0, x.shape[0], rows):
+        d = x[i : i + rows].astype(np.float64) - y[i : i + rows].astype(np.float64)
+        total += float(np.sum(d * d))
+    mse = total / x.size
     return float("inf") if mse == 0 else 10.0 * np.log10(255.0**2 / mse)
 
 
