@@ -86,14 +86,17 @@ def test_invert_prints_psnr(tmp_path, image_file, tiny_model_dir, capsys):
         (["--source", "", "--target", "b"], "empty"),
         (["--source", "a", "--target", "b", "--method", "nope"], "unknown method"),
         (["--source", "a", "--target", "b", "--solver", "flow_euler"], "does not apply"),
-        (["--source", "a", "--target", "b", "--steps", "0"], "num_steps"),
+        (["--source", "a", "--target", "b", "--steps", "0"], "argument --steps"),
         (["--source", "a", "--target", "b", "--option", "novalue"], "KEY=VALUE"),
         (["--source", "a " * 100, "--target", "b"], "too long"),
     ],
 )
 def test_bad_edit_input_fails_cleanly(tmp_path, image_file, tiny_model_dir, capsys, args, message):
     out = tmp_path / "o.png"
-    rc = main(["edit", str(image_file), "--model", tiny_model_dir, "-o", str(out), "--no-progress", *args])
+    try:
+        rc = main(["edit", str(image_file), "--model", tiny_model_dir, "-o", str(out), "--no-progress", *args])
+    except SystemExit as exc:  # flags checked where argparse parses them (usage error, status 2)
+        rc = exc.code
     assert rc != 0
     assert message in capsys.readouterr().err
     assert not out.exists() and not (tmp_path / "o.png.json").exists()

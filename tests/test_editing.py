@@ -100,7 +100,10 @@ def test_config_validation():
 
 def test_size_policy_resizes_or_refuses():
     bb = tiny_backbone("sd")  # multiples of 16 px
-    res = edit(bb, random_image(44, 44), EditConfig("a", "b", num_steps=2))  # 44 -> nearest multiple 48
-    assert res.image.size == (48, 48) and res.report["size"]["changed"]
+    res = edit(bb, random_image(44, 44), EditConfig("a", "b", num_steps=2))  # works at the native 64x64
+    assert res.report["size"]["model_size"] == [64, 64] and res.report["size"]["changed"]
+    assert res.image.size == (44, 44)  # returned at the input's size
+    res = edit(bb, random_image(44, 44), EditConfig("a", "b", num_steps=2, resolution="input", output_size="model"))
+    assert res.image.size == (48, 48)  # 44 -> nearest multiple 48
     with pytest.raises(ValueError, match="multiples of 16"):
         edit(bb, random_image(40, 40), EditConfig("a", "b", num_steps=2, size_policy="strict"))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import sys
 from collections.abc import Sequence
@@ -19,6 +20,97 @@ EXIT_USAGE = 2
 
 class CliError(Exception):
     """A user-facing error: printed as one line, exit status 1."""
+
+
+# --- flag types: every flag is checked where it is parsed (argparse prints one line naming it) ---------------
+def _int_in(lo: int, hi: int | None, what: str = "an integer") -> Any:
+    def parse(text: str) -> int:
+        try:
+            value = int(text, 0) if text.strip().lower().startswith(("0x", "0b", "0o")) else int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if value < lo or (hi is not None and value > hi):
+            bound = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
+            raise argparse.ArgumentTypeError(f"must be {bound}, got {value}")
+        return value
+
+    return parse
+
+
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer in [0, 2**64), got {text!r}") from None
+    if not 0 <= value < 2**64:
+        raise argparse.ArgumentTypeError(
+            f"must be in [0, 2**64) (0 <= seed <= 18446744073709551615, what torch's generators take), got {value}"
+        )
+    return value
+
+
+def _float_in(lo: float, hi: float | None = None, *, lo_open: bool = False) -> Any:
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not math.isfinite(value) or value < lo or (lo_open and value == lo) or (hi is not None and value > hi):
+            low = f"> {lo}" if lo_open else f">= {lo}"
+            raise argparse.ArgumentTypeError(f"must be a finite number {low}{'' if hi is None else f' and <= {hi}'}"
+                                             f", got {text}")  # fmt: skip
+        return value
+
+    return parse
+
+
+def machine_devices() -> list[str]:
+    """The devices torch can use on this machine: ``cpu`` and each accelerator (``<type>:<index>``)."""
+    import torch
+
+    out = ["cpu"]
+    acc = getattr(torch, "accelerator", None)
+    if acc is not None and acc.is_available():
+        kind = acc.current_accelerator().type
+        out += [f"{kind}:{i}" for i in range(acc.device_count())]
+    return out
+
+
+def _device(text: str) -> str:
+    import torch
+
+    try:
+        dev = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise argparse.ArgumentTypeError(
+            f"unknown device {text!r}; this machine has: {', '.join(machine_devices())}"
+        ) from None
+    if dev.type == "cpu":
+        return text
+    backend = getattr(torch, dev.type, None)
+    available = getattr(backend, "is_available", None)
+    count = getattr(backend, "device_count", None)
+    try:
+        ok = bool(available and available()) and (dev.index is None or count is None or dev.index < count())
+    except (RuntimeError, AssertionError):
+        ok = False
+    if not ok:
+        raise argparse.ArgumentTypeError(
+            f"device {text!r} is not available on this machine; it has: {', '.join(machine_devices())}"
+        )
+    return text
+
+
+def cpu_cores() -> int:
+    """CPU cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def _threads(text: str) -> int:
+    return _int_in(1, 4096, "a thread count")(text)
 
 
 def _parse_options(items: Sequence[str], flag: str = "--option") -> dict[str, Any]:
@@ -41,28 +133,31 @@ def _default_model() -> str:
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", "-m", help="embedded model name, local diffusers folder or hub id (default: shapes-flux)")
-    p.add_argument("--device", default=None, help="torch device, e.g. cpu, cuda, cuda:1 (default: cpu)")
+    p.add_argument("--device", default=None, type=_device,
+                   help="torch device, e.g. cpu or an accelerator such as cuda:1 (default: cpu)")  # fmt: skip
     p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"], help="model precision")
     p.add_argument("--offload", action="store_true", help="CPU offload of model components (needs --device)")
     p.add_argument(
         "--threads",
-        type=int,
+        type=_threads,
         default=None,
-        help="CPU threads for torch (default: 1 for the small embedded models, whose ops are too small to gain "
-        "from more; torch's default otherwise)",
+        help="CPU threads for torch, at most the CPU cores (more are capped, with a warning; default: 1 for the "
+        "small embedded models, whose ops are too small to gain from more; torch's default otherwise)",
     )
 
 
 def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("image", help="input image file")
     p.add_argument("-o", "--output", help="output image path (a JSON sidecar is written at OUTPUT.json)")
-    p.add_argument("--steps", type=int, default=None, help="number of sampling steps (default: model's)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=_int_in(1, 1000), default=None, help="number of sampling steps (default: model's)")
+    p.add_argument("--seed", type=_seed, default=0, help="random seed, 0 <= seed < 2**64 (default 0)")
     p.add_argument("--solver", default=None, help="sampler: ddim, dpmpp, flow_euler, ... (default: model's)")
     p.add_argument("--inversion", default=None, help="inversion: ddim, dpmpp, flow_euler, ... (default: solver's)")
-    p.add_argument("--guidance", type=float, default=None, help="guidance scale while sampling")
-    p.add_argument("--inversion-guidance", type=float, default=None, help="guidance scale while inverting (1)")
-    p.add_argument("--inversion-iterations", type=int, default=6, help="fixed-point iterations (dpmpp inversion)")
+    p.add_argument("--guidance", type=_float_in(0), default=None, help="guidance scale while sampling")
+    p.add_argument("--inversion-guidance", type=_float_in(0), default=None,
+                   help="guidance scale while inverting (1)")  # fmt: skip
+    p.add_argument("--inversion-iterations", type=_int_in(0, 1000), default=6,
+                   help="fixed-point iterations (dpmpp inversion)")  # fmt: skip
     p.add_argument("--inversion-prompt", default=None, help="prompt used while inverting (default: the source)")
     p.add_argument(
         "--inversion-skip",
@@ -78,12 +173,37 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
         "--size-policy",
         default="resize",
         choices=["resize", "crop", "strict"],
-        help="how an image the model cannot take is brought to a valid size",
+        help="how the image is brought to the working size: resize (bicubic), crop (scale and centre-crop) or "
+        "strict (refuse any change: the image must already be a size the model takes)",
     )
-    p.add_argument("--height", type=int, default=None, help="process at this height (pixels)")
-    p.add_argument("--width", type=int, default=None, help="process at this width (pixels)")
-    p.add_argument("--merge-ratio", type=float, default=0.0, help="token merging ratio in self-attention (0=off)")
-    p.add_argument("--merge-max-downsample", type=int, default=1, help="UNets: merge only up to this downsampling")
+    p.add_argument(
+        "--resolution",
+        default="native",
+        choices=["native", "input"],
+        help="working size: native (default: the model's native pixel area, e.g. 512x512 for SD 1.x, with the "
+        "image's aspect ratio) or input (the image's own size, rounded to a size the model takes)",
+    )
+    p.add_argument("--output-size", default="input", choices=["input", "model"],
+                   help="size of the written image: the input's (default) or the working size")  # fmt: skip
+    p.add_argument("--height", type=_int_in(1, None), default=None, help="process at this height (pixels)")
+    p.add_argument("--width", type=_int_in(1, None), default=None, help="process at this width (pixels)")
+    p.add_argument(
+        "--max-memory",
+        type=_float_in(0, lo_open=True),
+        default=None,
+        metavar="GIB",
+        help="memory (GiB) an edit may use beyond the loaded model (default: what the device has available); "
+        "larger estimated edits are refused before the model runs",
+    )
+    p.add_argument("--merge-ratio", type=_float_in(0, 0.95), default=0.0,
+                   help="token merging ratio in self-attention (0=off)")  # fmt: skip
+    p.add_argument("--merge-max-downsample", type=_int_in(1, 64), default=1,
+                   help="UNets: merge only up to this downsampling")  # fmt: skip
+    p.add_argument("--onednn", action="store_true",
+                   help="CPU: oneDNN convolutions (faster on large UNets, but results then differ in a few pixels "
+                   "between thread counts; default: torch's own, byte-identical whatever --threads)")  # fmt: skip
+    p.add_argument("--strict", action="store_true",
+                   help="refuse prompts with words an embedded model was never trained on (default: warn)")  # fmt: skip
     p.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     _add_model_args(p)
@@ -94,6 +214,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="retouch", description="Training-free text-guided image editing with diffusion and flow models."
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log details")
+    from retouch import __version__
+
+    parser.add_argument("--version", action="version", version=f"retouch {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("edit", help="edit an image from a source prompt to a target prompt")
@@ -126,6 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("models", help="list model families and embedded models")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--vocab", metavar="NAME", default=None,
+                   help="print the words embedded model NAME was trained on (its caption grammar)")  # fmt: skip
 
     p = sub.add_parser("methods", help="list inversions, solvers and editing methods with their families")
     p.add_argument("--json", action="store_true")
@@ -201,6 +326,23 @@ def _print_table(rows: list[tuple[str, ...]]) -> None:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
+    if args.vocab is not None:
+        from retouch.models import registry
+        from retouch.models.vocab import model_vocabulary
+
+        vocab = model_vocabulary(args.vocab)
+        if vocab is None:
+            known = ", ".join(registry.embedded_names()) or "none installed"
+            raise CliError(
+                f"{args.vocab!r} is not a ShapesWorld model (no world.json); --vocab takes an embedded model: {known}"
+            )
+        if args.json:
+            print(json.dumps({"model": args.vocab, "vocabulary": vocab}, indent=2))
+        else:
+            print(f"{args.vocab} knows these words (ShapesWorld's caption grammar), e.g.")
+            print('  "a small red striped star at the top left on a checkered gray background, pixel art style"')
+            print("  " + " ".join(vocab))
+        return 0
     info = models_info()
     if args.json:
         print(json.dumps(info, indent=2))
@@ -228,13 +370,31 @@ def cmd_methods(args: argparse.Namespace) -> int:
 
 # --- running commands ------------------------------------------------------------------------------------
 def _output_path(args: argparse.Namespace, suffix: str) -> Path:
+    """The output path, checked before any work: a known image extension, not the input (symlinks and hard
+    links included), and the image, its sidecar and the attention folder all writable."""
     from PIL import Image
+
+    from retouch import io
 
     out = Path(args.output) if args.output else Path(f"{Path(args.image).stem}_{suffix}.png")
     if out.suffix.lower() not in Image.registered_extensions():
         raise CliError(f"unknown image extension for --output {out}; use .png, .jpg or .webp")
-    if out.exists() and out.is_dir():
-        raise CliError(f"--output {out} is a directory; give a file name")
+    src = Path(args.image)
+    sidecar = Path(str(out) + ".json")
+    for path, label in ((out, "--output"), (sidecar, "the sidecar")):
+        same = path.resolve() == src.resolve()
+        if not same and path.exists() and src.exists():
+            same = os.path.samefile(path, src)
+        if same:
+            raise CliError(f"{label} {path} is the input image; retouch never overwrites its input, give another path")
+    try:
+        io.check_writable(out, "--output")
+        io.check_writable(sidecar, "the sidecar (OUTPUT.json)")
+        attention = getattr(args, "save_attention", None)
+        if attention is not None:
+            io.check_writable(attention, "--save-attention", directory=True)
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
     return out
 
 
@@ -259,6 +419,27 @@ def _progress(disabled: bool):
     return update
 
 
+def _check_vocabulary(model: str, prompts: Sequence[str], strict: bool) -> None:
+    from retouch.models.vocab import model_vocabulary, vocabulary_message, vocabulary_problems
+
+    vocab = model_vocabulary(model)
+    if vocab is None:
+        return
+    problems = vocabulary_problems(prompts, vocab)
+    if not problems:
+        return
+    if strict:
+        raise CliError(vocabulary_message(model, problems) + " (refused: --strict)")
+    # without --strict, edit() itself warns (for the Python API too)
+
+
+def _check_method_options(spec: Any, options: dict[str, Any], method: str) -> None:
+    try:
+        spec.check_options(options, f"method {method!r}")
+    except ValueError as exc:
+        raise CliError(f"--option: {exc}") from None
+
+
 def _run(args: argparse.Namespace, source: str, target: str, method: str, options: dict[str, Any], suffix: str):
     from retouch import io
     from retouch.backbones import load_backbone
@@ -269,8 +450,10 @@ def _run(args: argparse.Namespace, source: str, target: str, method: str, option
 
     out = _output_path(args, suffix)
     image = io.load_image(args.image)  # fails before any model is loaded
-    if method is not None and get_preset(method) is None:
-        get_editor(method)
+    if method is not None:
+        preset = get_preset(method)
+        spec = get_editor(preset.editor if preset is not None else method)
+        _check_method_options(spec, options, method)
     cfg = EditConfig(
         source_prompt=source,
         target_prompt=target,
@@ -280,6 +463,8 @@ def _run(args: argparse.Namespace, source: str, target: str, method: str, option
         guidance=args.guidance,
         seed=args.seed,
         size_policy=args.size_policy,
+        resolution=args.resolution,
+        output_size=args.output_size,
         height=args.height,
         width=args.width,
         inversion=InversionConfig(
@@ -300,29 +485,41 @@ def _run(args: argparse.Namespace, source: str, target: str, method: str, option
     if save_mask is not None:
         if mask is None:
             raise CliError("--save-mask needs --mask")
-        _output_path(argparse.Namespace(output=save_mask, image=args.image), "mask")
-    attention_dir = getattr(args, "save_attention", None)
-    if attention_dir is not None and Path(attention_dir).is_file():
-        raise CliError(f"--save-attention {attention_dir} is a file; give a directory")
+        if Path(save_mask).resolve() == Path(args.image).resolve():
+            raise CliError(f"--save-mask {save_mask} is the input image; give another path")
+        try:
+            from retouch.io import check_writable
+
+            check_writable(save_mask, "--save-mask")
+        except ValueError as exc:
+            raise CliError(str(exc)) from None
     model = args.model or _default_model()
+    _check_vocabulary(model, [source, target], args.strict)
     _set_threads(args.threads, model)
     backbone = load_backbone(model, device=args.device, dtype=args.dtype, offload=args.offload)
     if method is None:
         from retouch.presets import DEFAULT_METHOD
 
         cfg = cfg.with_(method=DEFAULT_METHOD[backbone.family])
+        preset = get_preset(cfg.method)
+        spec = get_editor(preset.editor if preset is not None else cfg.method)
+        _check_method_options(spec, options, cfg.method)
     result = edit(
         backbone,
         image,
         cfg,
         progress=_progress(args.no_progress),
-        record_attention=attention_dir is not None,
+        record_attention=getattr(args, "save_attention", None) is not None,
         mask=mask,
+        memory_limit=None if args.max_memory is None else args.max_memory * 1024**3,
+        deterministic=not args.onednn,
     )
     return image, out, result
 
 
 def _set_threads(threads: int | None, model: str) -> None:
+    """Set torch's CPU threads: 1 by default for the embedded models; at most the CPU cores (a larger count is
+    capped, with a warning: oversubscribed cores run many times slower, and huge counts crash OpenMP)."""
     import torch
 
     from retouch.models import registry
@@ -332,18 +529,20 @@ def _set_threads(threads: int | None, model: str) -> None:
     if threads is not None:
         if threads < 1:
             raise CliError(f"--threads must be >= 1, got {threads}")
+        cores = cpu_cores()
+        if threads > cores:
+            log.warning("--threads %d is more than the %d CPU cores of this machine; using %d", threads, cores, cores)
+            threads = cores
         torch.set_num_threads(threads)
 
 
-def save_attention_maps(directory: Path, result: Any) -> list[Path]:
-    """Write one heatmap per word and branch, and a labelled strip per branch (image | words...)."""
+def attention_map_images(result: Any) -> dict[str, Any]:
+    """``{file name: PIL image}``: one heatmap per word and branch, and a labelled strip per branch."""
     from PIL import Image, ImageDraw
 
-    from retouch import io
     from retouch.control.recorder import heatmap_rgb
 
-    written: list[Path] = []
-    directory.mkdir(parents=True, exist_ok=True)
+    files: dict[str, Any] = {}
     images = {"source": result.reconstruction, "target": result.image}
     for branch, maps in result.extras.get("attention_maps", {}).items():
         base = images[branch]
@@ -354,7 +553,7 @@ def save_attention_maps(directory: Path, result: Any) -> list[Path]:
         for key, m in maps.items():
             heat = Image.fromarray(heatmap_rgb(m)).resize((w, h), Image.Resampling.BICUBIC)
             tile = Image.blend(base, heat, 0.6)
-            written.append(io.save_image(tile, directory / f"{branch}_{key}.png"))
+            files[f"{branch}_{key}.png"] = tile
             tiles.append(tile)
         scale = max(1, 128 // max(h, 1))
         label_h = 14
@@ -364,36 +563,44 @@ def save_attention_maps(directory: Path, result: Any) -> list[Path]:
         for j, (tile, label) in enumerate(zip(tiles, labels, strict=True)):
             strip.paste(tile.resize((w * scale, h * scale), Image.Resampling.NEAREST), (j * w * scale, label_h))
             draw.text((j * w * scale + 2, 1), label[:12], fill=(0, 0, 0))
-        written.append(io.save_image(strip, directory / f"{branch}.png"))
-    return written
+        files[f"{branch}.png"] = strip
+    return files
 
 
-def _write_outputs(out: Path, image, report: dict[str, Any]) -> None:
+def save_attention_maps(directory: Path, result: Any) -> list[Path]:
+    """Write one heatmap per word and branch, and a labelled strip per branch (image | words...), all or none."""
     from retouch import io
 
-    sidecar = Path(str(out) + ".json")
-    io.save_json(report, sidecar.with_name(sidecar.name + ".partial"))
-    try:
-        io.save_image(image, out)
-    except BaseException:
-        sidecar.with_name(sidecar.name + ".partial").unlink(missing_ok=True)
-        raise
-    os.replace(sidecar.with_name(sidecar.name + ".partial"), sidecar)
+    files = attention_map_images(result)
+    return io.write_all([(directory / name, io.image_writer(img, name)) for name, img in files.items()])
+
+
+def _write_outputs(args: argparse.Namespace, out: Path, image, report: dict[str, Any], result: Any = None) -> None:
+    """Image, sidecar and attention maps, all or nothing (see :func:`retouch.io.write_all`)."""
+    from retouch import io
+
+    items = [(out, io.image_writer(image, out))]
+    attention = getattr(args, "save_attention", None)
+    if attention is not None and result is not None:
+        files = attention_map_images(result)
+        report["attention_maps"] = [str(Path(attention) / name) for name in files]
+        items += [(Path(attention) / name, io.image_writer(img, name)) for name, img in files.items()]
+    save_mask = getattr(args, "save_mask", None)
+    if save_mask is not None and result is not None:
+        from retouch import masks
+
+        w, h = image.size
+        report["mask_file"] = str(save_mask)
+        items.append((Path(save_mask), io.image_writer(masks.mask_image(result.extras["mask"], (h, w)), save_mask)))
+    items.insert(1, (Path(str(out) + ".json"), io.json_writer(report)))
+    io.write_all(items, committed=args.written)
 
 
 def cmd_edit(args: argparse.Namespace) -> int:
     options = _parse_options(args.option)
     _, out, result = _run(args, args.source, args.target, args.method, options, "edited")
     report = {**result.report, "input": str(args.image), "output": str(out)}
-    _write_outputs(out, result.image, report)
-    if args.save_attention:
-        maps = save_attention_maps(Path(args.save_attention), result)
-        report["attention_maps"] = [str(p) for p in maps]
-    if args.save_mask:
-        from retouch import masks
-
-        w, h = result.image.size
-        report["mask_file"] = str(masks.save_mask(result.extras["mask"], args.save_mask, (h, w)))
+    _write_outputs(args, out, result.image, report, result)
     if args.json:
         print(json.dumps(report, indent=2, default=str))
     else:
@@ -406,10 +613,10 @@ def cmd_invert(args: argparse.Namespace) -> int:
 
     image, out, result = _run(args, args.prompt, args.prompt, "identity", {}, "reconstruction")
     size = result.reconstruction.size
-    reference = io.fit_size(image, (size[1], size[0]), args.size_policy)[0]
+    reference = image if image.size == size else io.fit_size(image, (size[1], size[0]), args.size_policy)[0]
     value = io.psnr(reference, result.reconstruction)
-    report = {**result.report, "input": str(args.image), "output": str(out), "psnr": value}
-    _write_outputs(out, result.reconstruction, report)
+    report = {**result.report, "input": str(args.image), "output": str(out), "psnr": value, "psnr_size": list(size)}
+    _write_outputs(args, out, result.reconstruction, report)
     if args.json:
         print(json.dumps(report, indent=2, default=str))
     else:
@@ -428,8 +635,23 @@ COMMANDS = {"edit": cmd_edit, "invert": cmd_invert, "models": cmd_models, "metho
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """The ``retouch`` command. Ctrl-C at any moment (start-up, model loading, sampling, writing) exits with
+    status 130 and one line saying what was written."""
+    written: list[Path] = []
+    try:
+        return _main(argv, written)
+    except KeyboardInterrupt:
+        if written:
+            print(f"retouch: interrupted after writing {', '.join(map(str, written))}", file=sys.stderr)
+        else:
+            print("retouch: interrupted; no output written", file=sys.stderr)
+        return 130
+
+
+def _main(argv: Sequence[str] | None, written: list[Path]) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.written = written
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
@@ -451,11 +673,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, TypeError, OSError) as exc:
         if args.verbose:
             log.exception("failed")
-        print(f"retouch: error: {exc}", file=sys.stderr)
+        where = f"; wrote {', '.join(map(str, written))}" if written else "; no output written"
+        print(f"retouch: error: {exc}{where if args.command in ('edit', 'invert') else ''}", file=sys.stderr)
         return EXIT_ERROR
-    except KeyboardInterrupt:
-        print("retouch: interrupted; no output written", file=sys.stderr)
-        return 130
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -5,11 +5,58 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from retouch.io import SIZE_POLICIES
+
+RESOLUTIONS = ("native", "input")
+"""Working-size policies: ``native`` resizes an image to the model's native pixel area (aspect kept), ``input``
+keeps the image's own size (rounded to a size the model takes)."""
+OUTPUT_SIZES = ("input", "model")
+"""Size of the returned images: the input's (the default) or the size the model worked at."""
+MAX_SEED = 2**64
+"""Seeds must be in [0, 2**64): what ``torch.Generator.manual_seed`` takes."""
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+
+def _check_type(owner: str, name: str, value: Any, kind: str, *, optional: bool = False) -> None:
+    """Raise ``TypeError`` naming ``owner.name`` unless ``value`` is of ``kind`` (int | number | str | bool)."""
+    if optional and value is None:
+        return
+    ok = {"int": _is_int, "number": _is_number, "str": lambda v: isinstance(v, str),
+          "bool": lambda v: isinstance(v, bool)}[kind](value)  # fmt: skip
+    if not ok:
+        what = {"int": "an integer", "number": "a number", "str": "a string", "bool": "True or False"}[kind]
+        raise TypeError(
+            f"{owner}.{name} must be {what}{' or None' if optional else ''}, got {type(value).__name__} {value!r}"
+        )
+
+
+def _check_options(owner: str, name: str, value: Any) -> None:
+    if not isinstance(value, Mapping):
+        raise TypeError(f"{owner}.{name} must be a mapping of option names to values, got {type(value).__name__}")
+    bad = [k for k in value if not isinstance(k, str)]
+    if bad:
+        raise TypeError(f"{owner}.{name}: option names must be strings, got {bad!r}")
+
+
+def check_seed(seed: Any, label: str = "seed") -> int:
+    """``seed`` if it is an integer in [0, 2**64) (what torch's generators take), else a clear error."""
+    if not _is_int(seed):
+        raise TypeError(f"{label} must be an integer in [0, 2**64), got {type(seed).__name__} {seed!r}")
+    if not 0 <= seed < MAX_SEED:
+        raise ValueError(f"{label} must be in [0, 2**64) (what torch's random generators take), got {seed}")
+    return seed
 
 
 def parse_options(items: Sequence[str], flag: str = "--option") -> dict[str, Any]:
@@ -47,6 +94,14 @@ class InversionConfig:
     skip: float | None = None
 
     def __post_init__(self) -> None:
+        own = "InversionConfig"
+        _check_type(own, "name", self.name, "str", optional=True)
+        _check_type(own, "guidance", self.guidance, "number", optional=True)
+        _check_type(own, "iterations", self.iterations, "int")
+        _check_type(own, "sweeps", self.sweeps, "int")
+        _check_type(own, "eta", self.eta, "number")
+        _check_type(own, "prompt", self.prompt, "str", optional=True)
+        _check_options(own, "options", self.options)
         if self.guidance is not None and (not math.isfinite(self.guidance) or self.guidance < 0):
             raise ValueError(f"inversion guidance must be a finite number >= 0, got {self.guidance}")
         if self.iterations < 0 or self.sweeps < 1:
@@ -72,6 +127,9 @@ class MergeConfig:
     random: bool = True
 
     def __post_init__(self) -> None:
+        _check_type("MergeConfig", "ratio", self.ratio, "number")
+        _check_type("MergeConfig", "max_downsample", self.max_downsample, "int")
+        _check_type("MergeConfig", "random", self.random, "bool")
         if not 0.0 <= self.ratio <= 0.95:
             raise ValueError(f"merge ratio must be in [0, 0.95], got {self.ratio}")
         if self.max_downsample < 1:
@@ -95,21 +153,47 @@ class EditConfig:
     inversion: InversionConfig = field(default_factory=InversionConfig)
     merge: MergeConfig = field(default_factory=MergeConfig)
     options: Mapping[str, Any] = field(default_factory=dict)
+    resolution: str = "native"  # "native": the model's native pixel area, aspect kept; "input": the image's size
+    output_size: str = "input"  # "input": images returned at the input's size; "model": at the working size
 
     def __post_init__(self) -> None:
+        own = "EditConfig"
         for label, p in (("source", self.source_prompt), ("target", self.target_prompt)):
             if not isinstance(p, str):
-                raise TypeError(f"{label} prompt must be a string")
-        if self.num_steps is not None and not (isinstance(self.num_steps, int) and 1 <= self.num_steps <= 1000):
+                raise TypeError(f"{label} prompt must be a string, got {type(p).__name__}")
+        _check_type(own, "method", self.method, "str")
+        _check_type(own, "solver", self.solver, "str", optional=True)
+        _check_type(own, "num_steps", self.num_steps, "int", optional=True)
+        _check_type(own, "guidance", self.guidance, "number", optional=True)
+        _check_type(own, "size_policy", self.size_policy, "str")
+        _check_type(own, "resolution", self.resolution, "str")
+        _check_type(own, "output_size", self.output_size, "str")
+        _check_type(own, "height", self.height, "int", optional=True)
+        _check_type(own, "width", self.width, "int", optional=True)
+        if not isinstance(self.inversion, InversionConfig):
+            raise TypeError(
+                f"{own}.inversion must be an InversionConfig, got {type(self.inversion).__name__}"
+                + ("; build one with InversionConfig(**d)" if isinstance(self.inversion, Mapping) else "")
+            )
+        if not isinstance(self.merge, MergeConfig):
+            raise TypeError(
+                f"{own}.merge must be a MergeConfig, got {type(self.merge).__name__}"
+                + ("; build one with MergeConfig(**d)" if isinstance(self.merge, Mapping) else "")
+            )
+        _check_options(own, "options", self.options)
+        if self.num_steps is not None and not 1 <= self.num_steps <= 1000:
             raise ValueError(f"num_steps must be an integer in [1, 1000], got {self.num_steps!r}")
         if self.guidance is not None and (not math.isfinite(self.guidance) or self.guidance < 0):
             raise ValueError(f"guidance must be a finite number >= 0, got {self.guidance}")
-        if not isinstance(self.seed, int) or self.seed < 0:
-            raise ValueError(f"seed must be a non-negative integer, got {self.seed!r}")
+        check_seed(self.seed, "seed")
         if self.size_policy not in SIZE_POLICIES:
             raise ValueError(f"unknown size policy {self.size_policy!r}; choose one of {SIZE_POLICIES}")
+        if self.resolution not in RESOLUTIONS:
+            raise ValueError(f"unknown resolution {self.resolution!r}; choose one of {RESOLUTIONS}")
+        if self.output_size not in OUTPUT_SIZES:
+            raise ValueError(f"unknown output_size {self.output_size!r}; choose one of {OUTPUT_SIZES}")
         for label, v in (("height", self.height), ("width", self.width)):
-            if v is not None and (not isinstance(v, int) or v <= 0):
+            if v is not None and v <= 0:
                 raise ValueError(f"{label} must be a positive integer, got {v!r}")
 
     def with_(self, **changes: Any) -> EditConfig:

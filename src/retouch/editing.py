@@ -23,6 +23,7 @@ from torch import Tensor
 
 from retouch import io, masks, schedules
 from retouch.backbones.base import Backbone
+from retouch.backbones.memory import check_memory, estimate_edit_memory
 from retouch.config import EditConfig, InversionConfig
 from retouch.control import BatchLayout, EditState, attention_editing
 from retouch.control.editors import get_editor
@@ -195,6 +196,7 @@ def resolve(backbone: Backbone, cfg: EditConfig) -> Resolved:
         )
     # Direct Inversion runs the sampler's own inversion; other corrected inversions (ddpm) run themselves
     base = base_inversion(solver.name) if inversion.source_correction and inversion.solver == "*" else inv_name
+    check_inversion_options(base, cfg.inversion.options)
     if get_inversion(base).solver not in ("*", solver.name):
         log.warning("inverting with %s but sampling with %s: reconstruction will not be exact", base, solver.name)
     steps = cfg.num_steps or backbone.default_steps
@@ -221,18 +223,56 @@ def resolve(backbone: Backbone, cfg: EditConfig) -> Resolved:
 
 
 def prepare_image(backbone: Backbone, image: Image.Image, cfg: EditConfig) -> tuple[Image.Image, dict[str, Any]]:
-    """Apply the size policy: the requested size, or the nearest size the backbone takes."""
+    """Bring the image to the size the model works at.
+
+    ``cfg.height`` / ``cfg.width``: that size (checked against the backbone's size rules). Otherwise, with
+    ``cfg.resolution == "native"`` (the default), the model's native pixel area with the image's aspect ratio
+    (a 4032x3024 photo on a 512² model works at 584x440); with ``"input"`` or ``size_policy="strict"``, the
+    image's own size (the nearest valid one, or refused when strict). The note records the input, working and
+    output sizes."""
     policy = backbone.size_policy
     w, h = image.size
+    if w <= 0 or h <= 0:
+        raise io.ImageError(f"image has no pixels ({w}x{h})")
     if cfg.height is not None or cfg.width is not None:
         target = (cfg.height or h, cfg.width or w)
         policy.check(*target)
     elif cfg.size_policy == "strict":
         policy.check(h, w)
         target = (h, w)
+    elif cfg.resolution == "native":
+        target = policy.fit_native(h, w)
     else:
         target = policy.fit(h, w)
-    return io.fit_size(image, target, cfg.size_policy)
+    img, note = io.fit_size(image, target, cfg.size_policy)
+    note["resolution"] = cfg.resolution
+    note["native_size"] = [policy.native[1], policy.native[0]]
+    note["output_size"] = [w, h] if cfg.output_size == "input" else list(note["model_size"])
+    return img, note
+
+
+def restore_size(img: Image.Image, note: dict[str, Any]) -> Image.Image:
+    """An output image at the size the note asks for (bicubic when the model worked at another size)."""
+    size = tuple(note["output_size"])
+    return img if img.size == size else img.resize(size, Image.Resampling.BICUBIC)
+
+
+_INVERSION_INTERNAL = frozenset({"model_fn", "z0", "grid", "generator", "uncond", "guidance", "base"})
+
+
+def check_inversion_options(name: str, options: Any) -> None:
+    """Inversion options against the declared types of the inversion ``name`` actually run."""
+    import inspect
+
+    from retouch.control.options import check_options, option_types
+
+    fn = get_inversion(name).invert
+    target = fn.func if hasattr(fn, "func") else fn
+    extra = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in inspect.signature(target).parameters.values())
+    table = option_types(
+        fn, skip=_INVERSION_INTERNAL | {"iterations", "sweeps", "eta"} if name == "dpmpp" else _INVERSION_INTERNAL
+    )
+    check_options(table, dict(options), f"inversion {name!r}", extra=extra)
 
 
 def run_inversion(
@@ -308,6 +348,30 @@ def run_mask(
     return masks.auto_mask(backbone, z0, cond, grid, blend, torch.Generator().manual_seed(cfg.seed))
 
 
+def warn_vocabulary(backbone: Backbone, prompts: list[str]) -> list[str]:
+    """Warn when a model trained on ShapesWorld (the embedded models) is given words it never saw; returns the
+    problems (empty for other models)."""
+    from retouch.models.vocab import model_vocabulary, vocabulary_message, vocabulary_problems
+
+    vocab = model_vocabulary(backbone.name)
+    problems = vocabulary_problems(prompts, vocab) if vocab is not None else []
+    if problems:
+        log.warning("%s", vocabulary_message(backbone.name, problems))
+    return problems
+
+
+@contextmanager
+def _torch_convolutions() -> Iterator[None]:
+    """CPU convolutions in torch's own kernels rather than oneDNN's (deterministic across thread counts); the
+    previous setting is restored on exit."""
+    old = torch.backends.mkldnn.enabled
+    torch.backends.mkldnn.enabled = False
+    try:
+        yield
+    finally:
+        torch.backends.mkldnn.enabled = old
+
+
 @contextmanager
 def _timed(timings: dict[str, float], key: str) -> Iterator[None]:
     t0 = time.perf_counter()
@@ -329,32 +393,88 @@ def edit(
     latent: Tensor | None = None,
     noise: Noise | None = None,
     on_step: Callable[[int, Tensor], None] | None = None,
+    memory_limit: float | None = None,
+    deterministic: bool = True,
 ) -> EditResult:
     """Edit ``image`` from ``cfg.source_prompt`` to ``cfg.target_prompt`` with ``cfg.method``.
 
-    With the ``identity`` method and equal prompts this is inversion -> reconstruction. ``mask`` (white = may
-    change; a file path, image, array or ``"auto:WORDS"``, see :mod:`retouch.masks`) keeps the source
-    trajectory outside it at every step.
+    With the ``identity`` method and equal prompts this is inversion -> reconstruction.
 
-    ``latent``: start from this model latent ``[1, C, h, w]`` instead of encoding ``image`` (which then only
-    fixes the size), e.g. a reference implementation's own encoding in a parity test. ``noise``: where the
-    run's Gaussian draws come from, ``shape -> tensor`` (default: ``backbone.randn_latent`` from the seeded
-    generator). ``on_step(i, x)`` sees the latents of every branch after sampling step ``i`` (read-only;
-    e.g. parity tests).
+    ``mask`` (white = may change; a file path, image, array or ``"auto:WORDS"``, see :mod:`retouch.masks`)
+    keeps the source trajectory outside it at every step. ``latent``: start from this model latent
+    ``[1, C, h, w]`` instead of encoding ``image`` (which then only fixes the size), e.g. a reference
+    implementation's own encoding in a parity test. ``noise``: where the run's Gaussian draws come from,
+    ``shape -> tensor`` (default: ``backbone.randn_latent`` from the seeded generator). ``on_step(i, x)``
+    sees the latents of every branch after sampling step ``i`` (read-only; e.g. parity tests).
+
+    Args:
+        backbone: a loaded :class:`~retouch.backbones.base.Backbone` (``load_backbone``).
+        image: a PIL image, a file path, a numpy array ``[H, W(, 3|4)]`` (uint8, or float in [0, 1]) or a
+            tensor ``[3, H, W]`` / ``[1, 3, H, W]`` in [0, 1] (see :func:`retouch.io.as_image`).
+        cfg: an :class:`~retouch.config.EditConfig`.
+        memory_limit: bytes the edit may use on top of the loaded model; ``None``: the memory available on the
+            backbone's device; ``float("inf")``: no check. An edit estimated above it is refused before any
+            model runs (:mod:`retouch.backbones.memory`).
+        deterministic: on the CPU, run convolutions in torch's own kernels instead of oneDNN's: oneDNN picks
+            its convolution algorithm by thread count (a 1x1 convolution with bias in the VAE and UNet sums in
+            another order with 1 and 2 threads), so the same seed gave images differing in a few pixels between
+            ``--threads 1`` and ``--threads 2``. With this (the default) the output is byte-identical whatever
+            the thread count; ``False`` keeps oneDNN (faster convolutions on large UNets).
     """
+    if not isinstance(backbone, Backbone):
+        raise TypeError(
+            f"backbone must be a retouch Backbone (from retouch.backbones.load_backbone), got {type(backbone).__name__}"
+        )
+    if not isinstance(cfg, EditConfig):
+        hint = "; build one with EditConfig(**d)" if isinstance(cfg, dict) else ""
+        raise TypeError(f"cfg must be an EditConfig, got {type(cfg).__name__}{hint}")
+    if memory_limit is not None and (isinstance(memory_limit, bool) or not isinstance(memory_limit, (int, float))):
+        raise TypeError(f"memory_limit must be a number of bytes or None, got {type(memory_limit).__name__}")
+    if memory_limit is not None and not memory_limit > 0:
+        raise ValueError(f"memory_limit must be > 0 bytes, got {memory_limit}")
+    image = io.as_image(image, name="image")
     mask_spec = masks.parse_mask(mask)
     res = resolve(backbone, cfg)
     cfg = res.config
     backbone.check_prompts([cfg.target_prompt])
     backbone.check_prompts([cfg.source_prompt], allow_empty=res.source_branch_prompt is not None)
+    warn_vocabulary(backbone, [cfg.source_prompt, cfg.target_prompt])
+    img, size_note = prepare_image(backbone, image, cfg)
+    estimate = estimate_edit_memory(backbone, (img.size[1], img.size[0]), batch=4 if backbone.uses_cfg else 2)
+    check_memory(estimate, backbone.device, memory_limit)
+    generator = torch.Generator().manual_seed(cfg.seed)
+
+    with ExitStack() as backend_flags:
+        if deterministic and backbone.device.type == "cpu":
+            backend_flags.enter_context(_torch_convolutions())
+        return _edit(
+            backbone, cfg, res, img, size_note, estimate, generator, progress, keep_latents, record_attention,
+            mask_spec=mask_spec, latent=latent, noise=noise, on_step=on_step,
+        )  # fmt: skip
+
+
+def _edit(
+    backbone: Backbone,
+    cfg: EditConfig,
+    res: Resolved,
+    img: Image.Image,
+    size_note: dict[str, Any],
+    estimate: Any,
+    generator: torch.Generator,
+    progress: Progress | None,
+    keep_latents: bool,
+    record_attention: bool,
+    *,
+    mask_spec: masks.MaskSpec | None,
+    latent: Tensor | None,
+    noise: Noise | None,
+    on_step: Callable[[int, Tensor], None] | None,
+) -> EditResult:
     source_text = cfg.source_prompt if res.source_branch_prompt is None else res.source_branch_prompt
     timings: dict[str, float] = {}
     t_start = time.perf_counter()
-    generator = torch.Generator().manual_seed(cfg.seed)
-
     with torch.no_grad():
         with _timed(timings, "encode"):
-            img, size_note = prepare_image(backbone, io.to_rgb(image), cfg)
             hw = (img.size[1], img.size[0])
             posterior = cfg.inversion.options.get("posterior", "mean")
             if posterior not in ("mean", "sample"):
@@ -504,8 +624,8 @@ def edit(
             if latent_mask is not None:
                 round_trip = backbone.decode(traj.latents[-1].to(backbone.dtype)).float()
                 decoded = masks.composite(decoded, round_trip, latent_mask, first_target=int(source_branch))
-            recon_img = io.tensor_to_pil(decoded[0]) if source_branch else None
-            edited_img = io.tensor_to_pil(decoded[-1])
+            recon_img = restore_size(io.tensor_to_pil(decoded[0]), size_note) if source_branch else None
+            edited_img = restore_size(io.tensor_to_pil(decoded[-1]), size_note)
 
     timings["total"] = time.perf_counter() - t_start
     report = {
@@ -523,6 +643,7 @@ def edit(
         "nfe": {"inversion": traj.nfe, "sampling": model.nfe, "total": traj.nfe + model.nfe + mask_nfe},
         "timings": {k: round(v, 4) for k, v in timings.items()},
         "size": size_note,
+        "memory_estimate": estimate.to_dict(),
         "attention_calls": {
             "total": state.calls,
             "materialised": state.prob_calls,

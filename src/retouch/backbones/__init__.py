@@ -180,12 +180,23 @@ def load_backbone(
     import diffusers
 
     pipe_cls = getattr(diffusers, cls_name)
-    kwargs: dict[str, Any] = {"torch_dtype": torch_dtype}
+    local = isinstance(path, Path) or Path(str(path)).is_dir()
+    if local:
+        from retouch.backbones.checks import check_model_folder
+
+        check_model_folder(Path(path))
+    kwargs: dict[str, Any] = {"torch_dtype": torch_dtype, "use_safetensors": True}
     if family == "sd" and "XL" not in cls_name:
         kwargs.update(safety_checker=None, requires_safety_checker=False)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*torch_dtype.*deprecated", category=FutureWarning)
-        pipe = pipe_cls.from_pretrained(str(path), **kwargs)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*torch_dtype.*deprecated", category=FutureWarning)
+            pipe = pipe_cls.from_pretrained(str(path), **kwargs)
+    except (KeyboardInterrupt, MemoryError):
+        raise
+    except Exception as exc:  # noqa: BLE001 - diffusers / transformers / safetensors raise many types
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(f"model {source!r} could not be loaded ({type(exc).__name__}): {first}") from None
     if offload:
         pipe.enable_model_cpu_offload(device=device)
     elif device is not None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import abc
 import logging
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -86,6 +87,14 @@ class SizePolicy:
                 f"image size {width}x{height} is not supported: both sides must be multiples of {self.multiple} "
                 f"between {self.min_side} and {self.max_side} pixels (native {self.native[1]}x{self.native[0]})"
             )
+
+    def fit_native(self, height: int, width: int) -> tuple[int, int]:
+        """The size of the model's native pixel area with the image's aspect ratio: both sides scaled by
+        ``sqrt(native area / image area)``, rounded to the size multiple and clamped to the bounds."""
+        if height <= 0 or width <= 0:
+            raise ValueError(f"image size {width}x{height} has no pixels")
+        scale = math.sqrt(self.native[0] * self.native[1] / (height * width))
+        return self.fit(max(1, round(height * scale)), max(1, round(width * scale)))
 
     def fit(self, height: int, width: int) -> tuple[int, int]:
         """The size an image is resized to: each side rounded to the nearest multiple, clamped to bounds."""

@@ -69,7 +69,11 @@ class FluxBackbone(Backbone):
     @property
     def size_policy(self) -> SizePolicy:
         mult = self.vae_scale_factor * 2
-        native = int(getattr(self.pipe, "default_sample_size", 128)) * self.vae_scale_factor
+        # the transformer's config has no sample size; the VAE's config holds the training resolution (1024 for
+        # FLUX.1, 64 for the embedded shapes-flux); the pipeline's hard-coded 128 latents otherwise
+        native = getattr(self.vae.config, "sample_size", None)
+        if not isinstance(native, int) or native <= 0:
+            native = int(getattr(self.pipe, "default_sample_size", 128)) * self.vae_scale_factor
         return SizePolicy(multiple=mult, min_side=mult, max_side=4096, native=(native, native))
 
     def encode_prompt(

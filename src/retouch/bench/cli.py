@@ -39,24 +39,35 @@ EXIT_ERROR = 1
 
 
 def _add_run_args(p: argparse.ArgumentParser, suite: str) -> None:
+    from retouch.cli import _device, _seed, _threads
+    from retouch.models.registry import DEFAULT_MODEL
+
     p.add_argument("--methods", help="comma-separated methods (presets / editors, see `retouch methods`)")
     p.add_argument("--methods-file", help="JSON list of method specs {label, method, options, solver, ...}")
     p.add_argument("--out", "-o", required=True, help="output folder (results.jsonl, summary.json, report.html)")
-    p.add_argument("--cases", type=int, default=None, help="number of cases (ShapesBench default 100)")
     p.add_argument(
-        "--seed", type=int, default=0, help="edit seed; for ShapesBench also the split (0 = public dev split)"
+        "--cases",
+        type=int,
+        default=None,
+        help="number of cases (default: "
+        + ("every case of the data folder)" if suite == "pie" else f"{_shapes_default_cases()}, the dev split's size)"),
     )
-    p.add_argument("--model", "-m", help="embedded model name, local diffusers folder or hub id (default: shapes-sd)")
+    p.add_argument(
+        "--seed", type=_seed, default=0, help="edit seed; for ShapesBench also the split (0 = public dev split)"
+    )
+    p.add_argument(
+        "--model", "-m", help=f"embedded model name, local diffusers folder or hub id (default: {DEFAULT_MODEL})"
+    )
     p.add_argument("--steps", type=int, default=None, help="sampling steps for every method (default: method's)")
     p.add_argument("--guidance", type=float, default=None, help="guidance scale for every method")
     p.add_argument("--types", default=None, help="editing types to keep, e.g. 1,2,6 (default: all)")
     p.add_argument("--shard", default=None, help="I/N: run shard I of N (0-based); 'auto': from RANK/WORLD_SIZE")
-    p.add_argument("--device", default=None, help="torch device for the model (default cpu)")
+    p.add_argument("--device", default=None, type=_device, help="torch device for the model (default cpu)")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
     p.add_argument("--metrics-device", default=None, help="device of the metric models (default: --device)")
     p.add_argument(
         "--threads",
-        type=int,
+        type=_threads,
         default=None,
         help="CPU threads for torch (default: 1 for the embedded models, whose ops are too small to gain from "
         "more; torch's choice otherwise)",
@@ -89,6 +100,14 @@ def _add_run_args(p: argparse.ArgumentParser, suite: str) -> None:
     p.add_argument("--retry-errors", action="store_true", help="run again the rows that ended in an error")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--json", action="store_true", help="print summary.json's methods on stdout")
+    p.add_argument("--strict", action="store_true",
+                   help="exit with status 1 when any row failed (a run whose rows all failed always does)")  # fmt: skip
+
+
+def _shapes_default_cases() -> int:
+    from retouch.bench.shapes import DEV_SPLIT_SIZE
+
+    return DEV_SPLIT_SIZE
 
 
 def add_bench_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -217,6 +236,22 @@ def _print_summary(folder: Path, as_json: bool) -> None:
     print(f"report: {folder / 'report.html'}")
 
 
+def _failure_status(folder: Path, strict: bool) -> int:
+    """0, or 1 when every row failed (or, with ``strict``, any row); failures are counted on stderr."""
+    summary = json.loads((folder / "summary.json").read_text())
+    rows = summary.get("n_rows", 0)
+    errors = sum(m.get("n_errors", 0) for m in summary.get("methods", {}).values())
+    if not errors:
+        return 0
+    if errors >= rows:
+        print(f"retouch: error: all {rows} rows failed (see the error of each row in {folder / 'results.jsonl'})",
+              file=sys.stderr)  # fmt: skip
+        return EXIT_ERROR
+    print(f"retouch: {errors} of {rows} rows failed (see {folder / 'results.jsonl'}; --retry-errors runs them again)",
+          file=sys.stderr)  # fmt: skip
+    return EXIT_ERROR if strict else 0
+
+
 def run_bench(args: argparse.Namespace) -> int:
     """Run a ``bench`` sub-command; returns the exit status (errors are printed as one line)."""
     from retouch.bench import runner
@@ -266,7 +301,7 @@ def run_bench(args: argparse.Namespace) -> int:
             )
             return 0
         _print_summary(folder, args.json)
-        return 0
+        return _failure_status(folder, args.strict)
     except (ValueError, OSError) as err:  # BenchError and MetricUnavailable are ValueErrors
         print(f"retouch: error: {err}", file=sys.stderr)
         return EXIT_ERROR

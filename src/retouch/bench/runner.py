@@ -273,7 +273,9 @@ class ResultsLog:
 
     def read(self, *, repair: bool = False) -> list[dict[str, Any]]:
         """Every complete row. A trailing partial line is ignored (and cut off the file with ``repair``);
-        undecodable complete lines are skipped with a warning; later duplicates of a key are dropped."""
+        undecodable complete lines are skipped with a warning (and, with ``repair``, removed from the file
+        after a copy of it is kept beside as ``results.jsonl.bad-<time>``); later duplicates of a key are
+        dropped."""
         if not self.path.is_file():
             return []
         data = self.path.read_bytes()
@@ -288,20 +290,30 @@ class ResultsLog:
                     os.fsync(f.fileno())
         rows: list[dict[str, Any]] = []
         seen: set[tuple[str, str]] = set()
+        kept: list[bytes] = []
+        bad = 0
         for n, line in enumerate(data[:end].splitlines(), 1):
             if not line.strip():
                 continue
             try:
                 row = json.loads(line)
                 key = row_key(row)
-            except (json.JSONDecodeError, KeyError, TypeError):
+            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
                 log.warning("%s:%d: skipping an undecodable line", self.path, n)
+                bad += 1
                 continue
+            kept.append(line)
             if key in seen:
                 log.warning("%s:%d: skipping a duplicate of %s", self.path, n, key)
                 continue
             seen.add(key)
             rows.append(row)
+        if repair and bad:
+            copy = self.path.with_name(f"{self.path.name}.bad-{time.strftime('%Y%m%d-%H%M%S')}")
+            io.atomic_write(copy, lambda p: p.write_bytes(data))
+            text = b"".join(line + b"\n" for line in kept)
+            io.atomic_write(self.path, lambda p: p.write_bytes(text))
+            log.warning("%s: removed %d undecodable line(s); the file as it was is kept at %s", self.path, bad, copy)
         return rows
 
     def append(self, row: Mapping[str, Any]) -> None:
@@ -409,6 +421,25 @@ def _check_methods(cfg: BenchConfig) -> dict[str, set[str]]:
             raise BenchError(f"method {m.label!r} does not take option(s) {unknown}; it takes {sorted(accepted)}")
         params[m.label] = accepted
     return params
+
+
+def method_families(method: str) -> tuple[str, ...]:
+    """The model families a method (preset or editor) runs on."""
+    from retouch.control.editors import EDITORS
+    from retouch.presets import PRESETS
+
+    preset = PRESETS.get(method)
+    if preset is not None:
+        return tuple(f for f in preset.families if f in EDITORS[preset.editor].families)
+    return tuple(EDITORS[method].families)
+
+
+def check_families(cfg: BenchConfig, family: str) -> None:
+    """Refuse, before any case runs, methods the model's family cannot run (every row would be an error)."""
+    bad = [(m.label, method_families(m.method)) for m in cfg.methods if family not in method_families(m.method)]
+    if bad:
+        detail = "; ".join(f"{label} runs on {', '.join(fams)}" for label, fams in bad)
+        raise BenchError(f"the model {cfg.model!r} is a {family} model, which these methods cannot run: {detail}")
 
 
 def _edit_config(cfg: BenchConfig, spec: MethodSpec, case: BenchCase, accepted: set[str]) -> Any:
@@ -589,6 +620,7 @@ def run(
         if todo:  # load everything before writing anything: missing weights leave the folder untouched
             evaluator = evaluator or build_evaluator(cfg)
             backbone = backbone if backbone is not None else _load_backbone(cfg)
+            check_families(cfg, backbone.family)
         io.save_json(cfg.to_dict(), folder / CONFIG)
         (folder / DONE).unlink(missing_ok=True)
         rows = results.read(repair=True)

@@ -19,6 +19,7 @@ from retouch.control.disentangle import make_disentangle
 from retouch.control.kv_edit import make_kv_edit
 from retouch.control.ledits import make_ledits
 from retouch.control.masactrl import MutualSelfAttention
+from retouch.control.options import check_options, option_types
 from retouch.control.p2p import (
     LocalBlend,
     PromptToPrompt,
@@ -46,13 +47,14 @@ class EditorSpec:
     description: str
 
     def build(self, backbone: Backbone, config: Any, options: dict[str, Any]) -> AttentionEditor | None:
+        self.check_options(options)
+        return self.factory(backbone, config, **options)
+
+    def check_options(self, options: dict[str, Any], owner: str | None = None) -> None:
+        """Option names and value types against the factory's declared types (:mod:`retouch.control.options`)."""
         params = inspect.signature(self.factory).parameters
         accepts_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-        known = [n for n in params if n not in ("backbone", "config")]
-        unknown = sorted(set(options) - set(known))
-        if unknown and not accepts_any:
-            raise ValueError(f"unknown option(s) {unknown} for method {self.name!r}; it takes {known}")
-        return self.factory(backbone, config, **options)
+        check_options(option_types(self.factory), options, owner or f"method {self.name!r}", extra=accepts_any)
 
 
 def _steps(value: float | int, num_steps: int, label: str) -> int:
