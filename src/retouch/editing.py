@@ -36,6 +36,14 @@ log = logging.getLogger(__name__)
 Progress = Callable[[str, int, int], None]
 
 
+class Cancelled(Exception):
+    """Raised by a ``progress`` callback to stop an edit between steps (e.g. a Cancel button).
+
+    :func:`edit` lets it through unchanged: every model modification is a context manager, so the backbone
+    comes out restored and can run the next edit at once; nothing is decoded or reported.
+    """
+
+
 class GuidedModel:
     """``model_fn(x, k) -> Pred`` over a backbone: batches CFG, counts NFE, keeps math in float32."""
 
@@ -284,7 +292,9 @@ def edit(
 ) -> EditResult:
     """Edit ``image`` from ``cfg.source_prompt`` to ``cfg.target_prompt`` with ``cfg.method``.
 
-    With the ``identity`` method and equal prompts this is inversion -> reconstruction.
+    With the ``identity`` method and equal prompts this is inversion -> reconstruction. ``progress`` is called
+    as ``progress(phase, done, total)`` after each model evaluation of the inversion and each sampling step; it
+    may raise :class:`Cancelled` to stop the edit there (the exception propagates, the model is restored).
     """
     res = resolve(backbone, cfg)
     cfg = res.config
