@@ -34,7 +34,7 @@ def launch(config: AppConfig) -> tuple[Any, str]:
     _configure_gradio_env(workdir)
     import gradio as gr
 
-    from retouch.app.ui import build
+    from retouch.app.ui import CSS, build
 
     service = EditorService.load(config)
     demo = build(service)
@@ -51,5 +51,6 @@ def launch(config: AppConfig) -> tuple[Any, str]:
         prevent_thread_lock=True,
         footer_links=["api"],
         theme=gr.themes.Default(),
+        css=CSS,
     )
     return demo, f"http://{config.host}:{port}/"

@@ -25,6 +25,13 @@ from retouch.editing import Cancelled
 
 log = logging.getLogger(__name__)
 
+# small ShapesWorld images: show pixels as pixels, and the input and result at a readable size
+CSS = """
+#input-image img, #result img, #compare img, #examples img, #history img, #attention-maps img {
+  image-rendering: pixelated;
+}
+#input-image img, #result img { width: 100%; height: 100%; object-fit: contain; }
+"""
 HISTORY_LIMIT = 50  # entries kept per browser tab
 CANCEL_MEMORY_S = 3600.0  # how long a session's last Cancel is remembered
 
@@ -204,8 +211,8 @@ def build(service: EditorService) -> Any:
                 files = gr.File(label="download: image and JSON sidecar", file_count="multiple", elem_id="download")
             with gr.Column(), gr.Accordion("full report (JSON)", open=False):
                 report = gr.JSON(elem_id="report")
-        history_gallery = gr.Gallery(label="history of this tab (click to reopen)", columns=8, height=160,
-                                     allow_preview=False, elem_id="history")  # fmt: skip
+        history_gallery = gr.Gallery(label="history of this tab (click to reopen)", columns=10, height=150,
+                                     object_fit="contain", allow_preview=False, elem_id="history")  # fmt: skip
 
         inputs = [image, source, target, method, steps, guidance, seed, inversion, options, merge, attention]
         outputs = [result, compare, maps, summary, report, files, status, history, history_gallery]
@@ -224,11 +231,11 @@ def build(service: EditorService) -> Any:
         new_scene.click(on_new_scene, None, [image, source, target, status], queue=False, api_visibility="private")
         edit_btn.click(announce, None, submitted, queue=False, api_visibility="private").then(
             run_edit, [*inputs, history, submitted], outputs, api_name="edit", concurrency_id="model",
-            concurrency_limit=1,
+            concurrency_limit=1, show_progress_on=[result],
         )  # fmt: skip
         recon_btn.click(announce, None, submitted, queue=False, api_visibility="private").then(
             run_reconstruct, [*inputs, history, submitted], outputs, api_name="reconstruct", concurrency_id="model",
-            concurrency_limit=1,
+            concurrency_limit=1, show_progress_on=[result],
         )  # fmt: skip
         cancel_btn.click(on_cancel, None, status, queue=False, api_visibility="private")
         history_gallery.select(
