@@ -244,7 +244,12 @@ class EditorService:
         from retouch.presets import PRESETS
 
         out = [MethodInfo(p.name, p.description, "preset") for p in PRESETS.values() if self.family in p.families]
-        out += [MethodInfo(e.name, e.description, "editor") for e in EDITORS.values() if self.family in e.families]
+        named = {m.name for m in out}
+        out += [
+            MethodInfo(e.name, e.description, "editor")
+            for e in EDITORS.values()
+            if self.family in e.families and e.name not in named
+        ]
         return out
 
     def default_method(self) -> str:
@@ -360,6 +365,8 @@ class EditorService:
                 f"option(s) {blocked} read or write files and are not available in the app; use `retouch edit`"
             )
         defaults = self.method_defaults(method).options
+        for key, value in given.items():
+            _check_option_type(key, value, defaults.get(key))
         # only what differs from the engine's defaults, so the run's config is the CLI's for the same edit
         return {k: v for k, v in given.items() if k not in defaults or defaults[k] != v}
 
@@ -495,3 +502,24 @@ def _optional_int(value: Any, label: str) -> int | None:
     if not f.is_integer():
         raise ValueError(f"{label} must be a whole number, got {value!r}")
     return int(f)
+
+
+def _check_option_type(key: str, value: Any, default: Any) -> None:
+    """A value of the default's kind (a number for a number, true/false for a flag); None defaults take anything.
+
+    The editors check ranges and meanings themselves when the run starts; this catches what they would only
+    meet as a TypeError deep inside.
+    """
+    if default is None or value is None:
+        return
+    if isinstance(default, bool):
+        ok, kind = isinstance(value, bool), "true or false"
+    elif isinstance(default, (int, float)):
+        ok, kind = isinstance(value, (int, float)) and not isinstance(value, bool), "a number"
+    elif isinstance(default, str):
+        ok, kind = isinstance(value, str), "a word"
+    else:
+        return
+    if not ok:
+        shown = format_option(value)
+        raise ValueError(f"option {key}: expected {kind} (default {format_option(default)}), got {shown}")
