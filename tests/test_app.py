@@ -219,6 +219,24 @@ def test_new_scenes_are_only_for_embedded_models(service):
         service.new_scene(0)
 
 
+def test_a_new_scene_is_rendered_at_the_models_size_and_captioned(tmp_path):
+    from PIL import Image
+
+    from retouch.worlds import captions, oracle
+
+    # a tiny backbone under an embedded model's name: the scene follows that model's world (1-3 objects)
+    svc = EditorService(tiny_backbone("flux"), AppConfig(workdir=str(tmp_path / "wd")), model_name="shapes-flux")
+    path, caption = svc.new_scene(7)
+    img = np.asarray(Image.open(path).convert("RGB"))
+    assert img.shape == (64, 64, 3) and Path(path).parent == svc.scenes_dir
+    assert svc.new_scene(7) == (path, caption)  # the seed decides everything
+    parsed = oracle.parse(img)
+    words = set(captions.tokenize(caption))
+    assert 1 <= len(parsed.objects) <= 3
+    for obj in parsed.objects:  # the caption names what the oracle reads back from the pixels
+        assert {obj.shape, obj.colour, obj.size} <= words, (caption, obj)
+
+
 def test_app_config_is_validated():
     with pytest.raises(ValueError, match="port"):
         AppConfig(port=70000)

@@ -293,4 +293,11 @@ def test_edit_in_the_browser_then_bad_upload_then_edit_again(app, browser, tmp_p
     _wait(browser, lambda d: "reopened edit #1" in _text(d, "status"), 30, "the history entry to reopen")
     assert browser.find_element("css selector", "#target textarea").get_attribute("value") == case["target"]
     _shot(browser, tmp_path, "09_history_reopened")
+
+    # "new scene" renders a ShapesWorld scene and puts its caption in the source prompt
+    _click(browser, "#new-scene")
+    _wait(browser, lambda d: "new ShapesWorld scene" in _text(d, "status"), 30, "a new scene")
+    caption = browser.find_element("css selector", "#source textarea").get_attribute("value")
+    assert " background" in caption and caption != case["source"], caption
+    _shot(browser, tmp_path, "10_new_scene")
     assert app.proc.poll() is None

@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 # weights) or take Python objects: the app never lets a browser reach the file system through them.
 FILE_OPTIONS = frozenset({"weights", "clip_model", "save_to", "on_weights"})
 MAX_PROMPT_CHARS = 2000
+SCENE_HW = (64, 64)  # ShapesWorld's canvas, the size the embedded models were trained at (their model cards)
 EXAMPLES_DIR = Path(__file__).resolve().parents[3] / "examples"  # the repository's bundled examples, if present
 
 
@@ -477,7 +478,7 @@ class EditorService:
         return out
 
     def new_scene(self, seed: int) -> tuple[str, str]:
-        """Render a ShapesWorld scene (embedded models) and caption it; returns (image path, caption)."""
+        """Render a ShapesWorld scene at 64×64 (embedded models) and caption it; returns (image path, caption)."""
         from retouch.models import registry
         from retouch.worlds import captions, shapes
 
@@ -486,8 +487,7 @@ class EditorService:
         rng = np.random.default_rng(seed)
         max_objects = int(registry.world_of(self.model_name).get("max_objects", 3))
         scene = shapes.sample_scene(rng, n_objects=int(rng.integers(1, max_objects + 1)))
-        h, w = self.backbone.size_policy.native
-        pixels = shapes.render(scene, h, w)
+        pixels = shapes.render(scene, *SCENE_HW)
         path = io.save_image(Image.fromarray(pixels), self.scenes_dir / f"scene_{seed}.png")
         return str(path), captions.caption(scene, rng)
 
