@@ -144,8 +144,8 @@ def cmd_app(args: argparse.Namespace) -> int:
         import gradio  # noqa: F401
     except ImportError:
         raise CliError("the app needs gradio: pip install -e '.[app]' (make install does)") from None
-    from retouch.app.service import AppConfig
     from retouch.app.server import launch
+    from retouch.app.service import AppConfig
 
     if args.offload:
         raise CliError("--offload is not supported by the app")
