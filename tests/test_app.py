@@ -244,3 +244,14 @@ def test_app_config_is_validated():
         AppConfig(queue_size=0)
     with pytest.raises(ValueError, match="max pixels"):
         AppConfig(max_pixels=-1)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [(["--port", "70000"], "port must be in"), (["--queue-size", "0"], "queue size must be a positive integer")],
+)
+def test_app_command_refuses_bad_settings_before_loading_anything(capsys, args, message):
+    from retouch.cli import main
+
+    assert main(["app", *args]) == 1
+    assert message in capsys.readouterr().err

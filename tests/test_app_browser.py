@@ -119,6 +119,7 @@ def browser(tmp_path):
     opts.add_experimental_option(
         "prefs", {"download.default_directory": str(downloads), "download.prompt_for_download": False}
     )
+    opts.set_capability("goog:loggingPrefs", {"performance": "ALL"})  # the page's requests, checked below
     driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
     driver.downloads = downloads  # type: ignore[attr-defined]
     try:
@@ -301,3 +302,12 @@ def test_edit_in_the_browser_then_bad_upload_then_edit_again(app, browser, tmp_p
     assert " background" in caption and caption != case["source"], caption
     _shot(browser, tmp_path, "10_new_scene")
     assert app.proc.poll() is None
+
+    # the page asked nothing of any host but the app's (no fonts, scripts or telemetry from outside)
+    requested = {
+        msg["params"]["request"]["url"]
+        for entry in browser.get_log("performance")
+        if (msg := json.loads(entry["message"])["message"])["method"] == "Network.requestWillBeSent"
+    }
+    outside = sorted(u for u in requested if u.startswith(("http:", "https:", "ws:", "wss:")) and not u.startswith(url))
+    assert requested and not outside, outside[:10]

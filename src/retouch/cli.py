@@ -140,10 +140,10 @@ def _add_app_parser(sub: Any) -> None:
 
 
 def cmd_app(args: argparse.Namespace) -> int:
-    try:
-        import gradio  # noqa: F401
-    except ImportError:
-        raise CliError("the app needs gradio: pip install -e '.[app]' (make install does)") from None
+    import importlib.util
+
+    if importlib.util.find_spec("gradio") is None:  # not imported here: gradio reads its settings at import
+        raise CliError("the app needs gradio: pip install -e '.[app]' (make install does)")
     from retouch.app.server import launch
     from retouch.app.service import AppConfig
 
