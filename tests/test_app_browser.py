@@ -300,6 +300,8 @@ def test_edit_in_the_browser_then_bad_upload_then_edit_again(app, browser, tmp_p
     _wait(browser, lambda d: "new ShapesWorld scene" in _text(d, "status"), 30, "a new scene")
     caption = browser.find_element("css selector", "#source textarea").get_attribute("value")
     assert " background" in caption and caption != case["source"], caption
+    options = browser.find_element("css selector", "#options textarea").get_attribute("value")
+    assert "blend_words=null" in options.splitlines(), options  # the previous example's blend words are gone
     _shot(browser, tmp_path, "10_new_scene")
     assert app.proc.poll() is None
 

@@ -77,10 +77,11 @@ def build(service: EditorService) -> Any:
             status,
         )
 
-    def on_new_scene() -> tuple[Any, ...]:
+    def on_new_scene(method: str) -> tuple[Any, ...]:
         seed = secrets.randbelow(2**31)
         path, caption = service.new_scene(seed)
-        return path, caption, caption, f"new ShapesWorld scene (seed {seed}); edit the target prompt"
+        options = service.method_defaults(method or default_method).options_text()  # no stale blend words
+        return path, caption, caption, options, f"new ShapesWorld scene (seed {seed}); edit the target prompt"
 
     def announce() -> float:
         return time.monotonic()
@@ -228,7 +229,9 @@ def build(service: EditorService) -> Any:
             queue=False,
             api_visibility="private",
         )
-        new_scene.click(on_new_scene, None, [image, source, target, status], queue=False, api_visibility="private")
+        new_scene.click(
+            on_new_scene, method, [image, source, target, options, status], queue=False, api_visibility="private"
+        )
         edit_btn.click(announce, None, submitted, queue=False, api_visibility="private").then(
             run_edit, [*inputs, history, submitted], outputs, api_name="edit", concurrency_id="model",
             concurrency_limit=1, show_progress_on=[result],
