@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: install test lint format demo clean
+.PHONY: install test lint format demo app clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -13,7 +13,7 @@ $(BIN)/python:
 install: $(BIN)/python
 	# CPU build of torch first (a plain `pip install torch` pulls a multi-GB CUDA build)
 	$(BIN)/pip install --quiet "torch==2.13.0"
-	$(BIN)/pip install --quiet -e ".[dev]"
+	$(BIN)/pip install --quiet -e ".[dev,app]"
 
 lint:
 	$(BIN)/ruff check src tests
@@ -30,6 +30,9 @@ demo:  ## one edit of an example image on the default embedded model (offline, ~
 	$(BIN)/retouch edit examples/colour.png \
 		--source "$$(cat examples/colour.source.txt)" --target "$$(cat examples/colour.target.txt)" \
 		--method direct+p2p --option blend_words="diamond diamond" -o out/colour_edited.png
+
+app:  ## the web editor on the embedded default model, at http://127.0.0.1:7860 (Ctrl+C to stop)
+	$(BIN)/retouch app
 
 clean:
 	rm -rf .pytest_cache .ruff_cache build dist src/*.egg-info

@@ -258,7 +258,46 @@ def build_parser() -> argparse.ArgumentParser:
     from retouch.bench.cli import add_bench_parser
 
     add_bench_parser(sub)
+    _add_app_parser(sub)
     return parser
+
+
+def _add_app_parser(sub: Any) -> None:
+    from retouch.app import DEFAULT_MAX_PIXELS, DEFAULT_MAX_UPLOAD_BYTES
+
+    p = sub.add_parser("app", help="interactive web editor (needs the app extra: pip install -e '.[app]')")
+    _add_model_args(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: localhost only)")
+    p.add_argument("--port", type=int, default=7860, help="port (0: a free port)")
+    p.add_argument("--workdir", default="retouch-app", help="the app's working folder: uploads, results, cache")
+    p.add_argument("--queue-size", type=int, default=16, help="runs waiting at most; more are refused politely")
+    p.add_argument("--max-upload-bytes", type=int, default=DEFAULT_MAX_UPLOAD_BYTES, help="largest upload in bytes")
+    p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="largest upload in pixels (w*h)")
+    p.add_argument("--keep-edits", type=int, default=200, help="result folders kept in the working folder")
+
+
+def cmd_app(args: argparse.Namespace) -> int:
+    import importlib.util
+
+    if importlib.util.find_spec("gradio") is None:  # not imported here: gradio reads its settings at import
+        raise CliError("the app needs gradio: pip install -e '.[app]' (make install does)")
+    from retouch.app.server import launch
+    from retouch.app.service import AppConfig
+
+    if args.offload:
+        raise CliError("--offload is not supported by the app")
+    config = AppConfig(
+        model=args.model, host=args.host, port=args.port, workdir=args.workdir, queue_size=args.queue_size,
+        max_upload_bytes=args.max_upload_bytes, max_pixels=args.max_pixels, keep_edits=args.keep_edits,
+        device=args.device, dtype=args.dtype, threads=args.threads,
+    )  # fmt: skip
+    demo, url = launch(config)
+    print(f"retouch app: serving {config.model or _default_model()} at {url} (Ctrl+C to stop)", flush=True)
+    try:
+        demo.block_thread()
+    finally:
+        demo.close()
+    return 0
 
 
 # --- listing commands ------------------------------------------------------------------------------------
@@ -631,7 +670,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return run_bench(args)
 
 
-COMMANDS = {"edit": cmd_edit, "invert": cmd_invert, "models": cmd_models, "methods": cmd_methods, "bench": cmd_bench}
+COMMANDS = {"edit": cmd_edit, "invert": cmd_invert, "models": cmd_models, "methods": cmd_methods, "bench": cmd_bench,
+            "app": cmd_app}  # fmt: skip
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -659,7 +699,7 @@ def _main(argv: Sequence[str] | None, written: list[Path]) -> int:
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
         os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-        if args.command in ("edit", "invert"):
+        if args.command in ("edit", "invert", "app"):
             import diffusers.utils.logging as dlog
             import transformers.utils.logging as tlog
 

@@ -39,6 +39,14 @@ Progress = Callable[[str, int, int], None]
 Noise = Callable[[Sequence[int]], Tensor]  # shape -> standard-normal latent (the run's only randomness)
 
 
+class Cancelled(Exception):
+    """Raised by a ``progress`` callback to stop an edit between steps (e.g. a Cancel button).
+
+    :func:`edit` lets it through unchanged: every model modification is a context manager, so the backbone
+    comes out restored and can run the next edit at once; nothing is decoded or reported.
+    """
+
+
 class GuidedModel:
     """``model_fn(x, k) -> Pred`` over a backbone: batches CFG, counts NFE, keeps math in float32."""
 
@@ -406,6 +414,10 @@ def edit(
     implementation's own encoding in a parity test. ``noise``: where the run's Gaussian draws come from,
     ``shape -> tensor`` (default: ``backbone.randn_latent`` from the seeded generator). ``on_step(i, x)``
     sees the latents of every branch after sampling step ``i`` (read-only; e.g. parity tests).
+
+    ``progress`` is called as ``progress(phase, done, total)`` after each model evaluation of the inversion
+    and each sampling step; it may raise :class:`Cancelled` to stop the edit there (the exception
+    propagates, the model is restored).
 
     Args:
         backbone: a loaded :class:`~retouch.backbones.base.Backbone` (``load_backbone``).
