@@ -947,6 +947,8 @@ def time_nfes(
                     variants.append(Variant(f"{p}@step{first}", p, install=True, step=first, phase=f"phase{i}"))
     for r in ratios:
         for p, plan in plans.items():
+            if _mask_editor(plan.editor):  # KV-Edit caches per image token: token merging does not apply
+                continue
             variants.append(Variant(f"{p}+merge{r:g}", p, install=True, merge_ratio=r, step=plan.worst))
     if ratios:
         variants.append(Variant(f"merge{max(ratios):g}", None, install=True, merge_ratio=max(ratios), phase="-"))
