@@ -83,8 +83,9 @@ def test_method_defaults_are_the_engines(service):
     d = service.method_defaults("ddim+p2p")
     res = resolve(service.backbone, EditConfig("a", "a", method="ddim+p2p"))
     assert (d.steps, d.guidance, d.inversion) == (res.num_steps, res.guidance, res.inversion)
-    assert d.options["cross_steps"] == 0.8 and d.options["blend_threshold"] == 0.3
-    assert "cross_steps=0.8" in d.options_text().splitlines()
+    # the preset's PIE-Bench settings (cross 0.4) over the editor's own defaults (blend threshold 0.3)
+    assert d.options["cross_steps"] == 0.4 and d.options["blend_threshold"] == 0.3
+    assert "cross_steps=0.4" in d.options_text().splitlines()
     preset = service.method_defaults("direct+pnp").options
     assert preset["feature_steps"] == 0.8 and preset["attn_steps"] == 0.5
     assert not FILE_OPTIONS & service.method_defaults("disentangle").options.keys()
@@ -109,7 +110,7 @@ def _req(image, **kw) -> EditRequest:
         ({"steps": 2.5}, "steps must be a whole number"),
         ({"steps": 0}, "num_steps must be an integer in"),
         ({"guidance": -1.0}, "guidance must be a finite number"),
-        ({"seed": -4}, "seed must be a non-negative integer"),
+        ({"seed": -4}, r"seed must be in \[0, 2\*\*64\)"),
         ({"inversion": "flow_euler"}, "does not apply to sd"),
         ({"merge_ratio": 0.99}, "merge ratio must be in"),
     ],

@@ -302,6 +302,7 @@ def run_inversion(
         kwargs.update(iterations=inv.iterations, sweeps=inv.sweeps, eta=inv.eta)
     if base in ("rf_inversion", "ddpm"):
         kwargs["generator"] = generator
+    if base == "rf_inversion":
         kwargs["noise"] = noise
     if base == "null_text":
         kwargs.update(uncond=uncond, guidance=guidance)

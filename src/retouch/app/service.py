@@ -245,11 +245,10 @@ class EditorService:
         from retouch.presets import PRESETS
 
         out = [MethodInfo(p.name, p.description, "preset") for p in PRESETS.values() if self.family in p.families]
-        named = {m.name for m in out}
-        out += [
+        out += [  # a name that is a preset means the preset (as in `retouch methods`), whatever its families
             MethodInfo(e.name, e.description, "editor")
             for e in EDITORS.values()
-            if self.family in e.families and e.name not in named
+            if self.family in e.families and e.name not in PRESETS
         ]
         return out
 

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from retouch.backbones.base import TextSegment
 from retouch.types import NoiseGrid
 
 
@@ -60,3 +61,27 @@ def chat_prompt_offset(encode: Any) -> tuple[int, int]:
     while suffix < min(len(a), len(b)) - prefix and a[-1 - suffix] == b[-1 - suffix]:
         suffix += 1
     return prefix, suffix
+
+
+class ChatTemplateText:
+    """Prompt positions of the adapters whose text encoder reads a chat template (Flux.2, Z-Image): the prompt's
+    tokens sit between the template's prefix and suffix. Needs ``tokenizer``, ``_template_ids``,
+    ``max_sequence_length`` and ``chat_model`` (the model's name, for the error message)."""
+
+    chat_model = "this model"
+
+    def _offsets(self) -> tuple[int, int]:
+        if getattr(self.tokenizer, "padding_side", "right") != "right":
+            raise ValueError(f"the {self.chat_model} tokenizer pads on the left: text positions differ per prompt")
+        return chat_prompt_offset(self._template_ids)
+
+    @property
+    def max_prompt_tokens(self) -> int:
+        prefix, suffix = self._offsets()
+        return self.max_sequence_length - prefix - suffix
+
+    def text_segments(self) -> list[TextSegment]:
+        """The prompt's tokens start after the chat template's prefix."""
+        prefix, _ = self._offsets()
+        start = max(0, prefix - leading_specials(self.tokenizer))
+        return [TextSegment(self.tokenizer, start, self.max_sequence_length - start)]

@@ -29,8 +29,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from retouch.backbones.base import Backbone, LayerInfo, SizePolicy, TextSegment
-from retouch.backbones.flowgrid import chat_prompt_offset, explicit_sigma_flow_grid, leading_specials
+from retouch.backbones.base import Backbone, LayerInfo, SizePolicy
+from retouch.backbones.flowgrid import ChatTemplateText, explicit_sigma_flow_grid
 from retouch.backbones.processors import Attend, Merge, _no_merge
 from retouch.types import Conditioning, NoiseGrid, Prediction
 
@@ -161,8 +161,9 @@ class Flux2Processor:
         return hidden
 
 
-class Flux2Backbone(Backbone):
+class Flux2Backbone(ChatTemplateText, Backbone):
     family = "flux2"
+    chat_model = "Flux.2"
     prediction = Prediction.FLOW
     default_solver = "flow_euler"
     text_encoder_out_layers: tuple[int, ...] | None = None  # None: the pipeline's default
@@ -218,22 +219,6 @@ class Flux2Backbone(Backbone):
         out = tok.apply_chat_template(messages, add_generation_prompt=False, tokenize=True, return_dict=True)
         ids = out["input_ids"]
         return list(ids[0] if ids and isinstance(ids[0], list) else ids)
-
-    def _offsets(self) -> tuple[int, int]:
-        if getattr(self.tokenizer, "padding_side", "right") != "right":
-            raise ValueError("the Flux.2 tokenizer pads on the left: text positions differ per prompt")
-        return chat_prompt_offset(self._template_ids)
-
-    @property
-    def max_prompt_tokens(self) -> int:
-        prefix, suffix = self._offsets()
-        return self.max_sequence_length - prefix - suffix
-
-    def text_segments(self) -> list[TextSegment]:
-        """The prompt's tokens start after the chat template's prefix (system message for dev)."""
-        prefix, _ = self._offsets()
-        start = max(0, prefix - leading_specials(self.tokenizer))
-        return [TextSegment(self.tokenizer, start, self.max_sequence_length - start)]
 
     def encode_prompt(
         self, prompts: Sequence[str], *, image_size: tuple[int, int] | None = None, guidance: float | None = None

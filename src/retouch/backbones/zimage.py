@@ -36,8 +36,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from retouch.backbones.base import Backbone, LayerInfo, SizePolicy, TextSegment
-from retouch.backbones.flowgrid import chat_prompt_offset, explicit_sigma_flow_grid, leading_specials
+from retouch.backbones.base import Backbone, LayerInfo, SizePolicy
+from retouch.backbones.flowgrid import ChatTemplateText, explicit_sigma_flow_grid
 from retouch.backbones.processors import Attend, Merge, _no_merge
 from retouch.schedules import flux_shift_mu
 from retouch.types import Conditioning, NoiseGrid, Prediction
@@ -131,8 +131,9 @@ class ZImageProcessor:
         return hidden
 
 
-class ZImageBackbone(Backbone):
+class ZImageBackbone(ChatTemplateText, Backbone):
     family = "zimage"
+    chat_model = "Z-Image"
     prediction = Prediction.FLOW
     default_solver = "flow_euler"
 
@@ -170,22 +171,6 @@ class ZImageBackbone(Backbone):
             [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True, enable_thinking=True
         )
         return list(self.tokenizer(text)["input_ids"])
-
-    def _offsets(self) -> tuple[int, int]:
-        if getattr(self.tokenizer, "padding_side", "right") != "right":
-            raise ValueError("the Z-Image tokenizer pads on the left: text positions differ per prompt")
-        return chat_prompt_offset(self._template_ids)
-
-    @property
-    def max_prompt_tokens(self) -> int:
-        prefix, suffix = self._offsets()
-        return self.max_sequence_length - prefix - suffix
-
-    def text_segments(self) -> list[TextSegment]:
-        """The prompt's tokens follow the chat template's prefix (``<|im_start|>user\\n``)."""
-        prefix, _ = self._offsets()
-        start = max(0, prefix - leading_specials(self.tokenizer))
-        return [TextSegment(self.tokenizer, start, self.max_sequence_length - start)]
 
     def encode_prompt(
         self, prompts: Sequence[str], *, image_size: tuple[int, int] | None = None, guidance: float | None = None
