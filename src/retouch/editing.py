@@ -265,7 +265,7 @@ def restore_size(img: Image.Image, note: dict[str, Any]) -> Image.Image:
     return img if img.size == size else img.resize(size, Image.Resampling.BICUBIC)
 
 
-_INVERSION_INTERNAL = frozenset({"model_fn", "z0", "grid", "generator", "uncond", "guidance", "base"})
+_INVERSION_INTERNAL = frozenset({"model_fn", "z0", "grid", "generator", "uncond", "guidance", "base", "noise"})
 
 
 def check_inversion_options(name: str, options: Any) -> None:
@@ -280,7 +280,11 @@ def check_inversion_options(name: str, options: Any) -> None:
     table = option_types(
         fn, skip=_INVERSION_INTERNAL | {"iterations", "sweeps", "eta"} if name == "dpmpp" else _INVERSION_INTERNAL
     )
-    check_options(table, dict(options), f"inversion {name!r}", extra=extra)
+    # ``posterior`` (how edit() encodes the image: "mean" or "sample") is read by edit(), not the inversion
+    opts = {k: v for k, v in dict(options).items() if k != "posterior"}
+    if options.get("posterior", "mean") not in ("mean", "sample"):
+        raise ValueError(f"inversion option posterior must be 'mean' or 'sample', got {options['posterior']!r}")
+    check_options(table, opts, f"inversion {name!r}", extra=extra)
 
 
 def run_inversion(
