@@ -215,7 +215,7 @@ class WordMapRecorder:
         return ctx.layout.cond_rows
 
     def edit_block(self, block: Tensor, ctx: Any) -> dict[int, Tensor]:
-        self.blend.record(block, ctx, ctx.layout.row(0, True), ctx.layout.row(1, True))
+        self.blend.record(block[ctx.layout.row(0, True)], block[ctx.layout.row(1, True)], ctx)
         return {}
 
     def edit_probs(self, probs: Tensor, ctx: Any) -> Tensor:
