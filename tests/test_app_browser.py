@@ -95,6 +95,7 @@ def app(tmp_path):
         yield proc
     finally:
         proc.stop()
+        print("--- retouch app log (last 100 lines) ---\n" + "".join(proc.lines[-100:]))  # shown when a test fails
 
 
 @pytest.fixture
@@ -269,6 +270,7 @@ def test_edit_in_the_browser_then_bad_upload_then_edit_again(app, browser, tmp_p
           "the progress bar")  # fmt: skip
     _shot(browser, tmp_path, "05_progress")
     _click(browser, "#cancel")
+    _wait(browser, lambda d: "Cancel requested" in _text(d, "cancel-note"), 30, "the cancel acknowledgment")
     _wait(browser, lambda d: "Cancelled" in _text(d, "status"), 60, "the run to stop")
     status = _text(browser, "status")
     assert re.search(r"at step \d+ of 1000", status), status

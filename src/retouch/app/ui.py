@@ -83,8 +83,8 @@ def build(service: EditorService) -> Any:
         options = service.method_defaults(method or default_method).options_text()  # no stale blend words
         return path, caption, caption, options, f"new ShapesWorld scene (seed {seed}); edit the target prompt"
 
-    def announce() -> float:
-        return time.monotonic()
+    def announce() -> tuple[float, str]:
+        return time.monotonic(), ""  # the submit time, and a clear cancel note
 
     def on_cancel(request: gr.Request) -> str:
         cancels.press(request.session_hash or "")
@@ -199,6 +199,9 @@ def build(service: EditorService) -> Any:
                     edit_btn = gr.Button("Edit", variant="primary", elem_id="edit")
                     recon_btn = gr.Button("Reconstruct", elem_id="reconstruct")
                     cancel_btn = gr.Button("Cancel", variant="stop", elem_id="cancel")
+                # the Cancel acknowledgment has its own line: were it written to the status, its reply could
+                # arrive after the run's own "Cancelled: ..." and hide it
+                cancel_note = gr.Markdown("", elem_id="cancel-note")
                 status = gr.Markdown("", elem_id="status")
         with gr.Row():
             result = gr.Image(label="result", type="filepath", elem_id="result", height=300, interactive=False)
@@ -232,15 +235,15 @@ def build(service: EditorService) -> Any:
         new_scene.click(
             on_new_scene, method, [image, source, target, options, status], queue=False, api_visibility="private"
         )
-        edit_btn.click(announce, None, submitted, queue=False, api_visibility="private").then(
+        edit_btn.click(announce, None, [submitted, cancel_note], queue=False, api_visibility="private").then(
             run_edit, [*inputs, history, submitted], outputs, api_name="edit", concurrency_id="model",
             concurrency_limit=1, show_progress_on=[result],
         )  # fmt: skip
-        recon_btn.click(announce, None, submitted, queue=False, api_visibility="private").then(
+        recon_btn.click(announce, None, [submitted, cancel_note], queue=False, api_visibility="private").then(
             run_reconstruct, [*inputs, history, submitted], outputs, api_name="reconstruct", concurrency_id="model",
             concurrency_limit=1, show_progress_on=[result],
         )  # fmt: skip
-        cancel_btn.click(on_cancel, None, status, queue=False, api_visibility="private")
+        cancel_btn.click(on_cancel, None, cancel_note, queue=False, api_visibility="private")
         history_gallery.select(
             on_history, history,
             [image, source, target, method, info, steps, guidance, seed, inversion, options, merge, attention,
