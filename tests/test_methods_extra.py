@@ -106,9 +106,10 @@ def test_p2p_zero_guidance_step_reduces_attention_distance(family):
     with attention_editing(bb, editor) as state:
         state.phase, state.num_steps, state.step = "sample", 4, 1
         model = GuidedModel(bb, grid, cond, None, 1.0, state)
-        before, _ = editor.attention_loss(x, model, grid, 1)
-        x_new = editor.before_step(1, x, model, grid)
-        after, _ = editor.attention_loss(x_new, model, grid, 1)
+        ctx = model.context(1, 4, (4, 4))
+        before, _ = editor.attention_loss(ctx, x, model)
+        x_new = editor.before_step(ctx, x, model)
+        after, _ = editor.attention_loss(ctx, x_new, model)
     assert torch.equal(x_new[0], x[0]) and not torch.equal(x_new[1], x[1])
     assert float(after) < float(before), (float(before), float(after))
 

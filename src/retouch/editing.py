@@ -25,13 +25,14 @@ from retouch import io, masks, schedules
 from retouch.backbones.base import Backbone
 from retouch.backbones.memory import check_memory, estimate_edit_memory
 from retouch.config import EditConfig, InversionConfig
-from retouch.control import BatchLayout, EditState, attention_editing
+from retouch.control import IdentityEditor, attention_editing
 from retouch.control.editors import get_editor
+from retouch.guided import GuidedModel, HookedModel
 from retouch.inversion import get_inversion
 from retouch.inversion.direct import base_inversion
 from retouch.presets import get_preset
 from retouch.solvers import Solver, get_solver
-from retouch.types import Conditioning, NoiseGrid, Pred, Trajectory, to_x0_eps
+from retouch.types import Conditioning, NoiseGrid, Trajectory
 
 log = logging.getLogger(__name__)
 
@@ -45,87 +46,6 @@ class Cancelled(Exception):
     :func:`edit` lets it through unchanged: every model modification is a context manager, so the backbone
     comes out restored and can run the next edit at once; nothing is decoded or reported.
     """
-
-
-class GuidedModel:
-    """``model_fn(x, k) -> Pred`` over a backbone: batches CFG, counts NFE, keeps math in float32."""
-
-    def __init__(
-        self,
-        backbone: Backbone,
-        grid: NoiseGrid,
-        cond: Conditioning,
-        uncond: Conditioning | None,
-        guidance: float | Sequence[float],
-        state: EditState | None = None,
-    ) -> None:
-        self.backbone = backbone
-        self.grid = grid
-        self.cond = cond
-        # one scale for every branch, or one per branch (FlowEdit guides source and target differently)
-        per_branch = not isinstance(guidance, (int, float))
-        scales = [float(g) for g in guidance] if per_branch else [float(guidance)]
-        if per_branch and len(scales) != cond.batch_size:
-            raise ValueError(f"{len(scales)} guidance scales for {cond.batch_size} branches")
-        self.guidance: float | Tensor = torch.tensor(scales).view(-1, 1, 1, 1) if per_branch else scales[0]
-        self.cfg = backbone.uses_cfg and uncond is not None and any(g != 1.0 for g in scales)
-        self.uncond = uncond
-        self.batch_cond = Conditioning.cat([uncond, cond]) if self.cfg else cond
-        self.state = state
-        self.nfe = 0
-        self.on_eval: Callable[[int], None] | None = None
-
-    def set_uncond(self, uncond: Conditioning) -> None:
-        """Replace the unconditional conditioning (per-step embeddings of null-text inversion)."""
-        self.uncond = uncond
-        if self.cfg:
-            self.batch_cond = Conditioning.cat([uncond, self.cond])
-
-    def set_cond(self, cond: Conditioning) -> None:
-        """Replace the conditional conditioning (per-step prompt mixing)."""
-        if cond.batch_size != self.cond.batch_size:
-            raise ValueError("replacement conditioning must keep the batch size")
-        self.cond = cond
-        self.batch_cond = Conditioning.cat([self.uncond, cond]) if self.cfg else cond
-
-    @property
-    def layout(self) -> BatchLayout:
-        return BatchLayout(branches=self.cond.batch_size, cfg=self.cfg)
-
-    def raw(self, x: Tensor, timestep: Tensor) -> Tensor:
-        if x.shape[0] != self.cond.batch_size:
-            raise ValueError(f"latent batch {x.shape[0]} does not match the {self.cond.batch_size} prompts")
-        if self.state is not None:
-            self.state.layout = self.layout
-            self.state.latent_hw = (x.shape[-2], x.shape[-1])
-        self.nfe += 1
-        inp = torch.cat([x, x]) if self.cfg else x
-        out = self.backbone.predict(inp, timestep, self.batch_cond).float()
-        if not self.cfg:
-            return out
-        u, c = out.chunk(2)
-        g = self.guidance.to(u.device) if isinstance(self.guidance, Tensor) else self.guidance
-        return self.backbone.combine_guidance(u, c, g)
-
-    def _mark(self, point: int, stage: str) -> None:
-        if self.state is not None:
-            self.state.point, self.state.stage = point, stage
-
-    def __call__(self, x: Tensor, k: int) -> Pred:
-        if self.on_eval is not None:
-            self.on_eval(k)
-        self._mark(k, "grid")
-        g = self.grid
-        raw = self.raw(x, g.timesteps[k])
-        return to_x0_eps(raw, x, g.alphas[k], g.sigmas[k], self.backbone.prediction)
-
-    def at_sigma(self, x: Tensor, sigma: Tensor, i: int) -> Pred:
-        """Evaluate off-grid on a flow grid (midpoint solvers)."""
-        if self.grid.kind != "flow":
-            raise ValueError("off-grid evaluation needs a flow model")
-        self._mark(i, "mid")
-        raw = self.raw(x, sigma * 1000)
-        return to_x0_eps(raw, x, 1 - sigma, sigma, self.backbone.prediction)
 
 
 @dataclass
@@ -313,25 +233,6 @@ def run_inversion(
     return get_inversion(base).invert(model, z0, grid, **kwargs)
 
 
-class HookedModel:
-    """A model function whose on-grid predictions pass through an editor's ``modify_prediction``."""
-
-    def __init__(self, model: GuidedModel, hook: Callable[..., Pred], num_steps: int) -> None:
-        self.model = model
-        self.hook = hook
-        self.num_steps = num_steps
-
-    @property
-    def nfe(self) -> int:
-        return self.model.nfe
-
-    def __call__(self, x: Tensor, k: int) -> Pred:
-        return self.hook(k, x, self.model(x, k), self.model.grid, self.num_steps)
-
-    def at_sigma(self, x: Tensor, sigma: Tensor, i: int) -> Pred:
-        return self.model.at_sigma(x, sigma, i)
-
-
 def make_merger(backbone: Backbone, cfg: EditConfig) -> Any:
     """The token merger for this run, or None when merging is off."""
     m = cfg.merge
@@ -339,12 +240,12 @@ def make_merger(backbone: Backbone, cfg: EditConfig) -> Any:
         return None
     from retouch.merging.settings import TokenMerger
 
-    unet = backbone.family == "sd"
+    multiscale = backbone.multiscale  # a UNet: merge only in the finer levels
 
     def layers(info: Any) -> bool:
         if info.kind not in ("self", "joint", "single"):
             return False
-        return not unet or info.downsample <= m.max_downsample
+        return not multiscale or info.downsample <= m.max_downsample
 
     return TokenMerger(ratio=m.ratio, layers=layers, seed=cfg.seed, random_dst=m.random)
 
@@ -529,16 +430,18 @@ def _edit(
             def noise(shape: Sequence[int]) -> Tensor:
                 return backbone.randn_latent(shape, generator).to(backbone.device)
 
-        branch_guidance = getattr(editor, "branch_guidance", None)
+        if editor is None:
+            editor = IdentityEditor()
+        per_branch = editor.branch_guidance(res.guidance)
         guidance: float | tuple[float, ...] = res.guidance
-        if branch_guidance is not None:  # e.g. FlowEdit: its own guidance scale for each branch
-            guidance = tuple(branch_guidance(res.guidance))
+        if per_branch is not None:  # e.g. FlowEdit: its own guidance scale for each branch
+            guidance = tuple(per_branch)
             with torch.no_grad():
                 cond = Conditioning.cat(
                     [backbone.encode_prompt([p], image_size=hw, guidance=g)
                      for p, g in zip((source_text, cfg.target_prompt), guidance, strict=True)]
                 )  # fmt: skip
-        source_branch = bool(getattr(editor, "source_branch", True))
+        source_branch = bool(editor.source_branch)
         if not source_branch and res.source_correction:
             raise ValueError(
                 f"method {cfg.method!r} runs without a source branch; it cannot pin one (Direct Inversion)"
@@ -549,16 +452,14 @@ def _edit(
             from retouch.control.recorder import AttentionRecorder
 
             recorder = AttentionRecorder(backbone.text_segments()[0], [cfg.source_prompt, cfg.target_prompt])
-            editor = ComposedEditor([e for e in (editor, recorder) if e is not None])
-        after_step = getattr(editor, "after_step", None)
+            editor = ComposedEditor([editor, recorder])
 
         latent_mask, mask_nfe = None, 0
         if mask_spec is not None:
             with _timed(timings, "mask"):
                 latent_mask, mask_nfe = run_mask(backbone, mask_spec, cfg, z0, cond, grid, hw)
-        if hasattr(editor, "set_mask"):  # editors built on a mask (KV-Edit) check and shape it
-            latent_mask = editor.set_mask(latent_mask)
-        start = editor.grid_start(grid.num_steps) if hasattr(editor, "grid_start") else 0
+        latent_mask = editor.set_mask(latent_mask)  # editors built on a mask (KV-Edit) check and shape it
+        start = editor.grid_start(grid.num_steps)
         if start:  # the editor skips the noisiest steps: it inverts and samples on the rest of the grid
             grid = schedules.tail(grid, grid.num_steps - start)
         n_run = grid.num_steps
@@ -566,8 +467,7 @@ def _edit(
         merger = make_merger(backbone, cfg)
         with attention_editing(backbone, editor, merger=merger) as state, ExitStack() as hooks:
             state.num_steps = n_run
-            if hasattr(editor, "install"):  # e.g. feature injection through forward hooks (reversible)
-                hooks.enter_context(editor.install(backbone, state))
+            hooks.enter_context(editor.install(backbone, state))  # e.g. feature injection (reversible)
             with _timed(timings, "invert"):
                 state.phase = "invert"
                 inv_model = GuidedModel(
@@ -584,49 +484,43 @@ def _edit(
                     z0, grid, inv_model, cfg.inversion, res.base_inversion, generator,
                     uncond=uncond.select([0]) if uncond is not None else None, guidance=res.guidance, noise=noise,
                 )  # fmt: skip
-            if hasattr(editor, "begin"):
-                editor.begin(traj)
+            editor.begin(traj)
             if progress:
                 progress("invert", n_run, n_run)  # close the bar whatever the last k was
 
             with _timed(timings, "sample"):
                 state.phase = "sample"
-                if hasattr(editor, "prepare_conditioning"):  # e.g. Pix2Pix-Zero's edit direction
-                    cond = editor.prepare_conditioning(cond, uncond)
+                cond = editor.prepare_conditioning(cond, uncond)  # e.g. Pix2Pix-Zero's edit direction
                 if not source_branch:  # the reference runs the target alone (e.g. RF-Inversion's own pipeline)
                     cond = cond.select([1])
                     uncond = uncond.select([1]) if uncond is not None else None
                     guidance = guidance[1:] if isinstance(guidance, tuple) else guidance
                 model = GuidedModel(backbone, grid, cond, uncond, guidance, state)
                 guided = model
-                if hasattr(editor, "wrap_model"):  # e.g. LEDITS++: its own batch of edit-concept rows
-                    model = editor.wrap_model(model)
-                if hasattr(editor, "modify_prediction"):
-                    model = HookedModel(model, editor.modify_prediction, n_run)
+                # e.g. LEDITS++: its own batch of edit-concept rows; then the editor's prediction hook
+                model = HookedModel(editor.wrap_model(model), guided, editor, n_run, latent_mask)
                 x = traj.noise.repeat(cond.batch_size, 1, 1, 1)
                 solver_state: dict[str, Any] = {"generator": generator}
                 if "noise_maps" in traj.extras:  # edit-friendly DDPM inversion: the ddpm solver replays them
                     solver_state["noise_maps"] = traj.extras["noise_maps"]
                 per_step_uncond = traj.extras.get("uncond_per_step")
-                sampler = getattr(editor, "sample", None)
-                if sampler is not None:  # a method with its own loop (FlowEdit's inversion-free ODE)
-                    x = sampler(model, z0, grid, noise)
-                for i in range(grid.num_steps if sampler is None else 0):
+                own = editor.sample(model, z0, grid, noise)  # a loop of its own (FlowEdit's inversion-free ODE)
+                if own is not None:
+                    x = own
+                for i in range(grid.num_steps if own is None else 0):
                     state.step = i
                     if per_step_uncond is not None:  # null-text / negative-prompt inversion
                         guided.set_uncond(per_step_uncond[i].repeat(cond.batch_size))
-                    if hasattr(editor, "step_conditioning"):  # e.g. per-step embedding mixing
-                        step_cond = editor.step_conditioning(i, cond)
-                        guided.set_cond(cond if step_cond is None else step_cond)
-                    if hasattr(editor, "before_step"):  # e.g. latent guidance (Pix2Pix-Zero)
-                        out = editor.before_step(i, x, guided, grid)
-                        x = x if out is None else out
+                    step_cond = editor.step_conditioning(guided.context(i, n_run, latent_hw, latent_mask), cond)
+                    guided.set_cond(cond if step_cond is None else step_cond)  # e.g. per-step embedding mixing
+                    ctx = guided.context(i, n_run, latent_hw, latent_mask)
+                    out = editor.before_step(ctx, x, model)  # e.g. latent guidance (Pix2Pix-Zero)
+                    x = x if out is None else out
                     x = res.solver.step(model, x, grid, i, solver_state)
                     if res.source_correction:  # Direct Inversion: pin the source branch to z*_{i+1}
                         x = torch.cat([traj.latents[i + 1], x[1:]])
-                    if after_step is not None:
-                        out = after_step(i, x, state)
-                        x = x if out is None else out
+                    out = editor.after_step(ctx, x)
+                    x = x if out is None else out
                     if latent_mask is not None:  # keep the source trajectory outside the mask
                         x = masks.blend(x, traj.latents[i + 1], latent_mask, range(int(source_branch), x.shape[0]))
                     if on_step is not None:

@@ -23,11 +23,11 @@ operation.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
 
 import torch
 from torch import Tensor
 
+from retouch.control.contract import Editor
 from retouch.solvers import ModelFn
 from retouch.types import NoiseGrid
 
@@ -94,7 +94,7 @@ def flowedit(
     return y_tar * scale[n] if grid.kind != "flow" else y_tar
 
 
-class FlowEditMethod:
+class FlowEditMethod(Editor):
     """FlowEdit as a method of :func:`retouch.editing.edit`: it replaces inversion and the sampling loop.
 
     ``source_guidance`` / the run's guidance are the source and target scales (classifier-free guidance on SD,
@@ -113,23 +113,10 @@ class FlowEditMethod:
         self.source_guidance = source_guidance
         self.trace: dict[int, Tensor] = {}  # edit latent after each step (parity tests read a few)
 
-    # no attention editing
-    def applies(self, ctx: Any) -> bool:
-        return False
-
-    def needs_probs(self, ctx: Any) -> bool:
-        return False
-
-    def edit_qkv(self, q: Tensor, k: Tensor, v: Tensor, ctx: Any) -> tuple[Tensor, Tensor, Tensor]:
-        return q, k, v
-
-    def edit_probs(self, probs: Tensor, ctx: Any) -> Tensor:
-        return probs
-
     def branch_guidance(self, guidance: float) -> tuple[float, float]:
         return (self.source_guidance, guidance)
 
-    def sample(self, model_fn: ModelFn, x_src: Tensor, grid: NoiseGrid, noise: Noise) -> Tensor:
+    def sample(self, model_fn: ModelFn, x_src: Tensor, grid: NoiseGrid, noise: Noise) -> Tensor:  # type: ignore[override]
         if self.n_max > grid.num_steps:
             raise ValueError(f"n_max={self.n_max} exceeds the {grid.num_steps} steps")
         self.trace = {}

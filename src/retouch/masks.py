@@ -32,6 +32,7 @@ from PIL import Image
 from torch import Tensor
 
 from retouch import io
+from retouch.control.contract import Editor
 
 log = logging.getLogger(__name__)
 
@@ -190,7 +191,7 @@ def coverage(mask: Tensor) -> float:
 # --------------------------------------------------------------------------------------------------------------
 
 
-class WordMapRecorder:
+class WordMapRecorder(Editor):
     """An attention editor that only records: image-query → text-key maps of the given words of the source
     (branch 0) and target (branch 1) prompts into a :class:`~retouch.control.p2p.LocalBlend`, in the ``"mask"``
     phase. It changes nothing."""

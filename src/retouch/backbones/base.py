@@ -123,6 +123,10 @@ class Backbone(abc.ABC):
     # SD3 / Flux pipelines use the VAE's shift; StableDiffusion(XL) and PixArt pipelines ignore it (real SD
     # VAEs have none), so a folder whose VAE config carries one was trained without it.
     latent_shift: bool = True
+    # Attention layers at several resolutions (a UNet): token merging then keeps to the finer levels.
+    multiscale: bool = False
+    # MasaCtrl's default first block, as a fraction of the depth (the deeper half of a DiT carries layout).
+    masactrl_start_layer: float = 0.5
 
     def __init__(self, pipe: Any, *, name: str | None = None) -> None:
         self.pipe = pipe
@@ -291,6 +295,19 @@ class Backbone(abc.ABC):
         the output grid relative to the latent.
         """
         raise NotImplementedError(f"the {self.family} adapter does not describe its feature blocks")
+
+    # --- the layers editors default to (the family knowledge editors must not carry) -----------------------
+    def pnp_feature_layers(self) -> list[str]:
+        """Plug-and-Play's default feature-injection block(s): the middle feature block by depth (a DiT's
+        middle block; UNet adapters name the decoder block of the paper)."""
+        ordered = sorted(self.feature_blocks().values(), key=lambda i: i.depth)
+        return [ordered[(len(ordered) - 1) // 2].name]
+
+    def pnp_attention_layers(self) -> list[str]:
+        """Plug-and-Play's default Q/K-injection layers: self / joint / single attention of the deeper half."""
+        layers = [i for i in self.attention_layers().values() if i.kind in ("self", "joint", "single")]
+        first = int(round(0.5 * (max(i.depth for i in layers) + 1)))
+        return [i.name for i in layers if i.depth >= first]
 
     def describe(self) -> dict[str, Any]:
         layers = self.attention_layers()

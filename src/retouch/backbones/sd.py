@@ -25,6 +25,8 @@ class SDBackbone(Backbone):
     default_solver = "ddim"
     default_guidance = 7.5
     default_steps = 50
+    multiscale = True
+    masactrl_start_layer = 10 / 16  # MasaCtrl's 10 of 16 transformer blocks
 
     def __init__(self, pipe: Any, *, name: str | None = None) -> None:
         super().__init__(pipe, name=name)
@@ -134,3 +136,18 @@ class SDBackbone(Backbone):
 
     def make_processor(self, layer: LayerInfo, attend, merge=None) -> Any:
         return StandardProcessor(layer, attend) if merge is None else StandardProcessor(layer, attend, merge)
+
+    def pnp_feature_layers(self) -> list[str]:
+        """PnP's feature block (the paper's decoder ``up_blocks.1.resnets.1``)."""
+        if "up_blocks.1.resnets.1" not in self.feature_blocks():
+            raise ValueError("this UNet has no up_blocks.1.resnets.1 (PnP's feature layer); pass feature_layers=")
+        return ["up_blocks.1.resnets.1"]
+
+    def pnp_attention_layers(self) -> list[str]:
+        """PnP's decoder self-attention layers, without the first decoder attention module (as the paper)."""
+        up = [i for i in self.attention_layers().values() if i.place == "up" and i.kind == "self"]
+        if not up:
+            raise ValueError("this UNet has no decoder self-attention; pass attn_layers=")
+        first_module = up[0].name.split(".transformer_blocks.")[0]
+        chosen = [i.name for i in up if not i.name.startswith(first_module + ".")]
+        return chosen or [i.name for i in up]

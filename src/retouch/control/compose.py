@@ -4,22 +4,31 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import Tensor
 
-from retouch.control.context import AttentionEditor, AttnContext
+from retouch.control.context import AttnContext
+from retouch.control.contract import Editor, GuidedPrediction, StepContext
+from retouch.types import Conditioning, NoiseGrid, Pred, Trajectory
+
+if TYPE_CHECKING:
+    from retouch.backbones.base import Backbone
+    from retouch.control.installer import EditState
 
 
-class ComposedEditor:
-    """Applies each editor in turn; probabilities are materialised if any applicable editor needs them."""
+class ComposedEditor(Editor):
+    """Applies each editor in turn; probabilities are materialised if any applicable editor needs them.
 
-    def __init__(self, editors: Sequence[AttentionEditor]) -> None:
+    Run-level answers combine as: ``source_branch`` only if every editor keeps it, ``needs_mask`` if any
+    needs one, ``grid_start`` the largest, ``branch_guidance`` / ``sample`` the first editor that gives one."""
+
+    def __init__(self, editors: Sequence[Editor]) -> None:
         if not editors:
             raise ValueError("compose at least one editor")
         self.editors = list(editors)
 
-    def _active(self, ctx: AttnContext) -> list[AttentionEditor]:
+    def _active(self, ctx: AttnContext) -> list[Editor]:
         return [e for e in self.editors if e.applies(ctx)]
 
     def applies(self, ctx: AttnContext) -> bool:
@@ -38,8 +47,7 @@ class ComposedEditor:
         blocks = set()
         for e in self._active(ctx):
             if e.needs_probs(ctx):
-                fn = getattr(e, "probs_block", None)
-                block = fn(ctx, seq_len) if fn is not None else None
+                block = e.probs_block(ctx, seq_len)
                 if block is None:
                     return None
                 blocks.add((block[0].start, block[0].stop, block[1].start, block[1].stop))
@@ -53,8 +61,7 @@ class ComposedEditor:
         out: set[int] = set()
         for e in self._active(ctx):
             if e.needs_probs(ctx):
-                fn = getattr(e, "block_batch_rows", None)
-                rows = fn(ctx) if fn is not None else None
+                rows = e.block_batch_rows(ctx)
                 if rows is None:
                     return None
                 out.update(rows)
@@ -79,83 +86,89 @@ class ComposedEditor:
                 probs = e.edit_probs(probs, ctx)
         return probs
 
-    def after_step(self, i: int, x: Tensor, state: Any) -> Tensor:
-        for e in self.editors:
-            hook = getattr(e, "after_step", None)
-            if hook is not None:
-                out = hook(i, x, state)
-                x = x if out is None else out
-        return x
-
-    def begin(self, trajectory: Any) -> None:
-        for e in self.editors:
-            hook = getattr(e, "begin", None)
-            if hook is not None:
-                hook(trajectory)
-
-    def wrap_model(self, model: Any) -> Any:
-        """Each editor's model wrapper in turn (e.g. LEDITS++'s concept batch); the model itself if none."""
-        for e in self.editors:
-            hook = getattr(e, "wrap_model", None)
-            if hook is not None:
-                model = hook(model)
-        return model
-
-    def modify_prediction(self, i: int, x: Tensor, p: Any, grid: Any, num_steps: int) -> Any:
-        for e in self.editors:
-            hook = getattr(e, "modify_prediction", None)
-            if hook is not None:
-                p = hook(i, x, p, grid, num_steps)
-        return p
-
-    @contextmanager
-    def install(self, backbone: Any, state: Any) -> Iterator[None]:
-        with ExitStack() as stack:
-            for e in self.editors:
-                if hasattr(e, "install"):
-                    stack.enter_context(e.install(backbone, state))
-            yield
-
-    def prepare_conditioning(self, cond: Any, uncond: Any) -> Any:
-        for e in self.editors:
-            if hasattr(e, "prepare_conditioning"):
-                cond = e.prepare_conditioning(cond, uncond)
-        return cond
-
-    def step_conditioning(self, i: int, cond: Any) -> Any:
-        out = None
-        for e in self.editors:
-            if hasattr(e, "step_conditioning"):
-                res = e.step_conditioning(i, cond if out is None else out)
-                out = res if res is not None else out
-        return out
-
-    @property
-    def needs_mask(self) -> bool:
-        return any(getattr(e, "needs_mask", False) for e in self.editors)
-
-    def set_mask(self, mask: Any) -> Any:
-        """Pass the run's mask through every editor that shapes it (KV-Edit binarises it)."""
-        for e in self.editors:
-            if hasattr(e, "set_mask"):
-                mask = e.set_mask(mask)
-        return mask
-
-    def grid_start(self, num_steps: int) -> int:
-        return max((e.grid_start(num_steps) for e in self.editors if hasattr(e, "grid_start")), default=0)
-
     def logit_bias(self, ctx: AttnContext, q: Tensor, k: Tensor) -> Tensor | None:
         out = None
         for e in self._active(ctx):
-            fn = getattr(e, "logit_bias", None)
-            bias = fn(ctx, q, k) if fn is not None else None
+            bias = e.logit_bias(ctx, q, k)
             if bias is not None:
                 out = bias if out is None else out + bias
         return out
 
-    def before_step(self, i: int, x: Tensor, model: Any, grid: Any) -> Tensor:
+    # --- run level --------------------------------------------------------------------------------------------
+    @property  # type: ignore[override]
+    def source_branch(self) -> bool:
+        return all(e.source_branch for e in self.editors)
+
+    @property  # type: ignore[override]
+    def needs_mask(self) -> bool:
+        return any(e.needs_mask for e in self.editors)
+
+    def set_mask(self, mask: Tensor | None) -> Tensor | None:
+        """Pass the run's mask through every editor that shapes it (KV-Edit binarises it)."""
         for e in self.editors:
-            if hasattr(e, "before_step"):
-                out = e.before_step(i, x, model, grid)
-                x = x if out is None else out
+            mask = e.set_mask(mask)
+        return mask
+
+    def grid_start(self, num_steps: int) -> int:
+        return max(e.grid_start(num_steps) for e in self.editors)
+
+    def branch_guidance(self, guidance: float) -> tuple[float, ...] | None:
+        for e in self.editors:
+            out = e.branch_guidance(guidance)
+            if out is not None:
+                return out
+        return None
+
+    @contextmanager
+    def install(self, backbone: Backbone, state: EditState) -> Iterator[None]:
+        with ExitStack() as stack:
+            for e in self.editors:
+                stack.enter_context(e.install(backbone, state))
+            yield
+
+    def begin(self, trajectory: Trajectory) -> None:
+        for e in self.editors:
+            e.begin(trajectory)
+
+    def prepare_conditioning(self, cond: Conditioning, uncond: Conditioning | None) -> Conditioning:
+        for e in self.editors:
+            cond = e.prepare_conditioning(cond, uncond)
+        return cond
+
+    def wrap_model(self, model: GuidedPrediction) -> GuidedPrediction:
+        """Each editor's model wrapper in turn (e.g. LEDITS++'s concept batch)."""
+        for e in self.editors:
+            model = e.wrap_model(model)
+        return model
+
+    def sample(self, model: GuidedPrediction, z0: Tensor, grid: NoiseGrid, noise: Any) -> Tensor | None:
+        for e in self.editors:
+            out = e.sample(model, z0, grid, noise)
+            if out is not None:
+                return out
+        return None
+
+    # --- per step ----------------------------------------------------------------------------------------------
+    def step_conditioning(self, ctx: StepContext, cond: Conditioning) -> Conditioning | None:
+        out = None
+        for e in self.editors:
+            res = e.step_conditioning(ctx, cond if out is None else out)
+            out = res if res is not None else out
+        return out
+
+    def before_step(self, ctx: StepContext, x: Tensor, model: GuidedPrediction) -> Tensor | None:
+        for e in self.editors:
+            out = e.before_step(ctx, x, model)
+            x = x if out is None else out
+        return x
+
+    def modify_prediction(self, ctx: StepContext, x: Tensor, p: Pred) -> Pred:
+        for e in self.editors:
+            p = e.modify_prediction(ctx, x, p)
+        return p
+
+    def after_step(self, ctx: StepContext, x: Tensor) -> Tensor | None:
+        for e in self.editors:
+            out = e.after_step(ctx, x)
+            x = x if out is None else out
         return x

@@ -1,9 +1,8 @@
-"""What an attention editor is told at every call, and the editor protocol."""
+"""What an attention editor is told at every call (the editor contract itself: :mod:`retouch.control.contract`)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
 
 from torch import Tensor
 
@@ -79,40 +78,3 @@ class AttnContext:
         if self.layer.kind not in ("joint", "single"):
             return slice(0, seq_len)
         return slice(self.num_text, seq_len) if self.layer.text_first else slice(0, seq_len - self.num_text)
-
-
-@runtime_checkable
-class AttentionEditor(Protocol):
-    """A policy over attention. It never installs itself; :func:`attention_editing` does.
-
-    ``applies(ctx)`` says whether the editor touches this call at all; when it does not, the fused
-    ``scaled_dot_product_attention`` runs unchanged. ``needs_probs(ctx)`` asks for the softmax
-    probabilities to be materialised (only then is ``edit_probs`` called).
-    """
-
-    def applies(self, ctx: AttnContext) -> bool: ...
-
-    def needs_probs(self, ctx: AttnContext) -> bool: ...
-
-    def edit_qkv(self, q: Tensor, k: Tensor, v: Tensor, ctx: AttnContext) -> tuple[Tensor, Tensor, Tensor]: ...
-
-    def edit_probs(self, probs: Tensor, ctx: AttnContext) -> Tensor: ...
-
-
-class IdentityEditor:
-    """Changes nothing. With ``materialize=True`` it still forces the explicit softmax path (for tests)."""
-
-    def __init__(self, materialize: bool = False) -> None:
-        self.materialize = materialize
-
-    def applies(self, ctx: AttnContext) -> bool:
-        return True
-
-    def needs_probs(self, ctx: AttnContext) -> bool:
-        return self.materialize
-
-    def edit_qkv(self, q: Tensor, k: Tensor, v: Tensor, ctx: AttnContext) -> tuple[Tensor, Tensor, Tensor]:
-        return q, k, v
-
-    def edit_probs(self, probs: Tensor, ctx: AttnContext) -> Tensor:
-        return probs

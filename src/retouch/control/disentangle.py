@@ -55,7 +55,8 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from retouch.backbones.base import Backbone
-from retouch.control.context import AttnContext
+from retouch.control.contract import Editor, StepContext
+from retouch.control.installer import EditState
 from retouch.control.p2p_zero import frozen
 from retouch.control.pnp import to_steps
 from retouch.types import Conditioning, NoiseGrid, Pred, Trajectory, to_x0_eps
@@ -399,7 +400,7 @@ def optimise_lambdas(
 
 
 # --- the editor --------------------------------------------------------------------------------------------
-class EmbeddingMixing:
+class EmbeddingMixing(Editor):
     """Per-step mixing of the target branch's conditioning (``step_conditioning``); optimises ``λ`` in
     ``prepare_conditioning`` when no weights were given (needs the inversion, hence after ``begin``)."""
 
@@ -433,23 +434,10 @@ class EmbeddingMixing:
         self.meta = dict(meta)
         self.history: list[float] = []
         self._trajectory: Trajectory | None = None
-        self._state: Any = None
-
-    # attention protocol: the editor never touches attention
-    def applies(self, ctx: AttnContext) -> bool:
-        return False
-
-    def needs_probs(self, ctx: AttnContext) -> bool:
-        return False
-
-    def edit_qkv(self, q: Tensor, k: Tensor, v: Tensor, ctx: AttnContext) -> tuple[Tensor, Tensor, Tensor]:
-        return q, k, v
-
-    def edit_probs(self, probs: Tensor, ctx: AttnContext) -> Tensor:
-        return probs
+        self._state: EditState | None = None
 
     @contextmanager
-    def install(self, backbone: Backbone, state: Any) -> Iterator[None]:
+    def install(self, backbone: Backbone, state: EditState) -> Iterator[None]:
         self._state = state  # to mark the optimisation's forwards as outside the sampling loop
         try:
             yield
@@ -491,7 +479,7 @@ class EmbeddingMixing:
             solver=str(cfg.solver), seed=int(cfg.seed), checkpointed=self.checkpointing,
         )  # fmt: skip
         state = self._state
-        phase = getattr(state, "phase", None)
+        phase = state.phase if state is not None else "other"
         if state is not None:
             state.phase = "other"  # no attention editor may act on the optimisation's forwards
         try:
@@ -505,9 +493,10 @@ class EmbeddingMixing:
         self.meta.update(clip_model=objective.name, epochs=self.epochs, lr=self.lr, content_weight=self.content_weight)
         return lam
 
-    def step_conditioning(self, i: int, cond: Conditioning) -> Conditioning:
+    def step_conditioning(self, ctx: StepContext, cond: Conditioning) -> Conditioning:
         """Rows ``[neutral, target] -> [neutral, λ_i neutral + (1 − λ_i) target]``."""
         assert self.lambdas is not None
+        i = ctx.step
         if i >= self.lambdas.shape[0]:
             raise ValueError(f"step {i} has no mixing weight ({self.lambdas.shape[0]} weights)")
         neutral = cond.select([0])

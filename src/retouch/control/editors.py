@@ -14,7 +14,7 @@ from typing import Any
 
 from retouch.backbones.base import Backbone, LayerInfo
 from retouch.control.compose import ComposedEditor
-from retouch.control.context import AttentionEditor, IdentityEditor
+from retouch.control.contract import AttentionEditor, IdentityEditor
 from retouch.control.disentangle import make_disentangle
 from retouch.control.kv_edit import make_kv_edit
 from retouch.control.ledits import make_ledits
@@ -157,7 +157,7 @@ def make_masactrl(
     layers = backbone.attention_layers()
     max_depth = max(i.depth for i in layers.values()) + 1
     if start_layer is None:
-        start_layer = 10 / 16 if backbone.family == "sd" else 0.5
+        start_layer = backbone.masactrl_start_layer  # the adapter's declared default
     first = _steps(start_layer, max_depth, "start_layer")
     kinds = _attention_kinds(backbone)
     num_steps = int(config.num_steps)

@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from retouch.backbones.base import Backbone, LayerInfo
-from retouch.control.context import AttentionEditor, AttnContext, BatchLayout
+from retouch.control.context import AttnContext, BatchLayout
+from retouch.control.contract import Editor
 
 log = logging.getLogger(__name__)
 
@@ -143,7 +144,7 @@ def attention_block(
 class EditState:
     """Mutable per-run state the sampling loop updates: step, phase, batch layout, latent size."""
 
-    editor: AttentionEditor | None
+    editor: Editor | None
     step: int = -1
     num_steps: int = 0
     phase: str = "other"
@@ -198,13 +199,11 @@ class EditState:
         if not editor.applies(ctx):
             return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
         q, k, v = editor.edit_qkv(q, k, v, ctx)
-        bias_fn = getattr(editor, "logit_bias", None)  # an additive logit bias (KV-Edit's masks / scale)
-        bias = bias_fn(ctx, q, k) if bias_fn is not None else None
+        bias = editor.logit_bias(ctx, q, k)  # an additive logit bias (KV-Edit's masks / scale)
         if bias is not None:
             attn_mask = bias if attn_mask is None else _additive(attn_mask, q.dtype) + bias
         if editor.needs_probs(ctx):
-            block = getattr(editor, "probs_block", None)
-            rows_cols = block(ctx, k.shape[-2]) if block is not None else None
+            rows_cols = editor.probs_block(ctx, k.shape[-2])
             if rows_cols is not None:
                 return self._attend_block(editor, ctx, q, k, v, rows_cols, attn_mask)
             self.prob_calls += 1
@@ -224,7 +223,7 @@ class EditState:
         )
 
     def _attend_linear(
-        self, editor: AttentionEditor | None, q: Tensor, k: Tensor, v: Tensor, layer: LayerInfo, num_text: int
+        self, editor: Editor | None, q: Tensor, k: Tensor, v: Tensor, layer: LayerInfo, num_text: int
     ) -> Tensor:
         """A linear-attention layer: editors may change q, k, v; one that needs the softmax map is refused."""
         if editor is None:
@@ -243,7 +242,7 @@ class EditState:
 
     def _attend_block(
         self,
-        editor: Any,
+        editor: Editor,
         ctx: AttnContext,
         q: Tensor,
         k: Tensor,
@@ -258,8 +257,7 @@ class EditState:
         self.block_calls += 1
         rows, cols = rows_cols
         out, lse = attention_with_lse(q, k, v, attn_mask)
-        pick = getattr(editor, "block_batch_rows", None)
-        bi = pick(ctx) if pick is not None else None
+        bi = editor.block_batch_rows(ctx)
         if bi is None or len(bi) == q.shape[0]:
             p = attention_block(q, k, lse, rows, cols, attn_mask)
         else:
@@ -279,7 +277,7 @@ class EditState:
 
 @contextmanager
 def attention_editing(
-    backbone: Backbone, editor: AttentionEditor | None, *, layers: LayerSelector = all_layers, merger: Any = None
+    backbone: Backbone, editor: Editor | None, *, layers: LayerSelector = all_layers, merger: Any = None
 ) -> Iterator[EditState]:
     """Install ``editor`` on the layers ``layers`` selects; restore the original processors on exit.
 

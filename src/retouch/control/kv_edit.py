@@ -41,13 +41,14 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from retouch.control.context import AttnContext, BatchLayout
+from retouch.control.contract import Editor, GuidedPrediction, StepContext
 
 log = logging.getLogger(__name__)
 
 IMAGE_KINDS = ("self", "joint", "single")
 
 
-class KVEdit:
+class KVEdit(Editor):
     """The KV-Edit policy (module docstring). Built by :func:`make_kv_edit`; needs a mask (``set_mask``)."""
 
     needs_mask = True
@@ -118,7 +119,8 @@ class KVEdit:
         if self.inversion_free:
             self.z_fe = self.z0.clone()
 
-    def before_step(self, i: int, x: Tensor, model: Any, grid: Any) -> Tensor | None:
+    def before_step(self, ctx: StepContext, x: Tensor, model: GuidedPrediction) -> Tensor | None:
+        i, grid = ctx.step, ctx.grid
         if self.inversion_free:
             z_src = grid.alphas[i] * self.z0 + grid.sigmas[i] * self.noise
             z_tar = z_src + self.z_fe - self.z0
@@ -134,7 +136,7 @@ class KVEdit:
             return out
         return None
 
-    def after_step(self, i: int, x: Tensor, state: Any) -> Tensor | None:
+    def after_step(self, ctx: StepContext, x: Tensor) -> Tensor | None:
         if not self.inversion_free:
             return None
         before = self._before

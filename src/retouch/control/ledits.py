@@ -37,6 +37,7 @@ from torch import Tensor
 from retouch.backbones.base import Backbone, LayerInfo
 from retouch.control import tokens
 from retouch.control.context import AttnContext, BatchLayout
+from retouch.control.contract import Editor
 from retouch.types import Conditioning, NoiseGrid, Pred, to_x0_eps
 
 log = logging.getLogger(__name__)
@@ -112,7 +113,7 @@ def quantile_mask(values: Tensor, q: float) -> Tensor:
     return (values >= thr.view(-1, *([1] * (values.ndim - 1)))).to(values.dtype)
 
 
-class SemanticGuidance:
+class SemanticGuidance(Editor):
     """The LEDITS++ editor: records the concepts' cross-attention and guides the target branch.
 
     As an attention editor it only *reads* probabilities (image-query / text-key maps of the concept rows at

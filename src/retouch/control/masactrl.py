@@ -17,9 +17,10 @@ from torch import Tensor
 
 from retouch.backbones.base import LayerInfo
 from retouch.control.context import AttnContext
+from retouch.control.contract import Editor
 
 
-class MutualSelfAttention:
+class MutualSelfAttention(Editor):
     """Mutual self-attention control.
 
     Args:

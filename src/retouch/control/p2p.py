@@ -22,7 +22,6 @@ import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +30,7 @@ from torch import Tensor
 from retouch.backbones.base import LayerInfo, TextSegment
 from retouch.control import tokens
 from retouch.control.context import AttnContext
+from retouch.control.contract import Editor, StepContext
 
 log = logging.getLogger(__name__)
 
@@ -205,7 +205,7 @@ class LocalBlend:
         return out
 
 
-class PromptToPrompt:
+class PromptToPrompt(Editor):
     """The P2P attention editor (see module docstring).
 
     Args:
@@ -359,7 +359,7 @@ class PromptToPrompt:
             probs[r, :, rows, cols] = new
         return probs
 
-    def after_step(self, i: int, x: Tensor, state: Any) -> Tensor | None:
+    def after_step(self, ctx: StepContext, x: Tensor) -> Tensor | None:
         if self.local_blend is None:
             return None
-        return self.local_blend.apply(i, x, state.num_steps)
+        return self.local_blend.apply(ctx.step, x, ctx.num_steps)

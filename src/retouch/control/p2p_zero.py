@@ -47,9 +47,10 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from retouch.backbones.base import Backbone, LayerInfo
-from retouch.control.context import AttnContext, BatchLayout
+from retouch.control.context import AttnContext
+from retouch.control.contract import Editor, GuidedPrediction, StepContext
 from retouch.control.pnp import to_steps
-from retouch.types import Conditioning, NoiseGrid, Pred
+from retouch.types import Conditioning, Pred
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +119,7 @@ def _image_text_block(q: Tensor, k: Tensor, img: slice, txt: slice) -> Tensor:
     return scores.softmax(-1)[..., txt]
 
 
-class PixToPixZero:
+class PixToPixZero(Editor):
     """The Pix2Pix-Zero editor (see module docstring).
 
     Args:
@@ -181,18 +182,16 @@ class PixToPixZero:
         if len(self._maps) == len(self.layers):
             raise _StopForward
 
-    def _text_maps(self, backbone: Backbone, x: Tensor, timestep: Tensor, cond: Conditioning, state: Any) -> dict:
-        """Maps of the selected layers for one conditional row (batch 1, no CFG)."""
-        saved = (state.layout, state.latent_hw)
-        state.layout, state.latent_hw = BatchLayout(1, False), (x.shape[-2], x.shape[-1])
+    def _text_maps(self, model: GuidedPrediction, x: Tensor, timestep: Tensor, cond: Conditioning) -> dict:
+        """Maps of the selected layers for one conditional row (batch 1, no CFG); the forward stops after the
+        last of them."""
         self._maps = {}
         try:
-            backbone.predict(x, timestep, cond)
+            model.predict_rows(x, timestep, cond, frozen=x.requires_grad)
         except _StopForward:
             pass
         finally:
             maps, self._maps = self._maps, None
-            state.layout, state.latent_hw = saved
         missing = set(self.layers) - set(maps)
         if missing:
             raise RuntimeError(f"Pix2Pix-Zero: no attention maps recorded for {sorted(missing)[:3]}")
@@ -204,44 +203,43 @@ class PixToPixZero:
         return sum(((maps[n] - ref[n]) ** 2).sum((-2, -1)).mean() for n in ref)  # type: ignore[return-value]
 
     def attention_loss(
-        self, x: Tensor, model: Any, grid: NoiseGrid, i: int, *, grad: bool = False
+        self, ctx: StepContext, x: Tensor, model: GuidedPrediction, *, grad: bool = False
     ) -> tuple[Tensor, Tensor | None]:
-        """Distance between the target rows' and the source row's text-attention maps at step ``i``;
-        with ``grad`` also its gradient w.r.t. the target latents ``x[1:]``."""
-        backbone, state, cond = model.backbone, model.state, model.cond
-        t = grid.timesteps[i]
+        """Distance between the target rows' and the source row's text-attention maps at the step of ``ctx``
+        (its conditioning ``ctx.cond``); with ``grad`` also its gradient w.r.t. the target latents ``x[1:]``."""
+        cond = ctx.cond
+        if cond is None:
+            raise ValueError("Pix2Pix-Zero guidance needs the step's conditioning (StepContext.cond)")
+        t = ctx.timestep
         with torch.no_grad():
-            ref = self._text_maps(backbone, x[:1], t, cond.select([0]), state)
+            ref = self._text_maps(model, x[:1], t, cond.select([0]))
         total = x.new_zeros(())
         grads = []
-        with frozen(backbone.denoiser):
-            for b in range(1, x.shape[0]):
-                with torch.enable_grad() if grad else torch.no_grad():
-                    xt = x[b : b + 1].detach().requires_grad_(grad)
-                    loss = self.map_distance(self._text_maps(backbone, xt, t, cond.select([b]), state), ref)
-                    if grad:
-                        grads.append(torch.autograd.grad(loss, xt)[0])
-                total = total + loss.detach()
+        for b in range(1, x.shape[0]):
+            with torch.enable_grad() if grad else torch.no_grad():
+                xt = x[b : b + 1].detach().requires_grad_(grad)
+                loss = self.map_distance(self._text_maps(model, xt, t, cond.select([b])), ref)
+                if grad:
+                    grads.append(torch.autograd.grad(loss, xt)[0])
+            total = total + loss.detach()
         return total, torch.cat(grads) if grad else None
 
     # --- loop hooks ----------------------------------------------------------------------------------
-    def before_step(self, i: int, x: Tensor, model: Any, grid: NoiseGrid) -> Tensor | None:
+    def before_step(self, ctx: StepContext, x: Tensor, model: GuidedPrediction) -> Tensor | None:
         """Cross-attention guidance: one SGD step on the target latents (paper §3.3)."""
-        if i >= self.guidance_steps or self.xa_guidance == 0 or x.shape[0] < 2:
+        if ctx.step >= self.guidance_steps or self.xa_guidance == 0 or x.shape[0] < 2:
             return None
-        loss, g = self.attention_loss(x, model, grid, i, grad=True)
-        if hasattr(model, "nfe"):
-            model.nfe += 2
+        loss, g = self.attention_loss(ctx, x, model, grad=True)  # counted in the model's NFE
         assert g is not None
         self.last_loss = (float(loss), float((g**2).sum()))
         return torch.cat([x[:1], x[1:] - self.xa_guidance * g.to(x.dtype)])
 
-    def modify_prediction(self, i: int, x: Tensor, p: Pred, grid: NoiseGrid, num_steps: int) -> Pred:
+    def modify_prediction(self, ctx: StepContext, x: Tensor, p: Pred) -> Pred:
         if self.add_source_offset:  # the source row's uncorrected first-order step, for the offset
-            self._source_step = grid.alphas[i + 1] * p.x0[:1] + grid.sigmas[i + 1] * p.eps[:1]
+            self._source_step = ctx.alpha_next * p.x0[:1] + ctx.sigma_next * p.eps[:1]
         return p
 
-    def after_step(self, i: int, x: Tensor, state: Any) -> Tensor | None:
+    def after_step(self, ctx: StepContext, x: Tensor) -> Tensor | None:
         if not self.add_source_offset or self._source_step is None:
             return None
         offset = x[:1] - self._source_step  # x[0] is already pinned to z*_{i+1}: o_i = z*_{i+1} − step(z_i)

@@ -45,6 +45,7 @@ from torch import Tensor
 
 from retouch.backbones.base import Backbone, LayerInfo
 from retouch.control.context import AttnContext, BatchLayout
+from retouch.control.contract import Editor
 
 log = logging.getLogger(__name__)
 
@@ -81,28 +82,13 @@ def _depth_select(infos: Sequence[LayerInfo], first: float | int) -> list[LayerI
 
 
 def default_feature_layers(backbone: Backbone) -> list[str]:
-    """PnP's feature block for UNets; the middle block's output for DiTs (see module docstring)."""
-    blocks = backbone.feature_blocks()
-    if backbone.family == "sd":
-        if "up_blocks.1.resnets.1" not in blocks:
-            raise ValueError("this UNet has no up_blocks.1.resnets.1 (PnP's feature layer); pass feature_layers=")
-        return ["up_blocks.1.resnets.1"]
-    ordered = sorted(blocks.values(), key=lambda i: i.depth)
-    return [ordered[(len(ordered) - 1) // 2].name]
+    """PnP's feature block(s): the backbone's declared default (:meth:`Backbone.pnp_feature_layers`)."""
+    return backbone.pnp_feature_layers()
 
 
 def default_attn_layers(backbone: Backbone) -> list[str]:
-    """PnP's decoder self-attention layers on UNets; self / joint / single attention of the deeper half on DiTs."""
-    layers = list(backbone.attention_layers().values())
-    if backbone.family == "sd":
-        up = [i for i in layers if i.place == "up" and i.kind == "self"]
-        if not up:
-            raise ValueError("this UNet has no decoder self-attention; pass attn_layers=")
-        first_module = up[0].name.split(".transformer_blocks.")[0]  # PnP skips the first decoder attention
-        chosen = [i.name for i in up if not i.name.startswith(first_module + ".")]
-        return chosen or [i.name for i in up]
-    kinds = ("self", "joint", "single")
-    return [i.name for i in _depth_select([i for i in layers if i.kind in kinds], 0.5)]
+    """PnP's Q/K-injection layers: the backbone's declared default (:meth:`Backbone.pnp_attention_layers`)."""
+    return backbone.pnp_attention_layers()
 
 
 def _resolve_layers(spec: LayerSpec, table: dict[str, LayerInfo], default: list[str], label: str) -> list[str]:
@@ -123,7 +109,7 @@ def _resolve_layers(spec: LayerSpec, table: dict[str, LayerInfo], default: list[
     return names
 
 
-class PlugAndPlay:
+class PlugAndPlay(Editor):
     """The PnP editor: feature injection (forward hooks) + self-attention Q/K injection (``edit_qkv``).
 
     Args:

@@ -18,9 +18,10 @@ from torch import Tensor
 from retouch.backbones.base import TextSegment
 from retouch.control import tokens
 from retouch.control.context import AttnContext
+from retouch.control.contract import Editor
 
 
-class AttentionRecorder:
+class AttentionRecorder(Editor):
     def __init__(self, segment: TextSegment, prompts: Sequence[str], *, grid: int = 16) -> None:
         self.segment = segment
         self.prompts = list(prompts)

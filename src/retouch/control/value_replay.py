@@ -26,9 +26,10 @@ from torch import Tensor
 
 from retouch.backbones.base import LayerInfo
 from retouch.control.context import AttnContext
+from retouch.control.contract import Editor
 
 
-class InversionValueReplay:
+class InversionValueReplay(Editor):
     """Store ``V`` of ``layers`` during inversion, replay it while sampling (target branch only).
 
     Args:

@@ -23,6 +23,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
+from retouch.control.contract import Editor, StepContext
 from retouch.inversion.base import check_start
 from retouch.inversion.naive import flow_euler_inversion
 from retouch.solvers import ModelFn
@@ -90,7 +91,7 @@ def _community_forward(model_fn: ModelFn, z0: Tensor, grid: NoiseGrid, y1: Tenso
     return Trajectory(latents=tuple(reversed(latents)), grid=grid, nfe=n, extras={"gamma": gamma})
 
 
-class RFReverseControl:
+class RFReverseControl(Editor):
     """The controlled reverse ODE as a prediction hook of the sampling loop (no attention editing)."""
 
     def __init__(
@@ -112,23 +113,11 @@ class RFReverseControl:
         # yields a reconstruction to look at; the control never reads it)
         self.source_branch = source_branch
 
-    # the attention-editor protocol: this controller never touches attention
-    def applies(self, ctx) -> bool:
-        return False
-
-    def needs_probs(self, ctx) -> bool:
-        return False
-
-    def edit_qkv(self, q, k, v, ctx):
-        return q, k, v
-
-    def edit_probs(self, probs, ctx):
-        return probs
-
     def begin(self, trajectory: Trajectory) -> None:
         self.y0 = trajectory.latents[-1]
 
-    def modify_prediction(self, i: int, x: Tensor, p: Pred, grid: NoiseGrid, num_steps: int) -> Pred:
+    def modify_prediction(self, ctx: StepContext, x: Tensor, p: Pred) -> Pred:
+        i, grid, num_steps = ctx.step, ctx.grid, ctx.num_steps
         if self.y0 is None or not int(self.start * num_steps) <= i < int(self.stop * num_steps):
             return p
         s = grid.sigmas[i]
