@@ -15,9 +15,10 @@ from retouch.backbones.sd import SDBackbone
 from retouch.cli import main
 from retouch.config import EditConfig, InversionConfig
 from retouch.control import attention_editing
-from retouch.control.disentangle import MixingWeights, init_lambdas, optimise_mixing_weights, save_weights
+from retouch.control.disentangle import MixingWeights, init_lambdas, save_weights
 from retouch.control.p2p_zero import make_p2p_zero
 from retouch.editing import GuidedModel, edit
+from retouch.mixing_weights import optimise_mixing_weights
 
 from conftest import random_image, tiny_backbone
 

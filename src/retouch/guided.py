@@ -7,22 +7,38 @@ checkpointing while gradients are on (the optimising methods: disentanglement's 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from typing import TYPE_CHECKING
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from retouch.backbones.base import Backbone
 from retouch.control.context import BatchLayout
 from retouch.control.contract import Editor, GuidedPrediction, StepContext
-from retouch.control.p2p_zero import frozen as no_weight_grad
 from retouch.types import Conditioning, NoiseGrid, Pred, to_x0_eps
 
 if TYPE_CHECKING:
     from retouch.control.installer import EditState
+
+
+@contextmanager
+def frozen(*modules: nn.Module | None) -> Iterator[None]:
+    """Temporarily turn off ``requires_grad`` of the modules' parameters (restored on exit), so that a backward
+    pass to the *inputs* keeps no activations for weight gradients."""
+    params = [p for m in modules if m is not None for p in m.parameters() if p.requires_grad]
+    try:
+        for p in params:
+            p.requires_grad_(False)
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
+
+
+_frozen = frozen  # predict_rows' argument of that name shadows it
 
 
 class GuidedModel:
@@ -116,7 +132,7 @@ class GuidedModel:
         if state is not None:
             state.layout, state.latent_hw = BatchLayout(x.shape[0], False), (x.shape[-2], x.shape[-1])
         try:
-            with no_weight_grad(self.backbone.denoiser) if frozen else nullcontext():
+            with _frozen(self.backbone.denoiser) if frozen else nullcontext():
                 return self._forward(x, timestep, cond)
         finally:
             if state is not None and saved is not None:

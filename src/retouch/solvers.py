@@ -27,13 +27,17 @@ class StepFn(Protocol):
     ) -> Tensor: ...
 
 
+def ddim_update(p: Pred, grid: NoiseGrid, i: int) -> Tensor:
+    """The DDIM update from point ``i`` to ``i + 1`` given the prediction at ``i``: ``a' x0 + s' eps``."""
+    return grid.alphas[i + 1] * p.x0 + grid.sigmas[i + 1] * p.eps
+
+
 def ddim_step(model_fn: ModelFn, x: Tensor, grid: NoiseGrid, i: int, state: MutableMapping[str, Any]) -> Tensor:
     """Deterministic DDIM (Song et al. 2021, eq. 12 with sigma=0): ``x' = a' x0 + s' eps``.
 
     On a flow grid (``alpha = 1 - sigma``) this is exactly the Euler step of the velocity ODE.
     """
-    p = model_fn(x, i)
-    return grid.alphas[i + 1] * p.x0 + grid.sigmas[i + 1] * p.eps
+    return ddim_update(model_fn(x, i), grid, i)
 
 
 def euler_flow_step(model_fn: ModelFn, x: Tensor, grid: NoiseGrid, i: int, state: MutableMapping[str, Any]) -> Tensor:
@@ -234,14 +238,23 @@ def sample(
     *,
     start: int = 0,
     callback: StepCallback | None = None,
+    before: StepCallback | None = None,
+    state: MutableMapping[str, Any] | None = None,
 ) -> Tensor:
-    """Integrate from grid point ``start`` to the end. ``callback(i, x_next)`` may return a replacement."""
+    """The sampling loop (the only one: :func:`retouch.editing.edit`, disentanglement's optimised chain and
+    the tests all run it). Integrates over the explicit ``grid`` from point ``start`` to the end.
+
+    ``before(i, x)`` runs before step ``i`` and ``callback(i, x_next)`` after it; either may return
+    replacement latents (None: unchanged). ``state``: the solver's per-run state (multistep history, the
+    generator and noise maps of the stochastic solver), a fresh one by default."""
     solver = get_solver(solver) if isinstance(solver, str) else solver
-    state: dict[str, Any] = {}
+    state = {} if state is None else state
     for i in range(start, grid.num_steps):
+        if before is not None:
+            out = before(i, x)
+            x = x if out is None else out
         x = solver.step(model_fn, x, grid, i, state)
         if callback is not None:
             out = callback(i, x)
-            if out is not None:
-                x = out
+            x = x if out is None else out
     return x

@@ -30,7 +30,8 @@ the CLIP image / text embeddings (L2-normalised before the differences, as direc
 
 **Reuse** (claimed by the paper, never shipped by its code): :meth:`MixingWeights.save` writes λ with the
 prompts / steps metadata (safetensors or JSON, atomically); the ``disentangle`` editor with ``weights=PATH``
-applies saved λ to any other image without optimisation. :func:`optimise_mixing_weights` trains λ on one image.
+applies saved λ to any other image without optimisation.
+:func:`retouch.mixing_weights.optimise_mixing_weights` trains λ on one image.
 
 CLIP: any ``transformers.CLIPModel`` folder (``clip_model=PATH``); on the embedded models
 ``src/retouch/models/embedded/shapes-clip`` is used when it exists.
@@ -57,9 +58,10 @@ from torch.utils.checkpoint import checkpoint
 from retouch.backbones.base import Backbone
 from retouch.control.contract import Editor, StepContext
 from retouch.control.installer import EditState
-from retouch.control.p2p_zero import frozen
-from retouch.control.pnp import to_steps
-from retouch.types import Conditioning, NoiseGrid, Pred, Trajectory, to_x0_eps
+from retouch.control.steps import to_steps
+from retouch.guided import GuidedModel, frozen
+from retouch.solvers import sample
+from retouch.types import Conditioning, Trajectory
 
 log = logging.getLogger(__name__)
 
@@ -270,52 +272,6 @@ def load_clip(clip_model: Any, device: torch.device) -> ClipObjective:
 
 
 # --- the differentiable target-branch chain -------------------------------------------------------------------
-class _BranchModel:
-    """``model_fn(x, k) -> Pred`` for one branch with CFG; each network call is gradient-checkpointed."""
-
-    def __init__(
-        self, backbone: Backbone, grid: NoiseGrid, uncond: Conditioning | None, guidance: float, checkpointed: bool
-    ) -> None:
-        self.backbone = backbone
-        self.grid = grid
-        self.cfg = backbone.uses_cfg and uncond is not None and guidance != 1.0
-        self.uncond = uncond
-        self.guidance = guidance
-        self.checkpointed = checkpointed
-        self.cond: Conditioning | None = None
-        self.nfe = 0
-
-    def raw(self, x: Tensor, timestep: Tensor) -> Tensor:
-        assert self.cond is not None
-        cond = Conditioning.cat([self.uncond, self.cond]) if self.cfg else self.cond
-        inp = torch.cat([x, x]) if self.cfg else x
-        keys = list(cond.tensors)
-        static = cond.static
-
-        def run(inp: Tensor, *values: Tensor) -> Tensor:
-            return self.backbone.predict(inp, timestep, Conditioning(dict(zip(keys, values, strict=True)), static))
-
-        values = [cond.tensors[k] for k in keys]
-        self.nfe += 1
-        if self.checkpointed and torch.is_grad_enabled():
-            out = checkpoint(run, inp, *values, use_reentrant=False).float()
-        else:
-            out = run(inp, *values).float()
-        if not self.cfg:
-            return out
-        u, c = out.chunk(2)
-        return u + self.guidance * (c - u)
-
-    def __call__(self, x: Tensor, k: int) -> Pred:
-        g = self.grid
-        return to_x0_eps(self.raw(x, g.timesteps[k]), x, g.alphas[k], g.sigmas[k], self.backbone.prediction)
-
-    def at_sigma(self, x: Tensor, sigma: Tensor, i: int) -> Pred:
-        if self.grid.kind != "flow":
-            raise ValueError("off-grid evaluation needs a flow model")
-        return to_x0_eps(self.raw(x, sigma * 1000), x, 1 - sigma, sigma, self.backbone.prediction)
-
-
 @dataclass(frozen=True)
 class ChainSetup:
     """Everything needed to regenerate the target branch for given ``λ``."""
@@ -331,24 +287,21 @@ class ChainSetup:
 
     def sample(self, lambdas: Tensor) -> Tensor:
         """Run the chain from the inversion's ``x_T`` with ``c(i) = λ_i c_neutral + (1 − λ_i) c_target``."""
-        from retouch.solvers import get_solver
-
-        solver = get_solver(self.solver)
         traj = self.trajectory
         grid = traj.grid
         if lambdas.shape[0] != grid.num_steps:
             raise ValueError(f"{lambdas.shape[0]} mixing weights for a {grid.num_steps}-step grid")
-        model = _BranchModel(self.backbone, grid, self.uncond, self.guidance, self.checkpointed)
         neutral, target = self.cond.select([0]), self.cond.select([1])
+        model = GuidedModel(self.backbone, grid, target, self.uncond, self.guidance, checkpointed=self.checkpointed)
         per_step_uncond = traj.extras.get("uncond_per_step")
-        state: dict[str, Any] = {"generator": torch.Generator().manual_seed(self.seed)}
-        x = traj.noise[:1].float()
-        for i in range(grid.num_steps):
+
+        def mix(i: int, x: Tensor) -> None:
             if per_step_uncond is not None and model.cfg:
-                model.uncond = per_step_uncond[i]
-            model.cond = mix_conditioning(neutral, target, lambdas[i])
-            x = solver.step(model, x, grid, i, state)
-        return x
+                model.set_uncond(per_step_uncond[i])
+            model.set_cond(mix_conditioning(neutral, target, lambdas[i]))
+
+        state: dict[str, Any] = {"generator": torch.Generator().manual_seed(self.seed)}
+        return sample(model, traj.noise[:1].float(), grid, self.solver, before=mix, state=state)
 
     def decode(self, latents: Tensor) -> Tensor:
         bb = self.backbone
@@ -570,43 +523,3 @@ def make_disentangle(
         lr=float(lr), content_weight=float(content_weight), clip_model=clip_model, checkpointing=bool(checkpointing),
         save_to=save_to, on_weights=on_weights, meta=meta,
     )  # fmt: skip
-
-
-def optimise_mixing_weights(
-    backbone: Backbone,
-    image: Any,
-    config: Any,
-    *,
-    clip_model: Any = None,
-    epochs: int = 10,
-    lr: float = 0.05,
-    content_weight: float = 0.05,
-    t_star: float | int = 0.4,
-    lambda_after: float = 0.0,
-    checkpointing: bool = True,
-    save_to: str | os.PathLike[str] | None = None,
-) -> Tensor:
-    """Train the mixing weights on ``image`` (an edit from ``config.source_prompt`` = neutral to
-    ``config.target_prompt``) and return ``λ`` ([num_steps]); optionally save them.
-
-    Runs :func:`retouch.editing.edit` with the ``disentangle`` editor, so encoding, inversion, solver and
-    guidance are resolved exactly as for an edit (``config.method`` other than a disentangle preset is
-    replaced by ``disentangle``). The final edit pass this implies costs one chain without gradients.
-    """
-    from retouch.editing import edit  # the editing layer sits above control: imported at call time only
-    from retouch.presets import get_preset
-
-    preset = get_preset(config.method)
-    method = config.method if (preset is not None and preset.editor == "disentangle") else "disentangle"
-    got: list[MixingWeights] = []
-    options = {
-        **dict(config.options),
-        "epochs": epochs, "lr": lr, "content_weight": content_weight, "clip_model": clip_model,
-        "t_star": t_star, "lambda_after": lambda_after, "checkpointing": checkpointing,
-        "weights": None, "lambdas": None, "on_weights": got.append,
-    }  # fmt: skip
-    edit(backbone, image, config.with_(method=method, options=options))
-    weights = got[-1]
-    if save_to is not None:
-        weights.save(save_to)
-    return weights.lambdas

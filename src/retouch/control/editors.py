@@ -30,6 +30,7 @@ from retouch.control.p2p import (
 )
 from retouch.control.p2p_zero import make_p2p_zero
 from retouch.control.pnp import make_pnp
+from retouch.control.steps import to_steps
 from retouch.control.value_replay import InversionValueReplay
 from retouch.flowedit import FlowEditMethod
 from retouch.inversion.rf import RFReverseControl
@@ -55,15 +56,6 @@ class EditorSpec:
         params = inspect.signature(self.factory).parameters
         accepts_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
         check_options(option_types(self.factory), options, owner or f"method {self.name!r}", extra=accepts_any)
-
-
-def _steps(value: float | int, num_steps: int, label: str) -> int:
-    """An int is a step index; a float in [0, 1) is a fraction of the steps."""
-    if isinstance(value, bool) or value < 0:
-        raise ValueError(f"{label} must be a step index or a fraction in [0, 1), got {value!r}")
-    if isinstance(value, float) and value < 1:
-        return int(round(value * num_steps))
-    return int(value)
 
 
 def _split_words(words: str | Sequence[str] | None) -> list[str]:
@@ -158,12 +150,12 @@ def make_masactrl(
     max_depth = max(i.depth for i in layers.values()) + 1
     if start_layer is None:
         start_layer = backbone.masactrl_start_layer  # the adapter's declared default
-    first = _steps(start_layer, max_depth, "start_layer")
+    first = to_steps(start_layer, max_depth, "start_layer")
     kinds = _attention_kinds(backbone)
     num_steps = int(config.num_steps)
     if start_step is None:
         start_step = 4 / 50 if backbone.step_distilled else 4
-    first_step = _steps(start_step, num_steps, "start_step")
+    first_step = to_steps(start_step, num_steps, "start_step")
     if first_step >= num_steps:
         log.warning("MasaCtrl start_step=%s leaves none of the %d steps: mutual self-attention is off", start_step,
                     num_steps)  # fmt: skip
@@ -175,7 +167,7 @@ def make_masactrl(
         raise ValueError(f"start_layer={start_layer} selects no layer ({max_depth} blocks)")
     return MutualSelfAttention(
         start_step=first_step,
-        end_step=None if end_step is None else _steps(end_step, num_steps, "end_step"),
+        end_step=None if end_step is None else to_steps(end_step, num_steps, "end_step"),
         layers=select,
         share=share,
     )
@@ -227,7 +219,7 @@ def make_value_replay(
     singles = sorted((i for i in backbone.attention_layers().values() if i.kind == "single"), key=lambda i: i.depth)
     if not singles:
         raise ValueError(f"value replay acts on single-stream blocks; {backbone.family} has none")
-    first = _steps(start_layer, len(singles), "start_layer")
+    first = to_steps(start_layer, len(singles), "start_layer")
     if first >= len(singles):
         raise ValueError(f"start_layer={start_layer} selects none of the {len(singles)} single-stream blocks")
     chosen = {i.name for i in singles[first:]}

@@ -38,18 +38,18 @@ inversions are used instead — and BLIP captioning (the source prompt plays the
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from retouch.backbones.base import Backbone, LayerInfo
 from retouch.control.context import AttnContext
 from retouch.control.contract import Editor, GuidedPrediction, StepContext
-from retouch.control.pnp import to_steps
+from retouch.control.steps import to_steps
+from retouch.solvers import ddim_update
 from retouch.types import Conditioning, Pred
 
 log = logging.getLogger(__name__)
@@ -59,20 +59,6 @@ TEXT_KINDS = ("cross", "joint", "single")
 
 class _StopForward(Exception):
     """Raised by the recorder once the last selected layer has been seen (the rest of the forward is unused)."""
-
-
-@contextmanager
-def frozen(*modules: nn.Module | None) -> Iterator[None]:
-    """Temporarily turn off ``requires_grad`` of the modules' parameters (restored on exit), so that a backward
-    pass to the *inputs* keeps no activations for weight gradients."""
-    params = [p for m in modules if m is not None for p in m.parameters() if p.requires_grad]
-    try:
-        for p in params:
-            p.requires_grad_(False)
-        yield
-    finally:
-        for p in params:
-            p.requires_grad_(True)
 
 
 def _sentences(value: str | Sequence[str] | None, default: str, label: str) -> list[str]:
@@ -236,7 +222,7 @@ class PixToPixZero(Editor):
 
     def modify_prediction(self, ctx: StepContext, x: Tensor, p: Pred) -> Pred:
         if self.add_source_offset:  # the source row's uncorrected first-order step, for the offset
-            self._source_step = ctx.alpha_next * p.x0[:1] + ctx.sigma_next * p.eps[:1]
+            self._source_step = ddim_update(Pred(x0=p.x0[:1], eps=p.eps[:1]), ctx.grid, ctx.step)
         return p
 
     def after_step(self, ctx: StepContext, x: Tensor) -> Tensor | None:

@@ -46,21 +46,11 @@ from torch import Tensor
 from retouch.backbones.base import Backbone, LayerInfo
 from retouch.control.context import AttnContext, BatchLayout
 from retouch.control.contract import Editor
+from retouch.control.steps import to_steps
 
 log = logging.getLogger(__name__)
 
 LayerSpec = str | Sequence[str] | float | int | None
-
-
-def to_steps(value: float | int, num_steps: int, label: str) -> int:
-    """A float in [0, 1] is a fraction of ``num_steps`` (rounded); an int is a step count."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-        raise ValueError(f"{label} must be a step count or a fraction in [0, 1], got {value!r}")
-    if isinstance(value, float):
-        if value > 1:
-            raise ValueError(f"{label} as a fraction must be in [0, 1], got {value}")
-        return int(round(value * num_steps))
-    return int(value)
 
 
 def copy_source_rows(t: Tensor, layout: BatchLayout, positions: slice | None = None) -> Tensor:

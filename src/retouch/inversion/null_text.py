@@ -19,17 +19,18 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from retouch.guided import GuidedModel
 from retouch.inversion.base import check_start
 from retouch.inversion.naive import ddim_inversion
+from retouch.solvers import ddim_update
 from retouch.types import Conditioning, NoiseGrid, Trajectory, to_x0_eps
 
 log = logging.getLogger(__name__)
 
 
-def _guided_model(model_fn: Any) -> Any:
-    for attr in ("backbone", "cond", "grid"):
-        if not hasattr(model_fn, attr):
-            raise TypeError("this inversion needs the editing loop's guided model (backbone, conditioning)")
+def _guided_model(model_fn: Any) -> GuidedModel:
+    if not isinstance(model_fn, GuidedModel):
+        raise TypeError("this inversion needs the editing loop's guided model (retouch.guided.GuidedModel)")
     if not model_fn.backbone.uses_cfg:
         raise ValueError(f"{model_fn.backbone.family} uses no classifier-free guidance: nothing to invert")
     return model_fn
@@ -88,9 +89,8 @@ def null_text_inversion(
         for _ in range(inner_steps):
             with torch.enable_grad():
                 raw_u = bb.predict(z, t, uncond.replace(encoder_hidden_states=null)).float()
-                raw = raw_u + guidance * (raw_c - raw_u)
-                p = to_x0_eps(raw, z, a[i], s[i], bb.prediction)
-                x_next = a[i + 1] * p.x0 + s[i + 1] * p.eps
+                raw = bb.combine_guidance(raw_u, raw_c, guidance)
+                x_next = ddim_update(to_x0_eps(raw, z, a[i], s[i], bb.prediction), grid, i)
                 loss = torch.nn.functional.mse_loss(x_next, target)
                 opt.zero_grad()
                 loss.backward()
@@ -105,9 +105,8 @@ def null_text_inversion(
         losses.append(loss_value)
         with torch.no_grad():
             raw_u = bb.predict(z, t, step_uncond).float()
-            raw = raw_u + guidance * (raw_c - raw_u)
-            p = to_x0_eps(raw, z, a[i], s[i], bb.prediction)
-            z = a[i + 1] * p.x0 + s[i + 1] * p.eps
+            raw = bb.combine_guidance(raw_u, raw_c, guidance)
+            z = ddim_update(to_x0_eps(raw, z, a[i], s[i], bb.prediction), grid, i)
         nfe += 1
     log.info("null-text inversion: final step loss %.3g", losses[-1] if losses else float("nan"))
     return Trajectory(
