@@ -10,6 +10,7 @@ encode (image -> latent, prompts -> conditioning)
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -195,7 +196,7 @@ def check_inversion_options(name: str, options: Any) -> None:
     from retouch.control.options import check_options, option_types
 
     fn = get_inversion(name).invert
-    target = fn.func if hasattr(fn, "func") else fn
+    target = fn.func if isinstance(fn, functools.partial) else fn
     extra = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in inspect.signature(target).parameters.values())
     table = option_types(
         fn, skip=_INVERSION_INTERNAL | {"iterations", "sweeps", "eta"} if name == "dpmpp" else _INVERSION_INTERNAL

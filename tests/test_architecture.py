@@ -1,0 +1,176 @@
+"""Architecture rules read from the source (no model runs): family knowledge stays in ``backbones/``, the editing
+loop does not probe editors, and imports go one way (no cycles, control never imports the editing layer)."""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+import pytest
+
+SRC = Path(__file__).resolve().parents[1] / "src" / "retouch"
+
+# outside backbones/: the algorithms and the composition point
+FAMILY_FREE = [*sorted((SRC / "control").glob("*.py")), *sorted((SRC / "inversion").glob("*.py"))] + [
+    SRC / "editing.py",
+    SRC / "guided.py",
+    SRC / "masks.py",
+    SRC / "flowedit.py",
+    SRC / "presets.py",
+    SRC / "solvers.py",
+]
+# modules below the editing layer: they may not import it, not even inside a function
+LOWER = ("retouch.control", "retouch.inversion", "retouch.backbones", "retouch.guided", "retouch.solvers",
+         "retouch.schedules", "retouch.types", "retouch.masks", "retouch.flowedit")  # fmt: skip
+UPPER = ("retouch.editing", "retouch.mixing_weights", "retouch.cli", "retouch.bench", "retouch.app")
+
+# Cycles another branch of issue 15 removes (item 4: bench/cli <-> cli); the lead empties this at merge.
+KNOWN_CYCLES: set[frozenset[str]] = {frozenset({"retouch.cli", "retouch.bench.cli"})}
+
+FAMILY_TEST = re.compile(r"""family\s*(==|!=)\s*["']|family\s+(not\s+)?in\s*[(\[{]\s*["']""")
+
+
+def _module(path: Path) -> str:
+    rel = path.relative_to(SRC.parent).with_suffix("")
+    parts = list(rel.parts)
+    if parts[-1] == "__init__":
+        parts = parts[:-1]
+    return ".".join(parts)
+
+
+def _package(module: str) -> str:
+    return ".".join(module.split(".")[:2])  # retouch.control, retouch.editing, ...
+
+
+def _imports(path: Path) -> set[str]:
+    """The ``retouch`` modules ``path`` imports: at module level, and inside functions where the import crosses
+    into another part of the package (a registry lazily loading its own members is not a cycle to fear).
+    ``if TYPE_CHECKING:`` imports never run and are left out."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    here = _module(path)
+    package = here if path.name == "__init__.py" else here.rsplit(".", 1)[0]
+    skip: set[int] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            skip.update(id(n) for child in node.body for n in ast.walk(child))
+    nested: set[int] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            nested.update(id(n) for child in node.body for n in ast.walk(child))
+    out: set[str] = set()
+    for node in ast.walk(tree):
+        if id(node) in skip:
+            continue
+        mods: set[str] = set()
+        if isinstance(node, ast.Import):
+            mods = {a.name for a in node.names if a.name.startswith("retouch")}
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")
+                base = base[: len(base) - (node.level - 1)]
+                mod = ".".join(base + ([node.module] if node.module else []))
+            else:
+                mod = node.module or ""
+            if not mod.startswith("retouch"):
+                continue
+            mods = {mod}
+            for a in node.names:  # `from retouch.control import contract` imports a submodule
+                if (SRC.parent / (mod + "." + a.name).replace(".", "/")).with_suffix(".py").exists():
+                    mods.add(f"{mod}.{a.name}")
+        if id(node) in nested:
+            mods = {m for m in mods if _package(m) != _package(here)}
+        out |= mods
+    return out
+
+
+def _graph() -> dict[str, set[str]]:
+    mods = {_module(p): p for p in SRC.rglob("*.py")}
+    return {m: {i for i in _imports(p) if i in mods and i != m} for m, p in mods.items()}
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[set[str]]:
+    """Strongly connected components with more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on: set[str] = set()
+    out: list[set[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on.add(v)
+        for w in graph[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = set()
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                comp.add(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                out.append(comp)
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return out
+
+
+@pytest.mark.parametrize("path", FAMILY_FREE, ids=lambda p: str(p.relative_to(SRC)))
+def test_no_family_tests_or_diffusers_models_outside_backbones(path: Path) -> None:
+    text = path.read_text(encoding="utf-8")
+    tests = [line.strip() for line in text.splitlines() if FAMILY_TEST.search(line)]
+    assert not tests, f"{path.name} tests the model family (declare it in the backbone adapter): {tests}"
+    diffusers = [i for i in _all_imports(path) if i.split(".")[0] == "diffusers"]
+    assert not diffusers, f"{path.name} imports diffusers ({diffusers}); only backbones/ knows diffusers"
+
+
+def _all_imports(path: Path) -> list[str]:
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    out = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            out += [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and not node.level:
+            out.append(node.module or "")
+    return out
+
+
+def test_family_pattern_catches_what_it_should() -> None:
+    bad = ['if backbone.family == "sd":', "x = family != 'flux'", 'if family in ("sd", "pixart"):']
+    ok = ["if backbone.family not in preset.families:", "family = backbone.family"]
+    assert all(FAMILY_TEST.search(s) for s in bad)
+    assert not any(FAMILY_TEST.search(s) for s in ok)
+
+
+def test_lower_layers_never_import_the_editing_layer() -> None:
+    graph = _graph()
+    bad = sorted(
+        (m, i) for m, deps in graph.items() if m.startswith(LOWER) for i in deps if i.startswith(UPPER)
+    )  # fmt: skip
+    assert not bad, f"imports from below the editing layer into it: {bad}"
+
+
+def test_no_import_cycles() -> None:
+    cycles = [c for c in _cycles(_graph()) if frozenset(c) not in KNOWN_CYCLES]
+    assert not cycles, f"import cycles: {[sorted(c) for c in cycles]}"
+
+
+def test_cycle_detection_finds_a_cycle() -> None:
+    assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [{"a", "b", "c"}]
+
+
+def test_the_loop_does_not_probe_editors() -> None:
+    """``editing.py``, the installer and ``compose.py`` call the declared hooks (control/contract.py)."""
+    probe = re.compile(r"""(hasattr|getattr)\(\s*(editor|e|model|state|hook|fn)\b""")
+    for name in ("editing.py", "control/installer.py", "control/compose.py"):
+        lines = [ln.strip() for ln in (SRC / name).read_text(encoding="utf-8").splitlines() if probe.search(ln)]
+        assert not lines, f"{name} probes for hooks: {lines}"
