@@ -296,6 +296,45 @@ def _timed(timings: dict[str, float], key: str) -> Iterator[None]:
         timings[key] = timings.get(key, 0.0) + time.perf_counter() - t0
 
 
+def encode_inputs(
+    backbone: Backbone,
+    cfg: EditConfig,
+    res: Resolved,
+    img: Image.Image,
+    source_text: str,
+    generator: torch.Generator,
+    latent: Tensor | None = None,
+) -> tuple[Tensor, Conditioning, Conditioning | None, Conditioning]:
+    """The image latent ``z0`` (or the given ``latent``, checked), the branches' conditioning ``[source,
+    target]``, the unconditional one (None where no guidance needs it) and the inversion's conditioning."""
+    hw = (img.size[1], img.size[0])
+    posterior = cfg.inversion.options.get("posterior", "mean")
+    if posterior not in ("mean", "sample"):
+        raise ValueError(f"inversion option posterior must be 'mean' or 'sample', got {posterior!r}")
+    if latent is None:
+        pixels = io.pil_to_tensor(img).to(backbone.device)
+        # "sample": the VAE posterior drawn from the run's generator first (the references' order)
+        z0 = backbone.encode_image(pixels) if posterior == "mean" else backbone.encode_image(pixels, generator)
+        z0 = z0.float()
+    else:
+        f = backbone.vae_scale_factor
+        want = (1, backbone.latent_channels, hw[0] // f, hw[1] // f)
+        if tuple(latent.shape) != want:
+            raise ValueError(f"latent has shape {tuple(latent.shape)}; a {hw[1]}x{hw[0]} image needs {want}")
+        z0 = latent.float().to(backbone.device)
+    cond = backbone.encode_prompt([source_text, cfg.target_prompt], image_size=hw, guidance=res.guidance)
+    need_uncond = backbone.uses_cfg and (
+        res.guidance != 1.0 or cfg.inversion.guidance != 1.0 or res.base_inversion == "null_text"
+    )
+    uncond = backbone.encode_prompt(["", ""], image_size=hw) if need_uncond else None
+    inv_prompt = source_text if cfg.inversion.prompt is None else cfg.inversion.prompt
+    inv_cond = cond.select([0])
+    if inv_prompt != source_text or not backbone.uses_cfg:
+        # guidance-distilled models embed the inversion guidance in the conditioning
+        inv_cond = backbone.encode_prompt([inv_prompt], image_size=hw, guidance=cfg.inversion.guidance)
+    return z0, cond, uncond, inv_cond
+
+
 def sample_branches(
     editor: Editor,
     guided: GuidedModel,
@@ -455,30 +494,7 @@ def _edit(
     with torch.no_grad():
         with _timed(timings, "encode"):
             hw = (img.size[1], img.size[0])
-            posterior = cfg.inversion.options.get("posterior", "mean")
-            if posterior not in ("mean", "sample"):
-                raise ValueError(f"inversion option posterior must be 'mean' or 'sample', got {posterior!r}")
-            if latent is None:
-                pixels = io.pil_to_tensor(img).to(backbone.device)
-                # "sample": the VAE posterior drawn from the run's generator first (the references' order)
-                z0 = backbone.encode_image(pixels) if posterior == "mean" else backbone.encode_image(pixels, generator)
-                z0 = z0.float()
-            else:
-                f = backbone.vae_scale_factor
-                want = (1, backbone.latent_channels, hw[0] // f, hw[1] // f)
-                if tuple(latent.shape) != want:
-                    raise ValueError(f"latent has shape {tuple(latent.shape)}; a {hw[1]}x{hw[0]} image needs {want}")
-                z0 = latent.float().to(backbone.device)
-            cond = backbone.encode_prompt([source_text, cfg.target_prompt], image_size=hw, guidance=res.guidance)
-            need_uncond = backbone.uses_cfg and (
-                res.guidance != 1.0 or cfg.inversion.guidance != 1.0 or res.base_inversion == "null_text"
-            )
-            uncond = backbone.encode_prompt(["", ""], image_size=hw) if need_uncond else None
-            inv_prompt = source_text if cfg.inversion.prompt is None else cfg.inversion.prompt
-            inv_cond = cond.select([0])
-            if inv_prompt != source_text or not backbone.uses_cfg:
-                # guidance-distilled models embed the inversion guidance in the conditioning
-                inv_cond = backbone.encode_prompt([inv_prompt], image_size=hw, guidance=cfg.inversion.guidance)
+            z0, cond, uncond, inv_cond = encode_inputs(backbone, cfg, res, img, source_text, generator, latent)
 
         latent_hw = (z0.shape[-2], z0.shape[-1])
         total = schedules.skipped_steps(res.num_steps, cfg.inversion.skip or 0.0)

@@ -183,6 +183,14 @@ class HookedModel:
     def nfe(self) -> int:
         return self.model.nfe
 
+    @property
+    def backbone(self) -> Backbone:
+        return self.guided.backbone
+
+    @property
+    def grid(self) -> NoiseGrid:
+        return self.guided.grid
+
     def __call__(self, x: Tensor, k: int) -> Pred:
         ctx = self.guided.context(k, self.num_steps, (x.shape[-2], x.shape[-1]), self.mask)
         return self.editor.modify_prediction(ctx, x, self.model(x, k))

@@ -206,9 +206,6 @@ class WordMapRecorder(Editor):
     def needs_probs(self, ctx: Any) -> bool:
         return self.applies(ctx)
 
-    def edit_qkv(self, q: Tensor, k: Tensor, v: Tensor, ctx: Any) -> tuple[Tensor, Tensor, Tensor]:
-        return q, k, v
-
     def probs_block(self, ctx: Any, seq_len: int) -> tuple[slice, slice] | None:
         return ctx.image_text_block(seq_len) if ctx.layer.kind in ("joint", "single") else None
 

@@ -141,6 +141,18 @@ def tail(grid: NoiseGrid, num_steps: int) -> NoiseGrid:
     )
 
 
+def flip(grid: NoiseGrid) -> NoiseGrid:
+    """``grid`` walked backwards (cleanest point first): sampling over it is the plain reversal of sampling
+    over ``grid`` (an inversion), point ``k`` of the flipped grid being point ``N - k`` of ``grid``."""
+    return NoiseGrid(
+        timesteps=grid.timesteps.flip(0),
+        alphas=grid.alphas.flip(0),
+        sigmas=grid.sigmas.flip(0),
+        kind=grid.kind,
+        lower_order_final=grid.lower_order_final,
+    )
+
+
 def skipped_steps(num_steps: int, skip: float) -> int:
     """Steps of the whole grid when the noisiest ``skip`` fraction (of ``num_steps``) is left out:
     ``int(num_steps * (1 + skip))``, the rule of diffusers' LEDITS++ pipeline."""

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from retouch.backbones.base import Backbone, LayerInfo, SizePolicy
-from retouch.backbones.processors import FluxProcessor
+from retouch.backbones.processors import FluxProcessor, routing_kwargs
 from retouch.types import Conditioning, Prediction
 
 _NAME = re.compile(r"^(transformer_blocks|single_transformer_blocks)\.(\d+)\.attn$")
@@ -45,10 +45,6 @@ class FluxBackbone(Backbone):
     default_solver = "flow_euler"
     default_guidance = 3.5
     default_steps = 28
-
-    def __init__(self, pipe: Any, *, name: str | None = None) -> None:
-        super().__init__(pipe, name=name)
-        self._num_text = 0
 
     @property
     def denoiser(self) -> nn.Module:
@@ -109,7 +105,6 @@ class FluxBackbone(Backbone):
     def predict(self, x: Tensor, timestep: Tensor, cond: Conditioning) -> Tensor:
         b, _, h, w = x.shape
         emb = cond.tensors["encoder_hidden_states"]
-        self._num_text = emb.shape[1]
         t = (timestep.to(x.device, torch.float32) / 1000).reshape(1).expand(b).to(self.dtype)
         out = self.pipe.transformer(
             hidden_states=pack(x.to(self.dtype)),
@@ -119,6 +114,7 @@ class FluxBackbone(Backbone):
             encoder_hidden_states=emb,
             txt_ids=cond.static["txt_ids"],
             img_ids=image_ids(h, w, x.device, self.dtype),
+            joint_attention_kwargs=routing_kwargs(self.pipe.transformer, FluxProcessor, emb.shape[1]),
             return_dict=False,
         )[0]
         return unpack(out, h, w)
@@ -153,5 +149,5 @@ class FluxBackbone(Backbone):
 
     def make_processor(self, layer: LayerInfo, attend, merge=None) -> Any:
         if merge is None:
-            return FluxProcessor(layer, attend, lambda: self._num_text)
-        return FluxProcessor(layer, attend, lambda: self._num_text, merge)
+            return FluxProcessor(layer, attend)
+        return FluxProcessor(layer, attend, merge)

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 from retouch.backbones.base import Backbone, LayerInfo, SizePolicy
 from retouch.backbones.flowgrid import ChatTemplateText, explicit_sigma_flow_grid
-from retouch.backbones.processors import Attend, Merge, _no_merge
+from retouch.backbones.processors import Attend, Merge, _no_merge, routing_kwargs
 from retouch.types import Conditioning, NoiseGrid, Prediction
 
 _NAME = re.compile(r"^(transformer_blocks|single_transformer_blocks)\.(\d+)\.attn$")
@@ -79,13 +79,15 @@ class Flux2Processor:
     routes the attention product through ``attend``. Sequence = [text; image].
 
     Token merging acts on the image tokens before the projections (in single blocks that also merges the
-    tokens the fused MLP sees) and unmerges the block output; rotary embeddings follow the kept tokens.
+    tokens the fused MLP sees) and unmerges the block output; rotary embeddings follow the kept tokens. The
+    text length of single blocks arrives as the ``num_text`` argument (the transformer's
+    ``joint_attention_kwargs``, :func:`~retouch.backbones.processors.routing_kwargs`); without it (a forward
+    from the stock pipeline) it counts as 0.
     """
 
-    def __init__(self, layer: LayerInfo, attend: Attend, num_text: Any, merge: Merge = _no_merge) -> None:
+    def __init__(self, layer: LayerInfo, attend: Attend, merge: Merge = _no_merge) -> None:
         self.layer = layer
         self.attend = attend
-        self.num_text = num_text
         self.merge = merge
 
     def _merge(self, hidden: Tensor, n_txt: int, rotary: Any, rot_txt: int) -> tuple[Tensor, Any, Any]:
@@ -109,13 +111,16 @@ class Flux2Processor:
         encoder_hidden_states: Tensor | None = None,
         attention_mask: Tensor | None = None,
         image_rotary_emb: Any = None,
+        num_text: int | None = None,
     ) -> Any:
         from diffusers.models.embeddings import apply_rotary_emb
 
         double = hasattr(attn, "to_q")
         if not double:  # Flux2ParallelSelfAttention(attn, hidden_states, attention_mask, image_rotary_emb)
             encoder_hidden_states, attention_mask, image_rotary_emb = None, encoder_hidden_states, attention_mask
-        n_txt = encoder_hidden_states.shape[1] if double else self.num_text()
+        # num_text None: a forward from outside the backbone's predict (the stock pipeline); the text length is
+        # then unknown and the whole sequence counts as image tokens (editors that slice text see none)
+        n_txt = encoder_hidden_states.shape[1] if double else int(num_text or 0)
         n_txt_in_hidden = 0 if double else n_txt
         hidden_states, plan, image_rotary_emb = self._merge(hidden_states, n_txt_in_hidden, image_rotary_emb, n_txt)
 
@@ -170,7 +175,6 @@ class Flux2Backbone(ChatTemplateText, Backbone):
 
     def __init__(self, pipe: Any, *, name: str | None = None) -> None:
         super().__init__(pipe, name=name)
-        self._num_text = 0
         self.max_sequence_length = int(getattr(pipe, "tokenizer_max_length", 512))
         config = getattr(pipe, "config", None)
         self.klein = type(pipe).__name__.startswith("Flux2Klein") or hasattr(config, "is_distilled")
@@ -259,7 +263,6 @@ class Flux2Backbone(ChatTemplateText, Backbone):
     def predict(self, x: Tensor, timestep: Tensor, cond: Conditioning) -> Tensor:
         b, c, h, w = x.shape
         emb = cond.tensors["encoder_hidden_states"]
-        self._num_text = emb.shape[1]
         t = (timestep.to(x.device, torch.float32) / 1000).reshape(1).expand(b).to(self.dtype)
         tokens = x.to(self.dtype).reshape(b, c, h * w).permute(0, 2, 1)  # [B, hw, 4C_vae]
         out = self.pipe.transformer(
@@ -269,6 +272,7 @@ class Flux2Backbone(ChatTemplateText, Backbone):
             encoder_hidden_states=emb,
             txt_ids=cond.static["txt_ids"],
             img_ids=image_ids(h, w, x.device),
+            joint_attention_kwargs=routing_kwargs(self.pipe.transformer, Flux2Processor, emb.shape[1]),
             return_dict=False,
         )[0]
         return out.permute(0, 2, 1).reshape(b, c, h, w)
@@ -302,7 +306,7 @@ class Flux2Backbone(ChatTemplateText, Backbone):
         return out
 
     def make_processor(self, layer: LayerInfo, attend: Attend, merge: Merge | None = None) -> Any:
-        return Flux2Processor(layer, attend, lambda: self._num_text, merge or _no_merge)
+        return Flux2Processor(layer, attend, merge or _no_merge)
 
     def describe(self) -> dict[str, Any]:
         out = super().describe()

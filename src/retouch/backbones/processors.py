@@ -166,14 +166,15 @@ class JointProcessor:
 class FluxProcessor:
     """For Flux double- and single-stream attention; mirrors ``FluxAttnProcessor``. Sequence = [text; image].
 
-    Single-stream blocks receive the already concatenated sequence; the number of text tokens is then
-    taken from ``num_text`` set by the backbone before each forward (it is the T5 length).
+    Single-stream blocks receive the already concatenated sequence; the number of text tokens (the T5 length)
+    then arrives as the ``num_text`` argument, which the backbone passes in the transformer's
+    ``joint_attention_kwargs`` (:func:`routing_kwargs`); without it (a forward from the stock pipeline) it
+    counts as 0.
     """
 
-    def __init__(self, layer: LayerInfo, attend: Attend, num_text: Callable[[], int], merge: Merge = _no_merge) -> None:
+    def __init__(self, layer: LayerInfo, attend: Attend, merge: Merge = _no_merge) -> None:
         self.layer = layer
         self.attend = attend
-        self.num_text = num_text
         self.merge = merge
 
     def __call__(
@@ -183,12 +184,14 @@ class FluxProcessor:
         encoder_hidden_states: Tensor | None = None,
         attention_mask: Tensor | None = None,
         image_rotary_emb: Tensor | None = None,
+        num_text: int | None = None,
     ):
         from diffusers.models.embeddings import apply_rotary_emb
         from diffusers.models.transformers.transformer_flux import _get_qkv_projections
 
-        # token merging on the image tokens; rotary position inputs follow the kept tokens
-        n_txt_single = 0 if encoder_hidden_states is not None else self.num_text()
+        # token merging on the image tokens; rotary position inputs follow the kept tokens. num_text None: a
+        # forward from outside the backbone's predict (the stock pipeline), the text length counts as 0
+        n_txt_single = 0 if encoder_hidden_states is not None else int(num_text or 0)
         image = hidden_states[:, n_txt_single:]
         merged, plan = self.merge(image, self.layer)
         if plan is not None:
@@ -213,7 +216,7 @@ class FluxProcessor:
         if image_rotary_emb is not None:
             query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
             key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
-        num_text = encoder_hidden_states.shape[1] if encoder_hidden_states is not None else self.num_text()
+        num_text = encoder_hidden_states.shape[1] if encoder_hidden_states is not None else n_txt_single
 
         out = self.attend(
             query.transpose(1, 2),
@@ -241,3 +244,12 @@ class FluxProcessor:
                 [hidden_states[:, :n_txt_single], plan.unmerge(hidden_states[:, n_txt_single:])], dim=1
             )
         return hidden_states
+
+
+def routing_kwargs(denoiser: Any, processor_type: type, num_text: int) -> dict[str, Any] | None:
+    """The ``joint_attention_kwargs`` that give retouch's routing processors the text length of this forward
+    (``{"num_text": n}``), or None when none of ``denoiser``'s processors is one (diffusers' own processors
+    would warn about an argument they do not take)."""
+    if any(isinstance(p, processor_type) for p in denoiser.attn_processors.values()):
+        return {"num_text": int(num_text)}
+    return None

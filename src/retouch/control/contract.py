@@ -107,9 +107,12 @@ class GuidedPrediction(Protocol):
     """The model function the loop hands to ``before_step`` / ``wrap_model`` / ``sample``.
 
     ``model(x, k)`` is the guided prediction at grid point ``k``; ``predict_rows`` one raw forward of its own
-    rows (no guidance, batch layout of its own, counted in ``nfe``) for editors that probe the model."""
+    rows (no guidance, batch layout of its own, counted in ``nfe``) for editors that probe the model;
+    ``backbone`` and ``grid`` are the model and grid it evaluates on."""
 
     nfe: int
+    backbone: Backbone
+    grid: NoiseGrid
 
     def __call__(self, x: Tensor, k: int) -> Pred: ...
 

@@ -154,9 +154,6 @@ class KVEdit(Editor):
             return not self.inversion_free and ctx.point >= 0 and ctx.stage != "mid"  # on-grid evaluations
         return ctx.phase == "sample" and ctx.layout.branches >= 2
 
-    def needs_probs(self, ctx: AttnContext) -> bool:
-        return False
-
     def _token_sets(self, ctx: AttnContext, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
         """(foreground flags [N], foreground index, background index) of this layer's image-token grid: a token
         is foreground when any latent cell it covers is."""

@@ -36,8 +36,8 @@ from torch import Tensor
 
 from retouch.backbones.base import Backbone, LayerInfo
 from retouch.control import tokens
-from retouch.control.context import AttnContext, BatchLayout
-from retouch.control.contract import Editor
+from retouch.control.context import AttnContext
+from retouch.control.contract import Editor, GuidedPrediction
 from retouch.types import Conditioning, NoiseGrid, Pred, to_x0_eps
 
 log = logging.getLogger(__name__)
@@ -165,9 +165,6 @@ class SemanticGuidance(Editor):
     def needs_probs(self, ctx: AttnContext) -> bool:
         return True
 
-    def edit_qkv(self, q: Tensor, k: Tensor, v: Tensor, ctx: AttnContext) -> tuple[Tensor, Tensor, Tensor]:
-        return q, k, v
-
     def edit_probs(self, probs: Tensor, ctx: AttnContext) -> Tensor:
         rows = probs[2 : 2 + len(self.concepts)].float().sum(1)  # [E, N_img, T], heads summed
         self._sums = rows if self._sums is None else self._sums + rows
@@ -204,7 +201,7 @@ class SemanticGuidance(Editor):
         self._sums, self._count = None, 0
         return total
 
-    def wrap_model(self, guided: Any) -> SemanticGuidanceModel:
+    def wrap_model(self, guided: GuidedPrediction) -> SemanticGuidanceModel:  # type: ignore[override]
         return SemanticGuidanceModel(guided, self)
 
 
@@ -212,7 +209,7 @@ class SemanticGuidanceModel:
     """``model_fn(x, k) -> Pred`` for ``x = [source, target]``: one model call on
     ``[x_src | uncond, x_tgt | uncond, x_tgt | concept_1 .. concept_E]``; the target's prediction is eq. 12."""
 
-    def __init__(self, guided: Any, editor: SemanticGuidance) -> None:
+    def __init__(self, guided: GuidedPrediction, editor: SemanticGuidance) -> None:
         self.guided = guided
         self.backbone: Backbone = guided.backbone
         self.grid: NoiseGrid = guided.grid
@@ -238,14 +235,10 @@ class SemanticGuidanceModel:
         latent_hw = (x.shape[-2], x.shape[-1])
         cond = self._conditioning(latent_hw)
         n_concepts = len(self.editor.concepts)
-        state = self.guided.state
-        if state is not None:
-            state.layout = BatchLayout(branches=2 + n_concepts, cfg=False)
-            state.latent_hw = latent_hw
         batch = torch.cat([x[:1], x[1:2].expand(1 + n_concepts, *x.shape[1:])])
         g = self.grid
-        self.guided.nfe += 1
-        raw = self.backbone.predict(batch, g.timesteps[k], cond).float()
+        # one forward of rows of its own: attention editors see the layout of 2 + E branches, counted in NFE
+        raw = self.guided.predict_rows(batch, g.timesteps[k], cond).float()
         uncond = raw[1:2]
         target = uncond + self.editor.guidance(k, float(g.timesteps[k]), uncond, raw[2:])
         return to_x0_eps(torch.cat([raw[:1], target]), x, g.alphas[k], g.sigmas[k], self.backbone.prediction)

@@ -53,9 +53,6 @@ class MutualSelfAttention(Editor):
             return False
         return self.layers(ctx.layer)
 
-    def needs_probs(self, ctx: AttnContext) -> bool:
-        return False
-
     def edit_qkv(self, q: Tensor, k: Tensor, v: Tensor, ctx: AttnContext) -> tuple[Tensor, Tensor, Tensor]:
         layout = ctx.layout
         k, v = (k.clone() if self.share == "kv" else k), v.clone()
@@ -69,6 +66,3 @@ class MutualSelfAttention(Editor):
                     k[tgt, :, img] = k[src, :, img]
                 v[tgt, :, img] = v[src, :, img]
         return q, k, v
-
-    def edit_probs(self, probs: Tensor, ctx: AttnContext) -> Tensor:
-        return probs

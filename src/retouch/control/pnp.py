@@ -138,16 +138,10 @@ class PlugAndPlay(Editor):
             and ctx.layer.name in self.attn_layers
         )
 
-    def needs_probs(self, ctx: AttnContext) -> bool:
-        return False
-
     def edit_qkv(self, q: Tensor, k: Tensor, v: Tensor, ctx: AttnContext) -> tuple[Tensor, Tensor, Tensor]:
         """Self-attention injection (§4): target Q, K <- source Q, K (image tokens only in joint attention)."""
         img = ctx.image_slice(q.shape[2]) if ctx.layer.kind in ("joint", "single") else None
         return copy_source_rows(q, ctx.layout, img), copy_source_rows(k, ctx.layout, img), v
-
-    def edit_probs(self, probs: Tensor, ctx: AttnContext) -> Tensor:
-        return probs
 
     # --- feature injection ------------------------------------------------------------------------
     def _hook(self, kind: str, state: Any, info: LayerInfo | None = None) -> Callable[..., Any]:

@@ -44,9 +44,6 @@ class AttentionRecorder(Editor):
     def needs_probs(self, ctx: AttnContext) -> bool:
         return True
 
-    def edit_qkv(self, q: Tensor, k: Tensor, v: Tensor, ctx: AttnContext) -> tuple[Tensor, Tensor, Tensor]:
-        return q, k, v
-
     def probs_block(self, ctx: AttnContext, seq_len: int) -> tuple[slice, slice] | None:
         """Joint attention: only the image-query / text-key block is read (the full map is never built)."""
         return ctx.image_text_block(seq_len) if ctx.layer.kind in ("joint", "single") else None

@@ -65,9 +65,6 @@ class InversionValueReplay(Editor):
             return True
         return ctx.phase == "sample" and self._key(ctx) in self.store
 
-    def needs_probs(self, ctx: AttnContext) -> bool:
-        return False
-
     def edit_qkv(self, q: Tensor, k: Tensor, v: Tensor, ctx: AttnContext) -> tuple[Tensor, Tensor, Tensor]:
         key = self._key(ctx)
         if ctx.phase == "invert":
@@ -77,6 +74,3 @@ class InversionValueReplay(Editor):
         if stored.shape != v.shape:
             raise RuntimeError(f"stored values {tuple(stored.shape)} do not fit {tuple(v.shape)} in {ctx.layer.name}")
         return q, k, stored.to(device=v.device, dtype=v.dtype)
-
-    def edit_probs(self, probs: Tensor, ctx: AttnContext) -> Tensor:
-        return probs

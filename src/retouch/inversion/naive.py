@@ -5,8 +5,9 @@ from __future__ import annotations
 from torch import Tensor
 
 from retouch.inversion.base import check_start
-from retouch.solvers import ModelFn
-from retouch.types import NoiseGrid, Trajectory
+from retouch.schedules import flip
+from retouch.solvers import ModelFn, sample
+from retouch.types import NoiseGrid, Pred, Trajectory
 
 
 def no_inversion(model_fn: ModelFn, z0: Tensor, grid: NoiseGrid) -> Trajectory:
@@ -35,28 +36,56 @@ def ddim_inversion(model_fn: ModelFn, z0: Tensor, grid: NoiseGrid) -> Trajectory
     return Trajectory(latents=tuple(reversed(latents)), grid=grid, nfe=n)
 
 
+class _Flipped:
+    """``model_fn`` seen from the flipped grid (:func:`retouch.schedules.flip`): its point ``k`` is the
+    original point ``N - k``, and an off-grid evaluation in its interval ``k`` lies in the original interval
+    ``N - k - 1``. The model itself is still called with the original indices (its own grid, progress and the
+    editors' grid points are unchanged). Counts the evaluations."""
+
+    def __init__(self, model_fn: ModelFn, num_steps: int) -> None:
+        self.model_fn = model_fn
+        self.n = num_steps
+        self.nfe = 0
+
+    def __call__(self, x: Tensor, k: int) -> Pred:
+        self.nfe += 1
+        return self.model_fn(x, self.n - k)
+
+    def at_sigma(self, x: Tensor, sigma: Tensor, i: int) -> Pred:
+        at_sigma = getattr(self.model_fn, "at_sigma", None)
+        if at_sigma is None:
+            raise TypeError("midpoint inversion evaluates between grid points; the model function needs .at_sigma")
+        self.nfe += 1
+        return at_sigma(x, sigma, self.n - i - 1)
+
+
+def reversal_inversion(model_fn: ModelFn, z0: Tensor, grid: NoiseGrid, solver: str) -> Trajectory:
+    """An inversion that is the plain reversal of ``solver``: the shared sampling loop
+    (:func:`retouch.solvers.sample`) run from the clean latent over the flipped grid."""
+    check_start(z0, grid)
+    flipped = _Flipped(model_fn, grid.num_steps)
+    latents: list[Tensor] = [z0]
+    sample(flipped, z0, flip(grid), solver, callback=lambda i, x: latents.append(x))
+    return Trajectory(latents=tuple(reversed(latents)), grid=grid, nfe=flipped.nfe)
+
+
 def flow_euler_inversion(model_fn: ModelFn, z0: Tensor, grid: NoiseGrid) -> Trajectory:
-    """Rectified-flow inversion by explicit Euler from data to noise: ``x_{j-1} = x_j + (s_{j-1}-s_j) u(x_j, s_j)``.
+    """Rectified-flow inversion by explicit Euler from data to noise: ``x_{j-1} = x_j + (s_{j-1}-s_j) u(x_j, s_j)``
+    (the flow_euler sampler over the flipped grid).
 
     The velocity is evaluated at the current (cleaner) point, so the first evaluation is at ``sigma = 0``.
     """
     check_start(z0, grid)
     if grid.kind != "flow":
         raise ValueError("flow_euler inversion needs a flow grid; use ddim inversion on a VP model")
-    n = grid.num_steps
-    latents: list[Tensor] = [z0]
-    x = z0
-    for j in range(n, 0, -1):
-        u = model_fn(x, j).velocity
-        x = x + (grid.sigmas[j - 1] - grid.sigmas[j]) * u
-        latents.append(x)
-    return Trajectory(latents=tuple(reversed(latents)), grid=grid, nfe=n)
+    return reversal_inversion(model_fn, z0, grid, "flow_euler")
 
 
 def flow_midpoint_inversion(
     model_fn: ModelFn, z0: Tensor, grid: NoiseGrid, *, reuse_velocity: bool = False
 ) -> Trajectory:
-    """Second-order flow inversion: the midpoint step of RF-Solver (Wang et al. 2024) run from data to noise.
+    """Second-order flow inversion: the midpoint step of RF-Solver (Wang et al. 2024) run from data to noise
+    (the rf_solver / fireflow sampler over the flipped grid).
 
     With ``reuse_velocity`` (FireFlow, Deng et al. 2024) the start velocity of each step is the previous step's
     midpoint velocity, so a step costs one model evaluation after the first.
@@ -64,25 +93,6 @@ def flow_midpoint_inversion(
     check_start(z0, grid)
     if grid.kind != "flow":
         raise ValueError("midpoint flow inversion needs a flow grid")
-    at_sigma = getattr(model_fn, "at_sigma", None)
-    if at_sigma is None:
+    if getattr(model_fn, "at_sigma", None) is None:
         raise TypeError("midpoint inversion evaluates between grid points; the model function needs .at_sigma")
-    n = grid.num_steps
-    latents: list[Tensor] = [z0]
-    x = z0
-    nfe = 0
-    v_prev = None
-    for j in range(n, 0, -1):
-        s, s_next = grid.sigmas[j], grid.sigmas[j - 1]
-        if v_prev is None or not reuse_velocity:
-            v = model_fn(x, j).velocity
-            nfe += 1
-        else:
-            v = v_prev
-        x_mid = x + 0.5 * (s_next - s) * v
-        v_mid = at_sigma(x_mid, 0.5 * (s + s_next), j - 1).velocity
-        nfe += 1
-        x = x + (s_next - s) * v_mid
-        v_prev = v_mid
-        latents.append(x)
-    return Trajectory(latents=tuple(reversed(latents)), grid=grid, nfe=nfe)
+    return reversal_inversion(model_fn, z0, grid, "fireflow" if reuse_velocity else "rf_solver")
