@@ -20,6 +20,8 @@ FAMILY_FREE = [*sorted((SRC / "control").glob("*.py")), *sorted((SRC / "inversio
     SRC / "presets.py",
     SRC / "solvers.py",
 ]
+# the family-independent parts of backbones/ (the interface, memory estimates, folder checks)
+GENERIC_BACKBONE_MODULES = {"retouch.backbones.base", "retouch.backbones.memory", "retouch.backbones.checks"}
 # modules below the editing layer: they may not import it, not even inside a function
 LOWER = ("retouch.control", "retouch.inversion", "retouch.backbones", "retouch.guided", "retouch.solvers",
          "retouch.schedules", "retouch.types", "retouch.masks", "retouch.flowedit")  # fmt: skip
@@ -129,8 +131,11 @@ def test_no_family_tests_or_diffusers_models_outside_backbones(path: Path) -> No
     text = path.read_text(encoding="utf-8")
     tests = [line.strip() for line in text.splitlines() if FAMILY_TEST.search(line)]
     assert not tests, f"{path.name} tests the model family (declare it in the backbone adapter): {tests}"
-    diffusers = [i for i in _all_imports(path) if i.split(".")[0] == "diffusers"]
+    imports = _all_imports(path)
+    diffusers = [i for i in imports if i.split(".")[0] == "diffusers"]
     assert not diffusers, f"{path.name} imports diffusers ({diffusers}); only backbones/ knows diffusers"
+    adapters = [i for i in imports if i.startswith("retouch.backbones.") and i not in GENERIC_BACKBONE_MODULES]
+    assert not adapters, f"{path.name} imports a family adapter ({adapters}); use the Backbone interface"
 
 
 def _all_imports(path: Path) -> list[str]:
