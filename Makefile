@@ -16,12 +16,12 @@ install: $(BIN)/python
 	$(BIN)/pip install --quiet -e ".[dev,app]"
 
 lint:
-	$(BIN)/ruff check src tests
-	$(BIN)/ruff format --check src tests
+	$(BIN)/ruff check src tests training
+	$(BIN)/ruff format --check src tests training
 
 format:
-	$(BIN)/ruff format src tests
-	$(BIN)/ruff check --fix src tests
+	$(BIN)/ruff format src tests training
+	$(BIN)/ruff check --fix src tests training
 
 test: lint
 	$(BIN)/python -m pytest -q

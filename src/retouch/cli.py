@@ -5,12 +5,20 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+# flag types live in retouch.flags, so that `retouch bench` (retouch.bench.cli) shares them without importing
+# this module; cpu_cores is looked up here at call time (tests patch it)
+from retouch.flags import cpu_cores
+from retouch.flags import device as _device
+from retouch.flags import float_in as _float_in
+from retouch.flags import int_in as _int_in
+from retouch.flags import seed as _seed
+from retouch.flags import threads as _threads
 
 log = logging.getLogger("retouch")
 
@@ -20,97 +28,6 @@ EXIT_USAGE = 2
 
 class CliError(Exception):
     """A user-facing error: printed as one line, exit status 1."""
-
-
-# --- flag types: every flag is checked where it is parsed (argparse prints one line naming it) ---------------
-def _int_in(lo: int, hi: int | None, what: str = "an integer") -> Any:
-    def parse(text: str) -> int:
-        try:
-            value = int(text, 0) if text.strip().lower().startswith(("0x", "0b", "0o")) else int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
-        if value < lo or (hi is not None and value > hi):
-            bound = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
-            raise argparse.ArgumentTypeError(f"must be {bound}, got {value}")
-        return value
-
-    return parse
-
-
-def _seed(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer in [0, 2**64), got {text!r}") from None
-    if not 0 <= value < 2**64:
-        raise argparse.ArgumentTypeError(
-            f"must be in [0, 2**64) (0 <= seed <= 18446744073709551615, what torch's generators take), got {value}"
-        )
-    return value
-
-
-def _float_in(lo: float, hi: float | None = None, *, lo_open: bool = False) -> Any:
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-        if not math.isfinite(value) or value < lo or (lo_open and value == lo) or (hi is not None and value > hi):
-            low = f"> {lo}" if lo_open else f">= {lo}"
-            raise argparse.ArgumentTypeError(f"must be a finite number {low}{'' if hi is None else f' and <= {hi}'}"
-                                             f", got {text}")  # fmt: skip
-        return value
-
-    return parse
-
-
-def machine_devices() -> list[str]:
-    """The devices torch can use on this machine: ``cpu`` and each accelerator (``<type>:<index>``)."""
-    import torch
-
-    out = ["cpu"]
-    acc = getattr(torch, "accelerator", None)
-    if acc is not None and acc.is_available():
-        kind = acc.current_accelerator().type
-        out += [f"{kind}:{i}" for i in range(acc.device_count())]
-    return out
-
-
-def _device(text: str) -> str:
-    import torch
-
-    try:
-        dev = torch.device(text)
-    except (RuntimeError, ValueError):
-        raise argparse.ArgumentTypeError(
-            f"unknown device {text!r}; this machine has: {', '.join(machine_devices())}"
-        ) from None
-    if dev.type == "cpu":
-        return text
-    backend = getattr(torch, dev.type, None)
-    available = getattr(backend, "is_available", None)
-    count = getattr(backend, "device_count", None)
-    try:
-        ok = bool(available and available()) and (dev.index is None or count is None or dev.index < count())
-    except (RuntimeError, AssertionError):
-        ok = False
-    if not ok:
-        raise argparse.ArgumentTypeError(
-            f"device {text!r} is not available on this machine; it has: {', '.join(machine_devices())}"
-        )
-    return text
-
-
-def cpu_cores() -> int:
-    """CPU cores this process may run on."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
-
-
-def _threads(text: str) -> int:
-    return _int_in(1, 4096, "a thread count")(text)
 
 
 def _parse_options(items: Sequence[str], flag: str = "--option") -> dict[str, Any]:
@@ -557,22 +474,13 @@ def _run(args: argparse.Namespace, source: str, target: str, method: str, option
 
 
 def _set_threads(threads: int | None, model: str) -> None:
-    """Set torch's CPU threads: 1 by default for the embedded models; at most the CPU cores (a larger count is
-    capped, with a warning: oversubscribed cores run many times slower, and huge counts crash OpenMP)."""
-    import torch
+    """:func:`retouch.flags.set_threads` with this module's :func:`cpu_cores` and a one-line error."""
+    from retouch.flags import set_threads
 
-    from retouch.models import registry
-
-    if threads is None and model in registry.embedded_names():
-        threads = 1
-    if threads is not None:
-        if threads < 1:
-            raise CliError(f"--threads must be >= 1, got {threads}")
-        cores = cpu_cores()
-        if threads > cores:
-            log.warning("--threads %d is more than the %d CPU cores of this machine; using %d", threads, cores, cores)
-            threads = cores
-        torch.set_num_threads(threads)
+    try:
+        set_threads(threads, model, cores=cpu_cores())
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
 
 
 def attention_map_images(result: Any) -> dict[str, Any]:

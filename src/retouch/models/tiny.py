@@ -30,12 +30,10 @@ Family-specific notes (see also the gotchas in ``reference/feasibility.md``):
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import torch
 from diffusers import (
     AutoencoderKL,
     DDIMScheduler,
@@ -61,6 +59,7 @@ from transformers import (
     T5TokenizerFast,
 )
 
+from retouch.models.seeding import seeded as _seeded
 from retouch.models.tokenizers import build_clip_tokenizer, build_t5_tokenizer
 
 __all__ = [
@@ -82,14 +81,6 @@ FAMILIES: tuple[str, ...] = ("sd", "sdxl", "pixart", "sd3", "flux", "sd35", "qwe
 _CLIP_WIDTH = 32
 _T5_WIDTH = 32
 _SD3_T5_WIDTH = 64
-
-
-@contextmanager
-def _seeded(seed: int) -> Iterator[None]:
-    """Run the block with the global CPU RNG seeded to ``seed``, restoring the caller's RNG state after."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        yield
 
 
 def _clip_text_config(vocab_size: int, max_length: int) -> CLIPTextConfig:
@@ -430,9 +421,12 @@ def tiny_pipeline(family: str, **kwargs: Any) -> DiffusionPipeline:
         "sd3": tiny_sd3_pipeline,
         "flux": tiny_flux_pipeline,
     }
-    from retouch.models import tiny_families  # Qwen-Image, Sana, SD3.5 (imports this module)
+    from retouch.models import tiny_families  # Qwen-Image, Sana, SD3.5 (it never imports this module)
 
-    factories.update(sd35=tiny_families.tiny_sd35_pipeline, qwenimage=tiny_families.tiny_qwenimage_pipeline,
+    def sd35(seed: int = 0, **kw: Any) -> DiffusionPipeline:
+        return tiny_families.as_sd35(tiny_sd3_pipeline(seed=seed, **kw), seed=seed)
+
+    factories.update(sd35=sd35, qwenimage=tiny_families.tiny_qwenimage_pipeline,
                      sana=tiny_families.tiny_sana_pipeline)  # fmt: skip
     if family not in factories:
         raise ValueError(f"unknown model family {family!r}; valid families: {', '.join(FAMILIES)}")
