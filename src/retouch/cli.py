@@ -16,8 +16,7 @@ from typing import Any
 from retouch.flags import cpu_cores
 from retouch.flags import device as _device
 from retouch.flags import float_in as _float_in
-from retouch.flags import int_in as _int_in
-from retouch.flags import seed as _seed
+from retouch.flags import machine_devices as machine_devices  # re-exported: part of the module's API
 from retouch.flags import threads as _threads
 
 log = logging.getLogger("retouch")
@@ -66,44 +65,10 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("image", help="input image file")
     p.add_argument("-o", "--output", help="output image path (a JSON sidecar is written at OUTPUT.json)")
-    p.add_argument("--steps", type=_int_in(1, 1000), default=None, help="number of sampling steps (default: model's)")
-    p.add_argument("--seed", type=_seed, default=0, help="random seed, 0 <= seed < 2**64 (default 0)")
-    p.add_argument("--solver", default=None, help="sampler: ddim, dpmpp, flow_euler, ... (default: model's)")
-    p.add_argument("--inversion", default=None, help="inversion: ddim, dpmpp, flow_euler, ... (default: solver's)")
-    p.add_argument("--guidance", type=_float_in(0), default=None, help="guidance scale while sampling")
-    p.add_argument("--inversion-guidance", type=_float_in(0), default=None,
-                   help="guidance scale while inverting (1)")  # fmt: skip
-    p.add_argument("--inversion-iterations", type=_int_in(0, 1000), default=6,
-                   help="fixed-point iterations (dpmpp inversion)")  # fmt: skip
-    p.add_argument("--inversion-prompt", default=None, help="prompt used while inverting (default: the source)")
-    p.add_argument(
-        "--inversion-skip",
-        type=float,
-        default=None,
-        metavar="FRACTION",
-        help="leave out the noisiest FRACTION of the steps: invert and sample only the last --steps of "
-        "a grid of steps*(1+FRACTION) (LEDITS++ / edit-friendly DDPM's skip; default: the preset's, or 0)",
-    )
-    p.add_argument("--inversion-option", action="append", default=[], metavar="KEY=VALUE",
-                   help="inversion option, e.g. --inversion-option gamma=0.5 (repeatable)")  # fmt: skip
-    p.add_argument(
-        "--size-policy",
-        default="resize",
-        choices=["resize", "crop", "strict"],
-        help="how the image is brought to the working size: resize (bicubic), crop (scale and centre-crop) or "
-        "strict (refuse any change: the image must already be a size the model takes)",
-    )
-    p.add_argument(
-        "--resolution",
-        default="native",
-        choices=["native", "input"],
-        help="working size: native (default: the model's native pixel area, e.g. 512x512 for SD 1.x, with the "
-        "image's aspect ratio) or input (the image's own size, rounded to a size the model takes)",
-    )
-    p.add_argument("--output-size", default="input", choices=["input", "model"],
-                   help="size of the written image: the input's (default) or the working size")  # fmt: skip
-    p.add_argument("--height", type=_int_in(1, None), default=None, help="process at this height (pixels)")
-    p.add_argument("--width", type=_int_in(1, None), default=None, help="process at this width (pixels)")
+    from retouch.config import EditConfig
+    from retouch.flags import add_config_flags
+
+    add_config_flags(p, EditConfig)  # --steps, --seed, --solver, --inversion*, sizes, --merge-*: EditConfig's fields
     p.add_argument(
         "--max-memory",
         type=_float_in(0, lo_open=True),
@@ -112,10 +77,6 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
         help="memory (GiB) an edit may use beyond the loaded model (default: what the device has available); "
         "larger estimated edits are refused before the model runs",
     )
-    p.add_argument("--merge-ratio", type=_float_in(0, 0.95), default=0.0,
-                   help="token merging ratio in self-attention (0=off)")  # fmt: skip
-    p.add_argument("--merge-max-downsample", type=_int_in(1, 64), default=1,
-                   help="UNets: merge only up to this downsampling")  # fmt: skip
     p.add_argument("--onednn", action="store_true",
                    help="CPU: oneDNN convolutions (faster on large UNets, but results then differ in a few pixels "
                    "between thread counts; default: torch's own, byte-identical whatever --threads)")  # fmt: skip
@@ -399,9 +360,10 @@ def _check_method_options(spec: Any, options: dict[str, Any], method: str) -> No
 def _run(args: argparse.Namespace, source: str, target: str, method: str, options: dict[str, Any], suffix: str):
     from retouch import io
     from retouch.backbones import load_backbone
-    from retouch.config import EditConfig, InversionConfig, MergeConfig
+    from retouch.config import EditConfig
     from retouch.control.editors import get_editor
     from retouch.editing import edit
+    from retouch.flags import config_from_flags
     from retouch.presets import get_preset
 
     out = _output_path(args, suffix)
@@ -410,29 +372,9 @@ def _run(args: argparse.Namespace, source: str, target: str, method: str, option
         preset = get_preset(method)
         spec = get_editor(preset.editor if preset is not None else method)
         _check_method_options(spec, options, method)
-    cfg = EditConfig(
-        source_prompt=source,
-        target_prompt=target,
-        method=method or "identity",
-        solver=args.solver,
-        num_steps=args.steps,
-        guidance=args.guidance,
-        seed=args.seed,
-        size_policy=args.size_policy,
-        resolution=args.resolution,
-        output_size=args.output_size,
-        height=args.height,
-        width=args.width,
-        inversion=InversionConfig(
-            name=args.inversion,
-            guidance=args.inversion_guidance,
-            iterations=args.inversion_iterations,
-            prompt=args.inversion_prompt,
-            options=_parse_options(args.inversion_option, "--inversion-option"),
-            skip=args.inversion_skip,
-        ),
-        merge=MergeConfig(ratio=args.merge_ratio, max_downsample=args.merge_max_downsample),
-        options=options,
+    _parse_options(args.inversion_option, "--inversion-option")  # a malformed option: one line, before the model
+    cfg = config_from_flags(
+        EditConfig, args, source_prompt=source, target_prompt=target, method=method or "identity", options=options
     )
     from retouch import masks
 

@@ -7,14 +7,28 @@ It imports neither command module, so they can share it without importing each o
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import math
 import os
+import typing
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 log = logging.getLogger(__name__)
 
-__all__ = ["cpu_cores", "device", "float_in", "int_in", "machine_devices", "seed", "set_threads", "threads"]
+__all__ = [
+    "add_config_flags",
+    "config_from_flags",
+    "cpu_cores",
+    "device",
+    "float_in",
+    "int_in",
+    "machine_devices",
+    "seed",
+    "set_threads",
+    "threads",
+]
 
 
 def int_in(lo: int, hi: int | None, what: str = "an integer") -> Any:
@@ -136,3 +150,78 @@ def set_threads(threads: int | None, model: str, *, cores: int | None = None) ->
             log.warning("--threads %d is more than the %d CPU cores of this machine; using %d", threads, cores, cores)
             threads = cores
         torch.set_num_threads(threads)
+
+
+# --- flags from the config dataclasses ------------------------------------------------------------------------
+def _config_fields(cls: type) -> Iterator[tuple[tuple[str, ...], dataclasses.Field[Any]]]:
+    """``(path, field)`` of every field of the config dataclass ``cls`` that declares a flag
+    (:func:`retouch.config.cli_flag`), nested configs included, in declaration order."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if "flag" in f.metadata:
+            yield (f.name,), f
+        elif dataclasses.is_dataclass(hints.get(f.name)):
+            for path, sub in _config_fields(hints[f.name]):
+                yield (f.name, *path), sub
+
+
+def _dest(flag: str) -> str:
+    return flag.lstrip("-").replace("-", "_")
+
+
+def _argparse_type(meta: Mapping[str, Any]) -> Any:
+    kind, bounds = meta["kind"], meta["bounds"]
+    if kind == "int":
+        return int_in(*bounds) if bounds else int
+    if kind == "float":
+        if not bounds:
+            return float
+        lo, hi, lo_open = (*bounds, None, False)[:3] if len(bounds) < 3 else bounds
+        return float_in(lo, hi, lo_open=bool(lo_open))
+    if kind == "seed":
+        return seed
+    return None
+
+
+def add_config_flags(parser: argparse.ArgumentParser, cls: type) -> None:
+    """Add one flag per field of the config dataclass ``cls`` (and its nested configs) that declares one: its
+    name, help, metavar, choices and check come from the field's :func:`~retouch.config.cli_flag`, its default
+    from the field."""
+    for _, f in _config_fields(cls):
+        meta = f.metadata
+        kwargs: dict[str, Any] = {"help": meta["help"], "dest": _dest(meta["flag"])}
+        if meta["metavar"]:
+            kwargs["metavar"] = meta["metavar"]
+        if meta["kind"] == "options":
+            kwargs.update(action="append", default=[])
+        else:
+            kwargs["default"] = f.default
+            if meta["choices"] is not None:
+                kwargs["choices"] = list(meta["choices"])
+            if (kind := _argparse_type(meta)) is not None:
+                kwargs["type"] = kind
+        parser.add_argument(meta["flag"], **kwargs)
+
+
+def config_from_flags(cls: type, args: argparse.Namespace, **values: Any) -> Any:
+    """An instance of the config dataclass ``cls`` from the parsed flags of :func:`add_config_flags`, with
+    ``values`` for the fields that have no flag; nested configs are built the same way (their flagless fields
+    keep their defaults). Options flags are parsed with :func:`retouch.config.parse_options`.
+
+    Raises:
+        ValueError: for a malformed ``KEY=VALUE`` option, and whatever the config's own checks raise.
+    """
+    from retouch.config import parse_options
+
+    hints = typing.get_type_hints(cls)
+    kwargs = dict(values)
+    for f in dataclasses.fields(cls):
+        meta = f.metadata
+        if "flag" in meta:
+            raw = getattr(args, _dest(meta["flag"]))
+            kwargs[f.name] = parse_options(raw, meta["flag"]) if meta["kind"] == "options" else raw
+        elif dataclasses.is_dataclass(hints.get(f.name)) and f.name not in kwargs:
+            sub = hints[f.name]
+            if any(True for _ in _config_fields(sub)):
+                kwargs[f.name] = config_from_flags(sub, args)
+    return cls(**kwargs)
