@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: install test lint format demo app clean
+.PHONY: install test test-fast lint format demo app clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -25,6 +25,9 @@ format:
 
 test: lint
 	$(BIN)/python -m pytest -q
+
+test-fast: lint  ## the tests not marked slow: no embedded-model runs (see pyproject's slow marker)
+	$(BIN)/python -m pytest -q -m "not slow"
 
 demo:  ## one edit of an example image on the default embedded model (offline, ~1 min on 2 CPU cores)
 	$(BIN)/retouch edit examples/colour.png \

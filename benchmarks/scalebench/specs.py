@@ -12,6 +12,9 @@ from typing import Any
 
 import torch
 
+from retouch.models.tiny import tiny_flux_config, tiny_pixart_config, tiny_sd3_config, tiny_unet_config
+from retouch.models.tiny_families import QWENIMAGE_SCHEDULER, SANA_SCHEDULER
+
 ROOT = Path(__file__).resolve().parents[2]
 RESULTS_DIR = ROOT / "benchmarks" / "results"
 OVERHEAD_TARGET = 1.10
@@ -159,24 +162,14 @@ MODELS: dict[str, ModelSpec] = {
         ModelSpec(
             name="tiny-sd", family="sd", reference="tiny UNet2DConditionModel (tests)",
             denoiser_class="UNet2DConditionModel",
-            config={
-                "sample_size": 8, "in_channels": 4, "out_channels": 4,
-                "down_block_types": ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-                "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-                "block_out_channels": (32, 64), "layers_per_block": 1, "cross_attention_dim": 32,
-                "attention_head_dim": 4, "norm_num_groups": 8,
-            },
+            config=tiny_unet_config(),
             scheduler_class="PNDMScheduler", scheduler_config=_SD_SCHEDULER,
             latent_channels=4, text=(77, 32), sizes=((64, 64),), tiny=True,
         ),
         ModelSpec(
             name="tiny-pixart", family="pixart", reference="tiny PixArtTransformer2DModel (tests)",
             denoiser_class="PixArtTransformer2DModel",
-            config={
-                "num_attention_heads": 2, "attention_head_dim": 24, "in_channels": 4, "out_channels": 8,
-                "num_layers": 2, "cross_attention_dim": 48, "caption_channels": 32, "sample_size": 8,
-                "patch_size": 2,
-            },
+            config=tiny_pixart_config(),
             scheduler_class="DPMSolverMultistepScheduler", scheduler_config=_PIXART_SCHEDULER,
             latent_channels=4, text=(120, 32), t5_length=120, depth_keys=("num_layers",),
             presets=("direct+p2p", "direct+masactrl", "dit4edit"), sizes=((64, 64),), tiny=True,
@@ -184,11 +177,7 @@ MODELS: dict[str, ModelSpec] = {
         ModelSpec(
             name="tiny-sd3", family="sd3", reference="tiny SD3Transformer2DModel (tests)",
             denoiser_class="SD3Transformer2DModel",
-            config={
-                "sample_size": 8, "patch_size": 2, "in_channels": 16, "out_channels": 16, "num_layers": 2,
-                "attention_head_dim": 8, "num_attention_heads": 4, "joint_attention_dim": 64,
-                "caption_projection_dim": 32, "pooled_projection_dim": 64, "pos_embed_max_size": 32,
-            },
+            config=tiny_sd3_config(),
             scheduler_class="FlowMatchEulerDiscreteScheduler",
             scheduler_config={"num_train_timesteps": 1000, "shift": 3.0},
             latent_channels=16, text=(77 + 32, 64), pooled=64, t5_length=32, depth_keys=("num_layers",),
@@ -197,11 +186,7 @@ MODELS: dict[str, ModelSpec] = {
         ModelSpec(
             name="tiny-flux", family="flux", reference="tiny FluxTransformer2DModel (tests)",
             denoiser_class="FluxTransformer2DModel",
-            config={
-                "patch_size": 1, "in_channels": 64, "num_layers": 1, "num_single_layers": 2,
-                "attention_head_dim": 16, "num_attention_heads": 2, "joint_attention_dim": 32,
-                "pooled_projection_dim": 32, "guidance_embeds": True, "axes_dims_rope": (4, 6, 6),
-            },
+            config=tiny_flux_config(),
             scheduler_class="FlowMatchEulerDiscreteScheduler", scheduler_config=_FLUX_SCHEDULER,
             latent_channels=16, text=(32, 32), pooled=32, t5_length=32,
             depth_keys=("num_layers", "num_single_layers"),
@@ -212,15 +197,9 @@ MODELS: dict[str, ModelSpec] = {
 }  # fmt: skip
 
 # Qwen-Image, Sana and SD3.5 (issue 17): published transformer configs, random weights
-_QWENIMAGE_SCHEDULER = {  # Qwen/Qwen-Image scheduler/scheduler_config.json
-    "num_train_timesteps": 1000, "shift": 1.0, "use_dynamic_shifting": True, "base_shift": 0.5, "max_shift": 0.9,
-    "base_image_seq_len": 256, "max_image_seq_len": 8192, "shift_terminal": 0.02, "time_shift_type": "exponential",
-}  # fmt: skip
-_SANA_SCHEDULER = {  # Efficient-Large-Model/Sana_1600M_1024px_diffusers scheduler (DPM-Solver++ on flow sigmas)
-    "algorithm_type": "dpmsolver++", "beta_start": 0.0001, "beta_end": 0.02, "beta_schedule": "linear",
-    "final_sigmas_type": "zero", "flow_shift": 3.0, "lower_order_final": True, "num_train_timesteps": 1000,
-    "prediction_type": "flow_prediction", "solver_order": 2, "solver_type": "midpoint", "use_flow_sigmas": True,
-}  # fmt: skip
+# the published scheduler configs, as the tiny models of the tests use them (retouch.models.tiny_families)
+_QWENIMAGE_SCHEDULER = QWENIMAGE_SCHEDULER  # Qwen/Qwen-Image scheduler/scheduler_config.json
+_SANA_SCHEDULER = SANA_SCHEDULER  # Efficient-Large-Model/Sana_1600M_1024px_diffusers (DPM-Solver++ on flow sigmas)
 _SD3_TEXT = {"latent_channels": 16, "text": (77 + 256, 4096), "pooled": 2048, "t5_length": 256}
 MODELS.update(
     {
