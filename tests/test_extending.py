@@ -91,13 +91,16 @@ PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 
 
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(ROOT)))
-def test_links_stay_inside_the_repository(page):
+def test_links_resolve_inside_the_repository(page):
+    """Every relative link of the README and docs/ names a file of the repository (and a heading of it); the
+    README has no link out of the repository."""
     text = page.read_text()
     bad = []
     for m in LINK.finditer(text):
         target = m.group(1) or m.group(2)
         if re.match(r"^[a-z][a-z0-9+.-]*:", target):
-            bad.append(f"{target}: links outside the repository")
+            if page.name == "README.md":  # the README stands alone in a checkout; docs may cite papers
+                bad.append(f"{target}: links outside the repository")
             continue
         file, _, anchor = target.partition("#")
         dest = (page.parent / file).resolve() if file else page
@@ -108,7 +111,8 @@ def test_links_stay_inside_the_repository(page):
         elif anchor and dest.suffix == ".md" and anchor not in anchors(dest):
             bad.append(f"{target}: no heading #{anchor} in {dest.name}")
     assert not bad, f"{page.name}:\n" + "\n".join(bad)
-    assert "../shared" not in text, f"{page.name} points outside the repository"
+    if page.name == "README.md":
+        assert "../" not in text, "the README points outside the repository"
 
 
 def test_slug_follows_github():
