@@ -43,7 +43,9 @@ def _train_config(args: argparse.Namespace, **defaults: object):
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m training", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument(
         "stage", choices=["tokenizers", "vae", "clip", "clip-bind", "t5", "sd", "pixart", "flux", "assemble"]
     )
