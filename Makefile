@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: install test lint format demo app clean
+.PHONY: install test test-fast lint format demo app clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -16,15 +16,18 @@ install: $(BIN)/python
 	$(BIN)/pip install --quiet -e ".[dev,app]"
 
 lint:
-	$(BIN)/ruff check src tests
-	$(BIN)/ruff format --check src tests
+	$(BIN)/ruff check src tests training
+	$(BIN)/ruff format --check src tests training
 
 format:
-	$(BIN)/ruff format src tests
-	$(BIN)/ruff check --fix src tests
+	$(BIN)/ruff format src tests training
+	$(BIN)/ruff check --fix src tests training
 
 test: lint
 	$(BIN)/python -m pytest -q
+
+test-fast: lint  ## the tests not marked slow: no embedded-model runs (see pyproject's slow marker)
+	$(BIN)/python -m pytest -q -m "not slow"
 
 demo:  ## one edit of an example image on the default embedded model (offline, ~1 min on 2 CPU cores)
 	$(BIN)/retouch edit examples/colour.png \

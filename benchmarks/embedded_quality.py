@@ -3,9 +3,9 @@
 
 For every embedded pipeline (``retouch.models.registry.embedded_names()``):
 
-* **text-to-image**: images from N held-out canonical captions (``retouch.train.data.held_out_scenes``: seeds
+* **text-to-image**: images from N held-out canonical captions (``training.data.held_out_scenes``: seeds
   7_000_000 + i, i < N, default 500, restricted to the world the model learned, its ``world.json``) with the
-  family's default sampler (``retouch.train.denoisers.SAMPLING``), judged
+  family's default sampler (``training.denoisers.SAMPLING``), judged
   per attribute by the deterministic oracle (``retouch.worlds.oracle.attribute_accuracy``);
 * **reconstruction**: held-out renders (a separate range of the held-out seeds) inverted and regenerated
   with ``retouch.editing.reconstruct`` under their canonical caption, for every inversion of the family that
@@ -25,6 +25,7 @@ import json
 import logging
 import os
 import platform
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,8 @@ import torch  # noqa: E402
 from retouch.bench.provenance import git_commit  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # the training code (training/, not installed) is imported from the repository
+    sys.path.insert(0, str(ROOT))
 RESULTS = ROOT / "benchmarks" / "results" / "embedded_quality.json"
 RECON_OFFSET = 300_000
 log = logging.getLogger("embedded_quality")
@@ -60,8 +63,8 @@ def _psnr(a: np.ndarray, b: np.ndarray) -> float:
 
 def text_to_image(name: str, n: int, seed: int) -> dict[str, Any]:
     """Oracle attribute accuracy of ``n`` generated images."""
-    from retouch.train import data, denoisers
     from retouch.worlds import oracle
+    from training import data, denoisers
 
     pipe, family, world = denoisers.load_pipeline(name)
     scenes = data.held_out_scenes(n, max_objects=world["max_objects"])
@@ -97,8 +100,8 @@ def reconstruction(
     from retouch.editing import reconstruct
     from retouch.inversion import INVERSIONS
     from retouch.models import registry
-    from retouch.train import data
     from retouch.worlds import shapes
+    from training import data
 
     backbone = load_backbone(name)
     world = registry.world_of(registry.resolve(name))
@@ -144,7 +147,7 @@ def backbone_vae_psnr(name: str, renders: list[np.ndarray]) -> float:
     from diffusers import AutoencoderKL
 
     from retouch.models import registry
-    from retouch.train import data
+    from training import data
 
     vae = AutoencoderKL.from_pretrained(str(Path(registry.resolve(name)) / "vae"), torch_dtype=torch.float32)
     x = data.images_to_tensor(renders)
@@ -167,7 +170,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
 
     from retouch.models import registry
-    from retouch.train.common import atomic_write_json
+    from training.common import atomic_write_json
 
     names = args.models or registry.embedded_names()
     for name in names:

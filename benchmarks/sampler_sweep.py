@@ -2,9 +2,9 @@
 """Which text-to-image sampler settings to evaluate the embedded models with: a guidance sweep on a validation
 range of captions, kept apart from the held-out captions ``embedded_quality.py`` reports on.
 
-Each setting generates images for N validation captions (``retouch.train.data.held_out_scenes(n,
+Each setting generates images for N validation captions (``training.data.held_out_scenes(n,
 offset=500_000)``, the whole world the model learned) and the oracle scores them per attribute, overall and by
-object count. ``retouch.train.denoisers.SAMPLING`` holds the chosen settings; this file is the evidence.
+object count. ``training.denoisers.SAMPLING`` holds the chosen settings; this file is the evidence.
 
 Writes ``benchmarks/results/sampler_sweep.json`` atomically (one entry per model, merged with earlier runs).
 
@@ -17,6 +17,7 @@ import argparse
 import json
 import logging
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,8 @@ import torch  # noqa: E402
 from retouch.bench.provenance import git_commit  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # the training code (training/, not installed) is imported from the repository
+    sys.path.insert(0, str(ROOT))
 RESULTS = ROOT / "benchmarks" / "results" / "sampler_sweep.json"
 VALIDATION_OFFSET = 500_000
 log = logging.getLogger("sampler_sweep")
@@ -41,8 +44,8 @@ SETTINGS: dict[str, list[dict[str, Any]]] = {
 
 
 def sweep(name: str, n: int, seed: int) -> dict[str, Any]:
-    from retouch.train import data, denoisers
     from retouch.worlds import oracle
+    from training import data, denoisers
 
     pipe, family, world = denoisers.load_pipeline(name)
     scenes = data.held_out_scenes(n, offset=VALIDATION_OFFSET, max_objects=world["max_objects"])
@@ -76,7 +79,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
 
     from retouch.models import registry
-    from retouch.train.common import atomic_write_json
+    from training.common import atomic_write_json
 
     for name in args.models or registry.embedded_names():
         res = sweep(name, args.captions, args.seed)

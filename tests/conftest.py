@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -55,3 +56,19 @@ def random_image(h: int = 32, w: int = 32, seed: int = 0) -> Image.Image:
 @pytest.fixture
 def image32() -> Image.Image:
     return random_image()
+
+
+# --- `make test-fast`: tests measured slow are listed in tests/slow_tests.txt and marked `slow` here ----------
+SLOW_TESTS = Path(__file__).with_name("slow_tests.txt")
+
+
+def slow_test_ids() -> set[str]:
+    """``tests/file.py::test_name`` (every parametrisation) or a full node id, one per line; ``#`` comments."""
+    return {line.split("#", 1)[0].strip() for line in SLOW_TESTS.read_text().splitlines()} - {""}
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    listed = slow_test_ids()
+    for item in items:
+        if item.nodeid in listed or item.nodeid.split("[", 1)[0] in listed:
+            item.add_marker(pytest.mark.slow)

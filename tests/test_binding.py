@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from retouch.train import binding
 from retouch.worlds import captions, shapes
 from retouch.worlds.shapes import Background, Object, Scene
+from training import binding
 
 
 def _scene() -> Scene:
@@ -23,7 +23,7 @@ def _scene() -> Scene:
 
 @pytest.fixture(scope="module")
 def t5_tokenizer(tmp_path_factory):
-    from retouch.train import text
+    from training import text
 
     path = tmp_path_factory.mktemp("tok")
     text.build_tokenizers(path)
@@ -70,7 +70,7 @@ def test_causal_labels_only_name_what_was_read(tmp_path_factory):
     """CLIP's tower is causal: a token is labelled only with the attributes whose words it has seen."""
     from transformers import CLIPTokenizerFast
 
-    from retouch.train import text as text_stage
+    from training import text as text_stage
 
     path = tmp_path_factory.mktemp("cliptok")
     text_stage.build_tokenizers(path)
@@ -139,7 +139,7 @@ def test_scene_labels_follow_the_background_and_style_words(tmp_path_factory, la
     end; bidirectional labels cover the words' phrases only. Both layouts of the grammar."""
     from transformers import CLIPTokenizerFast
 
-    from retouch.train import text as text_stage
+    from training import text as text_stage
 
     path = tmp_path_factory.mktemp("cliptok")
     text_stage.build_tokenizers(path)

@@ -1,5 +1,5 @@
 """The VAE ``shift_factor``: each family's adapter does what the family's diffusers pipeline does, and the embedded
-folders say what their denoisers were trained with (``retouch.train.denoisers.latent_of``).
+folders say what their denoisers were trained with (``training.denoisers.latent_of``).
 
 StableDiffusion(XL) and PixArt pipelines ignore ``shift_factor`` (real SD 1.x / 2.x / XL VAEs have none); SD3 and
 Flux pipelines subtract it before scaling. Before issue 14 the adapters subtracted it for every family, so
@@ -17,7 +17,7 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from retouch.models import registry  # noqa: E402
-from retouch.train.denoisers import latent_of  # noqa: E402
+from training.denoisers import latent_of  # noqa: E402
 
 from conftest import tiny_backbone  # noqa: E402
 

@@ -1,4 +1,4 @@
-"""Fast tests of the training code (retouch.train): a few steps of every stage on tiny configs, exact resume,
+"""Fast tests of the training code (training): a few steps of every stage on tiny configs, exact resume,
 and pipeline assembly that the stock diffusers classes load offline."""
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from retouch.models import registry  # noqa: E402
-from retouch.train import common, data  # noqa: E402
-from retouch.train.common import RunDir, TrainConfig  # noqa: E402
 from retouch.worlds import shapes  # noqa: E402
+from training import common, data  # noqa: E402
+from training.common import RunDir, TrainConfig  # noqa: E402
 
 
 def _cfg(steps: int, **kw) -> TrainConfig:
@@ -79,7 +79,7 @@ def test_resume_is_exact(tmp_path):
 @pytest.fixture(scope="module")
 def tiny_runs(tmp_path_factory):
     """Tokenizers, VAE, CLIP and T5 trained for two steps each on tiny configs, in a runs/ layout."""
-    from retouch.train import text, vae
+    from training import text, vae
 
     runs = tmp_path_factory.mktemp("runs")
     text.build_tokenizers(runs / "tokenizers")
@@ -112,7 +112,7 @@ def test_clip_binding_phase_moves_tokens_not_the_pooled_embedding(tiny_runs, tmp
     and the anchor keeps the pooled output near phase 1's (tight with a huge anchor weight)."""
     from transformers import CLIPModel
 
-    from retouch.train import text
+    from training import text
 
     before = CLIPModel.from_pretrained(str(tiny_runs / "clip" / "final"))
     out = tmp_path / "clip-bind"
@@ -142,7 +142,7 @@ def test_denoiser_steps_and_assembly(family, tiny_runs, tmp_path):
     """Two finite training steps, then the assembled folder loads in the stock pipeline class offline."""
     import diffusers
 
-    from retouch.train import assemble, denoisers
+    from training import assemble, denoisers
 
     run = tmp_path / family
     cfg = _cfg(2, batch_size=4, ema=0.9)
@@ -191,7 +191,7 @@ def test_world_subsets_of_held_out_scenes():
 
 
 def test_vae_object_weight_mask_covers_objects():
-    from retouch.train import vae
+    from training import vae
 
     scene = shapes.sample_scene(3, n_objects=2)
     m = vae.object_masks([scene], 64, 64)
@@ -203,8 +203,8 @@ def test_vae_object_weight_mask_covers_objects():
 def test_training_phases_chain_and_read_back_without_checkpoint(tiny_runs, tmp_path):
     """Phase 2 starts from phase 1's assembled weights, records it, trains with the object-weighted loss, and
     a run directory without checkpoint.pt (as it comes back from a GPU machine) assembles from final/."""
-    from retouch.train import assemble, denoisers
-    from retouch.train.pipelines import build_denoiser
+    from training import assemble, denoisers
+    from training.pipelines import build_denoiser
 
     family = "sd"
     p1, p2 = tmp_path / "p1", tmp_path / "p2"
@@ -245,7 +245,7 @@ def test_trained_t5_changes_goes_to_the_folder_and_seeds_the_next_phase(tiny_run
     the trained T5 (not the components' one), a later frozen phase starts from it, and SD refuses the option."""
     from transformers import T5EncoderModel
 
-    from retouch.train import assemble, denoisers
+    from training import assemble, denoisers
 
     family = "flux"
     p1, p2 = tmp_path / "p1", tmp_path / "p2"
@@ -288,7 +288,7 @@ def test_card_keeps_component_section_when_components_lack_metrics(tiny_runs, tm
     losing what was measured on the components; with metrics present the section is written afresh."""
     import shutil
 
-    from retouch.train import assemble, cards, denoisers
+    from training import assemble, cards, denoisers
 
     run = tmp_path / "sd"
     denoisers.train_denoiser(
@@ -305,7 +305,7 @@ def test_card_keeps_component_section_when_components_lack_metrics(tiny_runs, tm
     assemble.assemble("sd", run=run, components=bare, dest=dest)  # replaces the folder, card included
     after = (dest / "README.md").read_text()
     assert section in after
-    vae_line = next(ln for ln in before.splitlines() if ln.startswith("python scripts/train_embedded.py vae "))
+    vae_line = next(ln for ln in before.splitlines() if ln.startswith("python -m training vae "))
     assert vae_line in after.splitlines()
 
     (dest / "README.md").write_text("# old card without sections\n")
@@ -316,7 +316,7 @@ def test_card_keeps_component_section_when_components_lack_metrics(tiny_runs, tm
 
 def test_denoiser_training_with_binding_loss(tiny_runs, tmp_path):
     """Flux phase with the binding loss logs its parts; the loss needs a trained T5."""
-    from retouch.train import denoisers
+    from training import denoisers
 
     runs = tiny_runs
     run = tmp_path / "flux"
@@ -337,8 +337,8 @@ def test_denoiser_training_with_binding_loss(tiny_runs, tmp_path):
 
 
 def test_init_from_rejects_other_configs(tiny_runs, tmp_path):
-    from retouch.train import denoisers
-    from retouch.train.pipelines import build_denoiser, denoiser_config
+    from training import denoisers
+    from training.pipelines import build_denoiser, denoiser_config
 
     small = build_denoiser("sd", denoiser_config("sd", "tiny", text_width=32, t5_width=32, latent_channels=8))
     small.save_pretrained(tmp_path / "m")
@@ -350,7 +350,7 @@ def test_init_from_rejects_other_configs(tiny_runs, tmp_path):
 
 
 def test_object_weighted_loss_reduces_to_mse_and_weights_objects():
-    from retouch.train.denoisers import _weighted_mse
+    from training.denoisers import _weighted_mse
 
     g = torch.Generator().manual_seed(0)
     pred, target = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
@@ -365,7 +365,7 @@ def test_object_weighted_loss_reduces_to_mse_and_weights_objects():
 
 
 def test_load_pipeline_names_family_and_world():
-    from retouch.train import denoisers
+    from training import denoisers
 
     pipe, family, world = denoisers.load_pipeline("shapes-pixart")
     assert family == "pixart" and type(pipe).__name__ == "PixArtAlphaPipeline" and world == {"max_objects": 3}
@@ -379,7 +379,7 @@ def test_sd_card_names_the_clip_tower_and_its_binding_phase(tiny_runs, tmp_path)
     section and retrain commands say so, also when the section is kept from the previous card."""
     import shutil
 
-    from retouch.train import assemble, denoisers, text
+    from training import assemble, denoisers, text
 
     runs = tmp_path / "runs"
     for stage in ("tokenizers", "vae", "t5"):
@@ -395,8 +395,8 @@ def test_sd_card_names_the_clip_tower_and_its_binding_phase(tiny_runs, tmp_path)
     assert "| shapes-clip phase 2 (binding) |" in card and "| CLIP text tower |" in card
     assert card.count("* Phase 2 (`clip-bind`") == 1
     lines = card.splitlines()
-    assert any(ln.startswith("python scripts/train_embedded.py clip --out runs/clip-1 ") for ln in lines)
-    assert any(ln.startswith("python scripts/train_embedded.py clip-bind --out runs/clip ") for ln in lines)
+    assert any(ln.startswith("python -m training clip --out runs/clip-1 ") for ln in lines)
+    assert any(ln.startswith("python -m training clip-bind --out runs/clip ") for ln in lines)
 
     # components without vae/t5 metrics: the section is kept from the card, the binding bullet not doubled
     bare = tmp_path / "bare"
@@ -406,7 +406,7 @@ def test_sd_card_names_the_clip_tower_and_its_binding_phase(tiny_runs, tmp_path)
     assemble.assemble("sd", run=run, components=bare, dest=dest)
     again = (dest / "README.md").read_text()
     assert again.count("* Phase 2 (`clip-bind`") == 1
-    assert sum(ln.startswith("python scripts/train_embedded.py clip-bind ") for ln in again.splitlines()) == 1
+    assert sum(ln.startswith("python -m training clip-bind ") for ln in again.splitlines()) == 1
 
 
 def test_v_timestep_weighting_is_the_v_loss_of_the_eps_model():
@@ -414,7 +414,7 @@ def test_v_timestep_weighting_is_the_v_loss_of_the_eps_model():
     v error of an ε-parameterised model is its ε error / √ᾱ_t. High-noise steps weigh more; "eps" is flat."""
     from diffusers import DDIMScheduler
 
-    from retouch.train.denoisers import timestep_weights
+    from training.denoisers import timestep_weights
 
     ab = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012).alphas_cumprod.float()
     assert torch.equal(timestep_weights(ab, "eps"), torch.ones(1000))
@@ -438,7 +438,7 @@ def test_v_timestep_weighting_is_the_v_loss_of_the_eps_model():
 
 
 def test_timestep_weighting_is_recorded_and_carried_to_the_card(tiny_runs, tmp_path):
-    from retouch.train import assemble, denoisers
+    from training import assemble, denoisers
 
     run = tmp_path / "sd"
     denoisers.train_denoiser(
@@ -464,7 +464,7 @@ def test_v_weighting_draws_high_noise_timesteps():
 
     from diffusers import DDIMScheduler
 
-    from retouch.train.denoisers import diffusion_loss
+    from training.denoisers import diffusion_loss
 
     seen: list[torch.Tensor] = []
 
@@ -485,7 +485,7 @@ def test_v_weighting_draws_high_noise_timesteps():
 def test_clip_binding_with_scene_labels_reports_them_and_names_the_tower(tiny_runs, tmp_path):
     import shutil
 
-    from retouch.train import assemble, denoisers, text
+    from training import assemble, denoisers, text
 
     runs = tmp_path / "runs"
     for stage in ("tokenizers", "vae", "t5"):
@@ -511,7 +511,7 @@ def test_clip_binding_can_continue_a_tower_with_its_token_states_anchored(tiny_r
 
     from transformers import CLIPModel, CLIPTokenizer
 
-    from retouch.train import assemble, data, text
+    from training import assemble, data, text
 
     runs = tmp_path / "runs"
     for stage in ("tokenizers", "vae", "t5"):

@@ -5,12 +5,19 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+# flag types live in retouch.flags, so that `retouch bench` (retouch.bench.cli) shares them without importing
+# this module; cpu_cores is looked up here at call time (tests patch it)
+from retouch.flags import cpu_cores
+from retouch.flags import device as _device
+from retouch.flags import float_in as _float_in
+from retouch.flags import machine_devices as machine_devices  # re-exported: part of the module's API
+from retouch.flags import threads as _threads
 
 log = logging.getLogger("retouch")
 
@@ -20,97 +27,6 @@ EXIT_USAGE = 2
 
 class CliError(Exception):
     """A user-facing error: printed as one line, exit status 1."""
-
-
-# --- flag types: every flag is checked where it is parsed (argparse prints one line naming it) ---------------
-def _int_in(lo: int, hi: int | None, what: str = "an integer") -> Any:
-    def parse(text: str) -> int:
-        try:
-            value = int(text, 0) if text.strip().lower().startswith(("0x", "0b", "0o")) else int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
-        if value < lo or (hi is not None and value > hi):
-            bound = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
-            raise argparse.ArgumentTypeError(f"must be {bound}, got {value}")
-        return value
-
-    return parse
-
-
-def _seed(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer in [0, 2**64), got {text!r}") from None
-    if not 0 <= value < 2**64:
-        raise argparse.ArgumentTypeError(
-            f"must be in [0, 2**64) (0 <= seed <= 18446744073709551615, what torch's generators take), got {value}"
-        )
-    return value
-
-
-def _float_in(lo: float, hi: float | None = None, *, lo_open: bool = False) -> Any:
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-        if not math.isfinite(value) or value < lo or (lo_open and value == lo) or (hi is not None and value > hi):
-            low = f"> {lo}" if lo_open else f">= {lo}"
-            raise argparse.ArgumentTypeError(f"must be a finite number {low}{'' if hi is None else f' and <= {hi}'}"
-                                             f", got {text}")  # fmt: skip
-        return value
-
-    return parse
-
-
-def machine_devices() -> list[str]:
-    """The devices torch can use on this machine: ``cpu`` and each accelerator (``<type>:<index>``)."""
-    import torch
-
-    out = ["cpu"]
-    acc = getattr(torch, "accelerator", None)
-    if acc is not None and acc.is_available():
-        kind = acc.current_accelerator().type
-        out += [f"{kind}:{i}" for i in range(acc.device_count())]
-    return out
-
-
-def _device(text: str) -> str:
-    import torch
-
-    try:
-        dev = torch.device(text)
-    except (RuntimeError, ValueError):
-        raise argparse.ArgumentTypeError(
-            f"unknown device {text!r}; this machine has: {', '.join(machine_devices())}"
-        ) from None
-    if dev.type == "cpu":
-        return text
-    backend = getattr(torch, dev.type, None)
-    available = getattr(backend, "is_available", None)
-    count = getattr(backend, "device_count", None)
-    try:
-        ok = bool(available and available()) and (dev.index is None or count is None or dev.index < count())
-    except (RuntimeError, AssertionError):
-        ok = False
-    if not ok:
-        raise argparse.ArgumentTypeError(
-            f"device {text!r} is not available on this machine; it has: {', '.join(machine_devices())}"
-        )
-    return text
-
-
-def cpu_cores() -> int:
-    """CPU cores this process may run on."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
-
-
-def _threads(text: str) -> int:
-    return _int_in(1, 4096, "a thread count")(text)
 
 
 def _parse_options(items: Sequence[str], flag: str = "--option") -> dict[str, Any]:
@@ -149,44 +65,10 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("image", help="input image file")
     p.add_argument("-o", "--output", help="output image path (a JSON sidecar is written at OUTPUT.json)")
-    p.add_argument("--steps", type=_int_in(1, 1000), default=None, help="number of sampling steps (default: model's)")
-    p.add_argument("--seed", type=_seed, default=0, help="random seed, 0 <= seed < 2**64 (default 0)")
-    p.add_argument("--solver", default=None, help="sampler: ddim, dpmpp, flow_euler, ... (default: model's)")
-    p.add_argument("--inversion", default=None, help="inversion: ddim, dpmpp, flow_euler, ... (default: solver's)")
-    p.add_argument("--guidance", type=_float_in(0), default=None, help="guidance scale while sampling")
-    p.add_argument("--inversion-guidance", type=_float_in(0), default=None,
-                   help="guidance scale while inverting (1)")  # fmt: skip
-    p.add_argument("--inversion-iterations", type=_int_in(0, 1000), default=6,
-                   help="fixed-point iterations (dpmpp inversion)")  # fmt: skip
-    p.add_argument("--inversion-prompt", default=None, help="prompt used while inverting (default: the source)")
-    p.add_argument(
-        "--inversion-skip",
-        type=float,
-        default=None,
-        metavar="FRACTION",
-        help="leave out the noisiest FRACTION of the steps: invert and sample only the last --steps of "
-        "a grid of steps*(1+FRACTION) (LEDITS++ / edit-friendly DDPM's skip; default: the preset's, or 0)",
-    )
-    p.add_argument("--inversion-option", action="append", default=[], metavar="KEY=VALUE",
-                   help="inversion option, e.g. --inversion-option gamma=0.5 (repeatable)")  # fmt: skip
-    p.add_argument(
-        "--size-policy",
-        default="resize",
-        choices=["resize", "crop", "strict"],
-        help="how the image is brought to the working size: resize (bicubic), crop (scale and centre-crop) or "
-        "strict (refuse any change: the image must already be a size the model takes)",
-    )
-    p.add_argument(
-        "--resolution",
-        default="native",
-        choices=["native", "input"],
-        help="working size: native (default: the model's native pixel area, e.g. 512x512 for SD 1.x, with the "
-        "image's aspect ratio) or input (the image's own size, rounded to a size the model takes)",
-    )
-    p.add_argument("--output-size", default="input", choices=["input", "model"],
-                   help="size of the written image: the input's (default) or the working size")  # fmt: skip
-    p.add_argument("--height", type=_int_in(1, None), default=None, help="process at this height (pixels)")
-    p.add_argument("--width", type=_int_in(1, None), default=None, help="process at this width (pixels)")
+    from retouch.config import EditConfig
+    from retouch.flags import add_config_flags
+
+    add_config_flags(p, EditConfig)  # --steps, --seed, --solver, --inversion*, sizes, --merge-*: EditConfig's fields
     p.add_argument(
         "--max-memory",
         type=_float_in(0, lo_open=True),
@@ -195,10 +77,6 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
         help="memory (GiB) an edit may use beyond the loaded model (default: what the device has available); "
         "larger estimated edits are refused before the model runs",
     )
-    p.add_argument("--merge-ratio", type=_float_in(0, 0.95), default=0.0,
-                   help="token merging ratio in self-attention (0=off)")  # fmt: skip
-    p.add_argument("--merge-max-downsample", type=_int_in(1, 64), default=1,
-                   help="UNets: merge only up to this downsampling")  # fmt: skip
     p.add_argument("--onednn", action="store_true",
                    help="CPU: oneDNN convolutions (faster on large UNets, but results then differ in a few pixels "
                    "between thread counts; default: torch's own, byte-identical whatever --threads)")  # fmt: skip
@@ -482,9 +360,10 @@ def _check_method_options(spec: Any, options: dict[str, Any], method: str) -> No
 def _run(args: argparse.Namespace, source: str, target: str, method: str, options: dict[str, Any], suffix: str):
     from retouch import io
     from retouch.backbones import load_backbone
-    from retouch.config import EditConfig, InversionConfig, MergeConfig
+    from retouch.config import EditConfig
     from retouch.control.editors import get_editor
     from retouch.editing import edit
+    from retouch.flags import config_from_flags
     from retouch.presets import get_preset
 
     out = _output_path(args, suffix)
@@ -493,29 +372,9 @@ def _run(args: argparse.Namespace, source: str, target: str, method: str, option
         preset = get_preset(method)
         spec = get_editor(preset.editor if preset is not None else method)
         _check_method_options(spec, options, method)
-    cfg = EditConfig(
-        source_prompt=source,
-        target_prompt=target,
-        method=method or "identity",
-        solver=args.solver,
-        num_steps=args.steps,
-        guidance=args.guidance,
-        seed=args.seed,
-        size_policy=args.size_policy,
-        resolution=args.resolution,
-        output_size=args.output_size,
-        height=args.height,
-        width=args.width,
-        inversion=InversionConfig(
-            name=args.inversion,
-            guidance=args.inversion_guidance,
-            iterations=args.inversion_iterations,
-            prompt=args.inversion_prompt,
-            options=_parse_options(args.inversion_option, "--inversion-option"),
-            skip=args.inversion_skip,
-        ),
-        merge=MergeConfig(ratio=args.merge_ratio, max_downsample=args.merge_max_downsample),
-        options=options,
+    _parse_options(args.inversion_option, "--inversion-option")  # a malformed option: one line, before the model
+    cfg = config_from_flags(
+        EditConfig, args, source_prompt=source, target_prompt=target, method=method or "identity", options=options
     )
     from retouch import masks
 
@@ -557,22 +416,13 @@ def _run(args: argparse.Namespace, source: str, target: str, method: str, option
 
 
 def _set_threads(threads: int | None, model: str) -> None:
-    """Set torch's CPU threads: 1 by default for the embedded models; at most the CPU cores (a larger count is
-    capped, with a warning: oversubscribed cores run many times slower, and huge counts crash OpenMP)."""
-    import torch
+    """:func:`retouch.flags.set_threads` with this module's :func:`cpu_cores` and a one-line error."""
+    from retouch.flags import set_threads
 
-    from retouch.models import registry
-
-    if threads is None and model in registry.embedded_names():
-        threads = 1
-    if threads is not None:
-        if threads < 1:
-            raise CliError(f"--threads must be >= 1, got {threads}")
-        cores = cpu_cores()
-        if threads > cores:
-            log.warning("--threads %d is more than the %d CPU cores of this machine; using %d", threads, cores, cores)
-            threads = cores
-        torch.set_num_threads(threads)
+    try:
+        set_threads(threads, model, cores=cpu_cores())
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
 
 
 def attention_map_images(result: Any) -> dict[str, Any]:

@@ -59,6 +59,24 @@ def check_seed(seed: Any, label: str = "seed") -> int:
     return seed
 
 
+def cli_flag(
+    flag: str,
+    help: str,
+    *,
+    kind: str = "str",
+    bounds: tuple[Any, ...] = (),
+    choices: Sequence[str] | None = None,
+    metavar: str | None = None,
+) -> dict[str, Any]:
+    """The command-line flag of a config field, as ``field(metadata=cli_flag(...))``: plain data, turned into an
+    argparse argument by :func:`retouch.flags.add_config_flags` (the default is the field's). ``kind``: ``str``,
+    ``int`` / ``float`` (checked against ``bounds``: ``(lo, hi)``, ``hi`` None for none; floats may add a third
+    item, ``True`` for ``> lo``), ``seed``, ``options`` (repeatable ``KEY=VALUE``, :func:`parse_options`)."""
+    if kind not in ("str", "int", "float", "seed", "options"):
+        raise ValueError(f"unknown flag kind {kind!r}")
+    return {"flag": flag, "help": help, "kind": kind, "bounds": tuple(bounds), "choices": choices, "metavar": metavar}
+
+
 def parse_options(items: Sequence[str], flag: str = "--option") -> dict[str, Any]:
     """``["k=v", ...]`` -> ``{k: json(v) or the raw string}`` (CLI method / inversion options)."""
     out: dict[str, Any] = {}
@@ -82,16 +100,47 @@ class InversionConfig:
     settings of corrected inversions (``dpmpp``).
     """
 
-    name: str | None = None
-    guidance: float | None = None  # None: 1.0 (conditional prediction only) unless a preset says otherwise
-    iterations: int = 6
+    name: str | None = field(
+        default=None, metadata=cli_flag("--inversion", "inversion: ddim, dpmpp, flow_euler, ... (default: solver's)")
+    )
+    # None: 1.0 (conditional prediction only) unless a preset says otherwise
+    guidance: float | None = field(
+        default=None,
+        metadata=cli_flag("--inversion-guidance", "guidance scale while inverting (1)", kind="float", bounds=(0,)),
+    )
+    iterations: int = field(
+        default=6,
+        metadata=cli_flag(
+            "--inversion-iterations", "fixed-point iterations (dpmpp inversion)", kind="int", bounds=(0, 1000)
+        ),
+    )
     sweeps: int = 1
     eta: float = 1.0
-    prompt: str | None = None  # None: the source prompt (RF-Inversion and MasaCtrl's PIE runs invert with "")
-    options: Mapping[str, Any] = field(default_factory=dict)
+    # None: the source prompt (RF-Inversion and MasaCtrl's PIE runs invert with "")
+    prompt: str | None = field(
+        default=None, metadata=cli_flag("--inversion-prompt", "prompt used while inverting (default: the source)")
+    )
+    options: Mapping[str, Any] = field(
+        default_factory=dict,
+        metadata=cli_flag(
+            "--inversion-option",
+            "inversion option, e.g. --inversion-option gamma=0.5 (repeatable)",
+            kind="options",
+            metavar="KEY=VALUE",
+        ),
+    )
     # fraction of the noisiest steps left out (LEDITS++'s / edit-friendly DDPM's "skip"): the grid has
     # int(num_steps * (1 + skip)) steps and only its last num_steps are inverted and sampled; None: the preset's, or 0
-    skip: float | None = None
+    skip: float | None = field(
+        default=None,
+        metadata=cli_flag(
+            "--inversion-skip",
+            "leave out the noisiest FRACTION of the steps: invert and sample only the last --steps of "
+            "a grid of steps*(1+FRACTION) (LEDITS++ / edit-friendly DDPM's skip; default: the preset's, or 0)",
+            kind="float",
+            metavar="FRACTION",
+        ),
+    )
 
     def __post_init__(self) -> None:
         own = "InversionConfig"
@@ -122,8 +171,18 @@ class MergeConfig:
     token per cell (seeded) instead of the top-left one.
     """
 
-    ratio: float = 0.0
-    max_downsample: int = 1
+    ratio: float = field(
+        default=0.0,
+        metadata=cli_flag(
+            "--merge-ratio", "token merging ratio in self-attention (0=off)", kind="float", bounds=(0, 0.95)
+        ),
+    )
+    max_downsample: int = field(
+        default=1,
+        metadata=cli_flag(
+            "--merge-max-downsample", "UNets: merge only up to this downsampling", kind="int", bounds=(1, 64)
+        ),
+    )
     random: bool = True
 
     def __post_init__(self) -> None:
@@ -143,18 +202,55 @@ class EditConfig:
     source_prompt: str
     target_prompt: str
     method: str = "identity"
-    solver: str | None = None
-    num_steps: int | None = None
-    guidance: float | None = None
-    seed: int = 0
-    size_policy: str = "resize"
-    height: int | None = None
-    width: int | None = None
+    solver: str | None = field(
+        default=None, metadata=cli_flag("--solver", "sampler: ddim, dpmpp, flow_euler, ... (default: model's)")
+    )
+    num_steps: int | None = field(
+        default=None,
+        metadata=cli_flag("--steps", "number of sampling steps (default: model's)", kind="int", bounds=(1, 1000)),
+    )
+    guidance: float | None = field(
+        default=None, metadata=cli_flag("--guidance", "guidance scale while sampling", kind="float", bounds=(0,))
+    )
+    seed: int = field(default=0, metadata=cli_flag("--seed", "random seed, 0 <= seed < 2**64 (default 0)", kind="seed"))
+    size_policy: str = field(
+        default="resize",
+        metadata=cli_flag(
+            "--size-policy",
+            "how the image is brought to the working size: resize (bicubic), crop (scale and centre-crop) or "
+            "strict (refuse any change: the image must already be a size the model takes)",
+            choices=SIZE_POLICIES,
+        ),
+    )
+    height: int | None = field(
+        default=None,
+        metadata=cli_flag("--height", "process at this height (pixels)", kind="int", bounds=(1, None)),
+    )
+    width: int | None = field(
+        default=None, metadata=cli_flag("--width", "process at this width (pixels)", kind="int", bounds=(1, None))
+    )
     inversion: InversionConfig = field(default_factory=InversionConfig)
     merge: MergeConfig = field(default_factory=MergeConfig)
     options: Mapping[str, Any] = field(default_factory=dict)
-    resolution: str = "native"  # "native": the model's native pixel area, aspect kept; "input": the image's size
-    output_size: str = "input"  # "input": images returned at the input's size; "model": at the working size
+    # "native": the model's native pixel area, aspect kept; "input": the image's size
+    resolution: str = field(
+        default="native",
+        metadata=cli_flag(
+            "--resolution",
+            "working size: native (default: the model's native pixel area, e.g. 512x512 for SD 1.x, with the "
+            "image's aspect ratio) or input (the image's own size, rounded to a size the model takes)",
+            choices=RESOLUTIONS,
+        ),
+    )
+    # "input": images returned at the input's size; "model": at the working size
+    output_size: str = field(
+        default="input",
+        metadata=cli_flag(
+            "--output-size",
+            "size of the written image: the input's (default) or the working size",
+            choices=OUTPUT_SIZES,
+        ),
+    )
 
     def __post_init__(self) -> None:
         own = "EditConfig"

@@ -39,7 +39,9 @@ EXIT_ERROR = 1
 
 
 def _add_run_args(p: argparse.ArgumentParser, suite: str) -> None:
-    from retouch.cli import _device, _seed, _threads
+    from retouch.flags import device as _device
+    from retouch.flags import seed as _seed
+    from retouch.flags import threads as _threads
     from retouch.models.registry import DEFAULT_MODEL
 
     p.add_argument("--methods", help="comma-separated methods (presets / editors, see `retouch methods`)")
@@ -286,9 +288,9 @@ def run_bench(args: argparse.Namespace) -> int:
         cfg = config_from_args(args)
         if args.threads is not None and args.threads < 1:
             raise ValueError(f"--threads must be >= 1, got {args.threads}")
-        from retouch.cli import _set_threads
+        from retouch.flags import set_threads
 
-        _set_threads(args.threads, cfg.model)
+        set_threads(args.threads, cfg.model)
         update, bar = _progress(args.no_progress)
         try:
             folder = runner.run(cfg, progress=update)

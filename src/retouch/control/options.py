@@ -2,12 +2,14 @@
 
 The declared types are the annotations of the factory (``make_p2p(backbone, config, cross_steps: float = 0.8,
 ...)``) or of the inversion function; :func:`option_types` reads them into a small table ``{name: type}`` and
-:func:`check_options` validates values against it in one place, naming the option in every message. When the
-options become frozen dataclasses, :func:`option_types` can read their fields' annotations the same way.
+:func:`check_options` validates values against it in one place, naming the option in every message.
+:func:`options_class` turns the same table into a frozen dataclass per editor (validated by that one check).
 """
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import functools
 import inspect
 import types
@@ -131,3 +133,41 @@ def check_options(table: Mapping[str, Any], options: Mapping[str, Any], owner: s
         tp = table.get(name, Any)
         if not matches(value, tp):
             raise ValueError(f"option {name} of {owner} must be {_describe(tp)}, got {type(value).__name__} {value!r}")
+
+
+def options_class(fn: Callable[..., Any], name: str | None = None, *, skip: frozenset[str] = _INTERNAL) -> type:
+    """A frozen dataclass of ``fn``'s options: one keyword-only field per option, with its declared type and
+    default; building one validates the values with :func:`check_options` (the one place options are checked),
+    so ``options_class(make_p2p)(cross_steps="x")`` raises ``ValueError`` naming ``cross_steps``.
+
+    ``instance.as_kwargs()`` gives the options back as keyword arguments for ``fn``; ``dataclasses.fields`` lists
+    them (names, types, defaults) for help texts and forms. Options without a default are required fields.
+    """
+    base = _unwrap(fn)
+    table = option_types(fn, skip=skip)
+    params = inspect.signature(base).parameters
+    owner = name or getattr(base, "__name__", "options")
+    specs: list[tuple[str, Any, Any]] = []
+    for option, tp in table.items():
+        default = params[option].default
+        if default is inspect.Parameter.empty:
+            specs.append((option, tp, dataclasses.field()))
+        elif isinstance(default, (list, dict, set)):
+            specs.append((option, tp, dataclasses.field(default_factory=functools.partial(copy.deepcopy, default))))
+        else:
+            specs.append((option, tp, dataclasses.field(default=default)))
+
+    def __post_init__(self: Any) -> None:
+        check_options(table, self.as_kwargs(), f"method {owner!r}")
+
+    def as_kwargs(self: Any) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    cls_name = "".join(part.capitalize() for part in owner.removeprefix("make_").split("_")) + "Options"
+    return dataclasses.make_dataclass(
+        cls_name,
+        specs,
+        frozen=True,
+        kw_only=True,
+        namespace={"__post_init__": __post_init__, "as_kwargs": as_kwargs, "__doc__": f"Options of {owner}."},
+    )

@@ -30,12 +30,10 @@ Family-specific notes (see also the gotchas in ``reference/feasibility.md``):
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import torch
 from diffusers import (
     AutoencoderKL,
     DDIMScheduler,
@@ -61,16 +59,21 @@ from transformers import (
     T5TokenizerFast,
 )
 
+from retouch.models.seeding import seeded as _seeded
 from retouch.models.tokenizers import build_clip_tokenizer, build_t5_tokenizer
 
 __all__ = [
     "FAMILIES",
     "save_tiny_pipeline",
+    "tiny_flux_config",
     "tiny_flux_pipeline",
     "tiny_pipeline",
+    "tiny_pixart_config",
     "tiny_pixart_pipeline",
+    "tiny_sd3_config",
     "tiny_sd3_pipeline",
     "tiny_sd_pipeline",
+    "tiny_unet_config",
 ]
 
 logger = logging.getLogger(__name__)
@@ -84,12 +87,46 @@ _T5_WIDTH = 32
 _SD3_T5_WIDTH = 64
 
 
-@contextmanager
-def _seeded(seed: int) -> Iterator[None]:
-    """Run the block with the global CPU RNG seeded to ``seed``, restoring the caller's RNG state after."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        yield
+# --- the tiny denoisers' configs (also the tiny rows of benchmarks/scale.py) ----------------------------------
+def tiny_unet_config(sample_size: int = 8) -> dict[str, Any]:
+    """The tiny SD UNet: 2 cross-attention down / up blocks (32, 64 channels), 4 heads, cross-attention to 32-wide
+    CLIP states."""
+    return {
+        "sample_size": sample_size, "in_channels": 4, "out_channels": 4,
+        "down_block_types": ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        "mid_block_type": "UNetMidBlock2DCrossAttn",
+        "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        "block_out_channels": (32, 64), "layers_per_block": 1, "norm_num_groups": 8,
+        "attention_head_dim": 4,  # diffusers' legacy name: this is the number of heads
+        "cross_attention_dim": _CLIP_WIDTH,
+    }  # fmt: skip
+
+
+def tiny_pixart_config(sample_size: int = 8) -> dict[str, Any]:
+    """The tiny PixArt transformer: 2 blocks, 2 heads x 24, patch 2, learned sigma, 32-wide T5 captions."""
+    return {
+        "num_attention_heads": 2, "attention_head_dim": 24, "in_channels": 4, "out_channels": 8, "num_layers": 2,
+        "cross_attention_dim": 48, "caption_channels": _T5_WIDTH, "sample_size": sample_size, "patch_size": 2,
+    }  # fmt: skip
+
+
+def tiny_sd3_config(sample_size: int = 8, pos_embed_max_size: int = 32) -> dict[str, Any]:
+    """The tiny SD3 transformer: 2 joint blocks, 4 heads x 8, patch 2, 64-wide joint text, 64-wide pooled."""
+    return {
+        "sample_size": sample_size, "patch_size": 2, "in_channels": 16, "out_channels": 16, "num_layers": 2,
+        "attention_head_dim": 8, "num_attention_heads": 4, "joint_attention_dim": _SD3_T5_WIDTH,
+        "caption_projection_dim": 32, "pooled_projection_dim": 2 * _CLIP_WIDTH,
+        "pos_embed_max_size": pos_embed_max_size,
+    }  # fmt: skip
+
+
+def tiny_flux_config() -> dict[str, Any]:
+    """The tiny Flux transformer: 1 double- and 2 single-stream blocks, 2 heads x 16, 32-wide T5 and CLIP."""
+    return {
+        "patch_size": 1, "in_channels": 64, "num_layers": 1, "num_single_layers": 2, "attention_head_dim": 16,
+        "num_attention_heads": 2, "joint_attention_dim": _T5_WIDTH, "pooled_projection_dim": _CLIP_WIDTH,
+        "guidance_embeds": True, "axes_dims_rope": (4, 6, 6),
+    }  # fmt: skip
 
 
 def _clip_text_config(vocab_size: int, max_length: int) -> CLIPTextConfig:
@@ -199,19 +236,7 @@ def tiny_sd_pipeline(
             "projection_class_embeddings_input_dim": _CLIP_WIDTH + 6 * addition_time_embed_dim,
         }
     with _seeded(seed):
-        unet = UNet2DConditionModel(
-            sample_size=sample_size,
-            in_channels=4,
-            out_channels=4,
-            down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-            mid_block_type="UNetMidBlock2DCrossAttn",
-            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-            block_out_channels=(32, 64),
-            layers_per_block=1,
-            norm_num_groups=8,
-            attention_head_dim=4,  # diffusers' legacy name: this is the number of heads
-            **unet_kwargs,
-        ).eval()
+        unet = UNet2DConditionModel(**{**tiny_unet_config(sample_size), **unet_kwargs}).eval()
         vae = _vae(latent_channels=4, scaling_factor=0.18215)
         text_encoder = CLIPTextModel(text_config).eval()
         text_encoder_2 = CLIPTextModelWithProjection(text_config).eval() if xl else None
@@ -283,16 +308,7 @@ def tiny_pixart_pipeline(
     )
     with _seeded(seed):
         transformer = PixArtTransformer2DModel(
-            num_attention_heads=2,
-            attention_head_dim=24,
-            in_channels=4,
-            out_channels=8,
-            num_layers=2,
-            cross_attention_dim=48,
-            caption_channels=_T5_WIDTH,
-            sample_size=sample_size,
-            patch_size=2,
-            use_additional_conditions=conditioned,
+            **tiny_pixart_config(sample_size), use_additional_conditions=conditioned
         ).eval()
         vae = _vae(latent_channels=4, scaling_factor=0.18215)
         text_encoder = _t5_encoder(tokenizer, _T5_WIDTH)
@@ -321,19 +337,7 @@ def tiny_sd3_pipeline(seed: int = 0, sample_size: int = 8, pos_embed_max_size: i
     text_config = _clip_text_config(len(tokenizer), tokenizer.model_max_length)
     scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
     with _seeded(seed):
-        transformer = SD3Transformer2DModel(
-            sample_size=sample_size,
-            patch_size=2,
-            in_channels=16,
-            out_channels=16,
-            num_layers=2,
-            attention_head_dim=8,
-            num_attention_heads=4,
-            joint_attention_dim=_SD3_T5_WIDTH,
-            caption_projection_dim=32,
-            pooled_projection_dim=2 * _CLIP_WIDTH,
-            pos_embed_max_size=pos_embed_max_size,
-        ).eval()
+        transformer = SD3Transformer2DModel(**tiny_sd3_config(sample_size, pos_embed_max_size)).eval()
         vae = _vae(
             latent_channels=16,
             scaling_factor=1.5305,
@@ -383,18 +387,7 @@ def tiny_flux_pipeline(seed: int = 0) -> FluxPipeline:
         max_image_seq_len=4096,
     )
     with _seeded(seed):
-        transformer = FluxTransformer2DModel(
-            patch_size=1,
-            in_channels=64,
-            num_layers=1,
-            num_single_layers=2,
-            attention_head_dim=16,
-            num_attention_heads=2,
-            joint_attention_dim=_T5_WIDTH,
-            pooled_projection_dim=_CLIP_WIDTH,
-            guidance_embeds=True,
-            axes_dims_rope=(4, 6, 6),
-        ).eval()
+        transformer = FluxTransformer2DModel(**tiny_flux_config()).eval()
         vae = _vae(
             latent_channels=16,
             scaling_factor=0.3611,
@@ -430,9 +423,12 @@ def tiny_pipeline(family: str, **kwargs: Any) -> DiffusionPipeline:
         "sd3": tiny_sd3_pipeline,
         "flux": tiny_flux_pipeline,
     }
-    from retouch.models import tiny_families  # Qwen-Image, Sana, SD3.5 (imports this module)
+    from retouch.models import tiny_families  # Qwen-Image, Sana, SD3.5 (it never imports this module)
 
-    factories.update(sd35=tiny_families.tiny_sd35_pipeline, qwenimage=tiny_families.tiny_qwenimage_pipeline,
+    def sd35(seed: int = 0, **kw: Any) -> DiffusionPipeline:
+        return tiny_families.as_sd35(tiny_sd3_pipeline(seed=seed, **kw), seed=seed)
+
+    factories.update(sd35=sd35, qwenimage=tiny_families.tiny_qwenimage_pipeline,
                      sana=tiny_families.tiny_sana_pipeline)  # fmt: skip
     if family not in factories:
         raise ValueError(f"unknown model family {family!r}; valid families: {', '.join(FAMILIES)}")

@@ -16,7 +16,7 @@ image is a 4x4 latent; pass ``height`` / ``width`` (multiples of 16 px) to the p
   convolutional feed-forward; patch 1), a 2-layer Gemma 2 (``Gemma2Model``), a 4-stage ``AutoencoderDC``
   (8x here, 32x in Sana; 8 latent channels, Sana's ``scaling_factor`` 0.41407), and Sana's
   ``DPMSolverMultistepScheduler`` config (flow sigmas, ``flow_shift`` 3, ``flow_prediction``).
-* **SD3.5** (:func:`tiny_sd35_pipeline`): the tiny SD3 pipeline with SD3.5-medium's transformer features:
+* **SD3.5** (:func:`as_sd35`): the tiny SD3 pipeline with SD3.5-medium's transformer features:
   RMS QK norm (``qk_norm="rms_norm"``) and dual attention (MMDiT-X) in the first block
   (``dual_attention_layers=(0,)``: an extra image-only self-attention ``attn2``).
 """
@@ -37,10 +37,10 @@ from diffusers import (
     StableDiffusion3Pipeline,
 )
 
-from retouch.models.tiny import _seeded, tiny_sd3_pipeline
+from retouch.models.seeding import seeded as _seeded
 from retouch.models.tokenizers_bpe import build_gemma_tokenizer, build_qwen2_tokenizer
 
-__all__ = ["tiny_qwenimage_pipeline", "tiny_sana_pipeline", "tiny_sd35_pipeline"]
+__all__ = ["as_sd35", "tiny_qwenimage_pipeline", "tiny_sana_pipeline"]
 
 _TEXT_WIDTH = 32
 
@@ -179,11 +179,11 @@ def tiny_sana_pipeline(seed: int = 0, sample_size: int = 8) -> SanaPipeline:
     )
 
 
-def tiny_sd35_pipeline(seed: int = 0, sample_size: int = 8, pos_embed_max_size: int = 32) -> StableDiffusion3Pipeline:
-    """The tiny SD3 pipeline with SD3.5-medium's transformer: QK RMS norm, dual attention in block 0."""
+def as_sd35(pipe: StableDiffusion3Pipeline, seed: int = 0) -> StableDiffusion3Pipeline:
+    """The tiny SD3 pipeline ``pipe`` (``retouch.models.tiny.tiny_pipeline("sd3")``) given SD3.5-medium's
+    transformer: QK RMS norm, dual attention in block 0. ``tiny_pipeline("sd35")`` builds it."""
     from diffusers import SD3Transformer2DModel
 
-    pipe = tiny_sd3_pipeline(seed=seed, sample_size=sample_size, pos_embed_max_size=pos_embed_max_size)
     config = {k: v for k, v in pipe.transformer.config.items() if not k.startswith("_")}
     config.update(qk_norm="rms_norm", dual_attention_layers=(0,))
     with _seeded(seed):

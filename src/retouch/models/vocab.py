@@ -16,7 +16,7 @@ from retouch.models import registry
 
 def model_vocabulary(source: str | Path) -> list[str] | None:
     """The vocabulary of a model trained on ShapesWorld (a folder with ``world.json``: the embedded models and
-    models trained with ``scripts/train_embedded.py``); ``None`` for any other model."""
+    models trained with ``python -m training`` (the repository's ``training/``)); ``None`` for any other model."""
     folder = registry.resolve(str(source)) if not isinstance(source, Path) else source
     if not isinstance(folder, Path) or not (folder / registry.WORLD_FILE).is_file():
         return None

@@ -1,6 +1,6 @@
 """Shared training machinery: devices, seeded per-step randomness, run directories, atomic checkpoints, logs.
 
-Every stage of :mod:`retouch.train` trains with :func:`train_loop`, which
+Every stage of :mod:`training` trains with :func:`train_loop`, which
 
 * draws the randomness of step ``k`` from generators seeded by ``(seed, k)`` (:func:`step_generator`), so a
   run resumed from a checkpoint at step ``k`` continues exactly as the uninterrupted run would have;

@@ -1,6 +1,6 @@
 """Training and held-out data from ShapesWorld: scenes, renders as tensors, captions.
 
-Training scenes of step ``k`` come from :func:`~retouch.train.common.step_rng` ``(seed, k)``, so they are the
+Training scenes of step ``k`` come from :func:`~training.common.step_rng` ``(seed, k)``, so they are the
 same on every resume. Held-out scenes are ``sample_scene(HELD_OUT_SEED + i)``: a fixed, separate seed range
 that every stage and the benchmark share (the oracle's own tests use seeds 10000–10399).
 """

@@ -17,10 +17,10 @@ from typing import Any
 import torch
 
 from retouch.models import registry
-from retouch.train import cards
-from retouch.train.common import RunDir, atomic_write_json
-from retouch.train.denoisers import T5_FOLDER, starting_t5
-from retouch.train.pipelines import Components, build_denoiser, build_pipeline, load_components
+from training import cards
+from training.common import RunDir, atomic_write_json
+from training.denoisers import T5_FOLDER, starting_t5
+from training.pipelines import Components, build_denoiser, build_pipeline, load_components
 
 logger = logging.getLogger(__name__)
 

@@ -37,9 +37,9 @@ from transformers import (
 )
 
 from retouch.models.tokenizers import build_clip_tokenizer, build_t5_tokenizer
-from retouch.train import data
-from retouch.train.common import RunDir, TrainConfig, atomic_write_json, count_params, step_rng, train_loop
 from retouch.worlds import shapes
+from training import data
+from training.common import RunDir, TrainConfig, atomic_write_json, count_params, step_rng, train_loop
 
 logger = logging.getLogger(__name__)
 
@@ -304,8 +304,8 @@ def clip_binding_eval(
     ``text_model`` on ``n`` held-out captions with varied wording, and how far its pooled output moved from
     ``reference``'s (mean cosine, relative squared error); with ``start``, how far its token states moved from
     that tower's (``token_rel_sq_error``, over the real tokens)."""
-    from retouch.train import binding
     from retouch.worlds import captions as grammar
+    from training import binding
 
     device = device or torch.device("cpu")
     scenes = data.held_out_scenes(n, offset=300_000)
@@ -346,10 +346,10 @@ def train_clip_binding(
     """shapes-clip's second phase: fine-tune the text tower so its token states bind attributes to objects,
     keeping its pooled output (the joint-space embedding, Flux's pooled input) where it was.
 
-    Loss: :func:`retouch.train.binding.binding_loss` on the last hidden states with causal labels (a token
+    Loss: :func:`training.binding.binding_loss` on the last hidden states with causal labels (a token
     predicts the attributes of its object that it has read), plus ``anchor_weight`` × the squared error of the
     pooled output relative to the frozen phase-1 tower's, plus ``scene_weight`` × the same binding loss on the
-    scene labels (:func:`retouch.train.binding.scene_labels`: background pattern and colour, style; 0 = off).
+    scene labels (:func:`training.binding.scene_labels`: background pattern and colour, style; 0 = off).
     The image tower and projections do not change. Writes ``out/final`` (the whole CLIPModel + tokenizer +
     image processor) and ``metrics.json``.
 
@@ -361,8 +361,8 @@ def train_clip_binding(
     """
     from transformers import CLIPTokenizerFast
 
-    from retouch.train import binding
     from retouch.worlds import captions as grammar
+    from training import binding
 
     device = device or torch.device("cpu")
     run = RunDir(Path(out))

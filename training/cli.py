@@ -1,14 +1,13 @@
-#!/usr/bin/env python
 """Train retouch's embedded ShapesWorld models, one resumable stage at a time.
 
-    python scripts/train_embedded.py tokenizers --out runs/tokenizers
-    python scripts/train_embedded.py vae        --out runs/vae    --steps 3000 --latent-channels 8
-    python scripts/train_embedded.py clip       --out runs/clip   --steps 2000
-    python scripts/train_embedded.py t5         --out runs/t5     --steps 1000
-    python scripts/train_embedded.py sd         --out runs/sd     --steps 20000 --resume
-    python scripts/train_embedded.py pixart     --out runs/pixart --steps 20000 --resume
-    python scripts/train_embedded.py flux       --out runs/flux   --steps 20000 --resume
-    python scripts/train_embedded.py assemble   --family sd       # checkpoint -> src/retouch/models/embedded/
+    python -m training tokenizers --out runs/tokenizers
+    python -m training vae        --out runs/vae    --steps 3000 --latent-channels 8
+    python -m training clip       --out runs/clip   --steps 2000
+    python -m training t5         --out runs/t5     --steps 1000
+    python -m training sd         --out runs/sd     --steps 20000 --resume
+    python -m training pixart     --out runs/pixart --steps 20000 --resume
+    python -m training flux       --out runs/flux   --steps 20000 --resume
+    python -m training assemble   --family sd       # checkpoint -> src/retouch/models/embedded/
 
 Every training stage checkpoints atomically into its run directory every few minutes (``--checkpoint-min``);
 ``--resume`` continues from the last checkpoint with the exact data and noise the uninterrupted run would
@@ -30,7 +29,7 @@ RUNS = ROOT / "runs"
 
 
 def _train_config(args: argparse.Namespace, **defaults: object):
-    from retouch.train.common import TrainConfig
+    from training.common import TrainConfig
 
     values = dict(defaults)
     for key in ("steps", "batch_size", "lr", "warmup", "ema", "seed", "stop_at"):
@@ -44,7 +43,9 @@ def _train_config(args: argparse.Namespace, **defaults: object):
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m training", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument(
         "stage", choices=["tokenizers", "vae", "clip", "clip-bind", "t5", "sd", "pixart", "flux", "assemble"]
     )
@@ -117,7 +118,7 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
 
-    from retouch.train.common import pick_device
+    from training.common import pick_device
 
     device = pick_device(args.threads)
     out = args.out or RUNS / args.stage
@@ -125,11 +126,11 @@ def main(argv: list[str] | None = None) -> None:
         p.error(f"{out} already holds a checkpoint; pass --resume to continue it or choose another --out")
 
     if args.stage == "tokenizers":
-        from retouch.train.text import build_tokenizers
+        from training.text import build_tokenizers
 
         build_tokenizers(out)
     elif args.stage == "vae":
-        from retouch.train.vae import train_vae
+        from training.vae import train_vae
 
         cfg = _train_config(args, steps=3000, batch_size=32, lr=2e-3, warmup=100, decay="cosine")
         train_vae(
@@ -143,12 +144,12 @@ def main(argv: list[str] | None = None) -> None:
             object_weight=args.object_weight,
         )
     elif args.stage == "clip":
-        from retouch.train.text import train_clip
+        from training.text import train_clip
 
         cfg = _train_config(args, steps=2000, batch_size=128, lr=1e-3, warmup=200)
         train_clip(out, cfg, tokenizers=RUNS / "tokenizers", resume=args.resume, device=device)
     elif args.stage == "clip-bind":
-        from retouch.train.text import train_clip_binding
+        from training.text import train_clip_binding
 
         cfg = _train_config(args, steps=3000, batch_size=64, lr=3e-4, warmup=100, decay="cosine")
         train_clip_binding(
@@ -163,14 +164,14 @@ def main(argv: list[str] | None = None) -> None:
             device=device,
         )
     elif args.stage == "t5":
-        from retouch.train.text import train_t5
+        from training.text import train_t5
 
         cfg = _train_config(args, steps=1000, batch_size=128, lr=1e-3, warmup=100)
         train_t5(
             out, cfg, tokenizers=RUNS / "tokenizers", clip=RUNS / "clip" / "final", resume=args.resume, device=device
         )
     elif args.stage in ("sd", "pixart", "flux"):
-        from retouch.train.denoisers import train_denoiser
+        from training.denoisers import train_denoiser
 
         cfg = _train_config(args, steps=20000, batch_size=64, lr=1e-3, warmup=300, decay="constant", ema=0.999)
         train_denoiser(
@@ -193,7 +194,7 @@ def main(argv: list[str] | None = None) -> None:
             device=device,
         )
     elif args.stage == "assemble":
-        from retouch.train.assemble import assemble, assemble_clip
+        from training.assemble import assemble, assemble_clip
 
         if args.family is None:
             p.error("assemble needs --family")

@@ -6,8 +6,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from retouch.train.text import has_binding_phase
 from retouch.worlds.oracle import ATTRIBUTES
+from training.text import has_binding_phase
 
 __all__ = ["write_clip_card", "write_pipeline_card"]
 
@@ -67,7 +67,7 @@ def _bind_commands(clip: dict[str, Any]) -> list[str]:
         flags += f" --init-text-from runs/clip-2/final --token-anchor-weight {clip.get('token_anchor_weight', 0.0)}"
     return [
         *commands,
-        f"python scripts/train_embedded.py clip-bind --out runs/clip --clip-from runs/clip-1/final {flags}",
+        f"python -m training clip-bind --out runs/clip --clip-from runs/clip-1/final {flags}",
     ]
 
 
@@ -153,11 +153,7 @@ def _previous_card(previous: str | None, components: Path) -> tuple[str, list[st
     if start < 0 or end < start:
         return None
     stages = ("tokenizers", "vae", "clip", "clip-bind", "t5")
-    commands = [
-        ln
-        for ln in previous.splitlines()
-        if any(ln.startswith(f"python scripts/train_embedded.py {s} ") for s in stages)
-    ]
+    commands = [ln for ln in previous.splitlines() if any(ln.startswith(f"python -m training {s} ") for s in stages)]
     section = previous[start:end].rstrip() + "\n"
     # the text tower's binding phase is re-described from the components (it may be newer than the card)
     lines = section.splitlines(keepends=True)
@@ -174,12 +170,12 @@ def _previous_card(previous: str | None, components: Path) -> tuple[str, list[st
 def _clip_commands(commands: list[str], clip: dict[str, Any]) -> list[str]:
     """Component commands with shapes-clip's binding phase: phase 1 runs in ``runs/clip-1`` and ``clip-bind``
     writes the shipped tower to ``runs/clip`` (where the denoiser stages read it)."""
-    commands = [c for c in commands if not c.startswith("python scripts/train_embedded.py clip-bind ")]
+    commands = [c for c in commands if not c.startswith("python -m training clip-bind ")]
     if not has_binding_phase(clip):
         return commands
     out = []
     for c in commands:
-        if c.startswith("python scripts/train_embedded.py clip "):
+        if c.startswith("python -m training clip "):
             out += [c.replace("--out runs/clip ", "--out runs/clip-1 "), *_bind_commands(clip)]
         else:
             out.append(c)
@@ -190,7 +186,7 @@ def _t5_note(family: str, phases: list[dict[str, Any]]) -> str:
     trained = [str(i) for i, rec in enumerate(phases, 1) if rec.get("train_text_encoder")]
     if family == "sd" or not trained:
         return ""
-    from retouch.train.denoisers import T5_FOLDER
+    from training.denoisers import T5_FOLDER
 
     folder = T5_FOLDER[family]
     return (
@@ -249,7 +245,7 @@ def _weighting(rec: dict[str, Any]) -> str:
 
 
 def _phase_flags(rec: dict[str, Any]) -> str:
-    """``train_embedded.py`` flags that reproduce one phase (its steps pinned with ``--stop-at``)."""
+    """``python -m training`` flags that reproduce one phase (its steps pinned with ``--stop-at``)."""
     train = rec.get("train") or {}
     flags = (
         f"--size {rec.get('size') or 'small'} --batch-size {train.get('batch_size')} --lr {train.get('lr')} "
@@ -288,7 +284,7 @@ def _weighting_note(phases: list[dict[str, Any]]) -> str:
     if all(_weighting(rec) == "eps" for rec in phases):
         return ""
     return (
-        "\n* Timestep weighting `v` (`--timestep-weighting v`, `retouch.train.denoisers.timestep_weights`): t is "
+        "\n* Timestep weighting `v` (`--timestep-weighting v`, `training.denoisers.timestep_weights`): t is "
         "drawn ∝ 1/ᾱ_t, i.e. the v-prediction loss of the same ε-parameterised model, so that the high-noise "
         "steps where a sample's layout is decided count."
     )
@@ -331,8 +327,8 @@ def _phase_commands(family: str, phases: list[dict[str, Any]]) -> str:
     lines = []
     for i, rec in enumerate(phases, 1):
         init = f" --init-from src/retouch/models/embedded/shapes-{family}" if i > 1 else ""
-        lines.append(f"python scripts/train_embedded.py {family} --out runs/{family}-{i} {_phase_flags(rec)}{init}")
-        lines.append(f"python scripts/train_embedded.py assemble --family {family} --run runs/{family}-{i}")
+        lines.append(f"python -m training {family} --out runs/{family}-{i} {_phase_flags(rec)}{init}")
+        lines.append(f"python -m training assemble --family {family} --run runs/{family}-{i}")
     return "\n".join(lines)
 
 
@@ -398,10 +394,10 @@ def write_pipeline_card(dest: Path, info: dict[str, Any], components: Path, prev
         else "\n".join(
             _clip_commands(
                 [
-                    "python scripts/train_embedded.py tokenizers --out runs/tokenizers",
-                    f"python scripts/train_embedded.py vae --out runs/vae {vae_flags}",
-                    f"python scripts/train_embedded.py clip --out runs/clip {clip_flags}",
-                    f"python scripts/train_embedded.py t5 --out runs/t5 {t5_flags}",
+                    "python -m training tokenizers --out runs/tokenizers",
+                    f"python -m training vae --out runs/vae {vae_flags}",
+                    f"python -m training clip --out runs/clip {clip_flags}",
+                    f"python -m training t5 --out runs/t5 {t5_flags}",
                 ],
                 clip_metrics,
             )
@@ -451,8 +447,8 @@ Config: `{json.dumps(info.get("denoiser_config"))}`
 * Data: ShapesWorld renders at 64×64, {_world_text(info.get("world") or {})}; a pool of {info.get("pool_size")}
   scenes encoded once by the frozen VAE; captions re-drawn with varied wording every step; 10% of captions
   dropped to "" for classifier-free guidance. Held-out evaluation scenes are
-  `retouch.train.data.held_out_scenes(n, max_objects=...)` (seeds 7_000_000 + i).
-* Offset noise (see `retouch.train.denoisers.diffusion_loss`) and an object-weighted loss (latent pixels that
+  `training.data.held_out_scenes(n, max_objects=...)` (seeds 7_000_000 + i).
+* Offset noise (see `training.denoisers.diffusion_loss`) and an object-weighted loss (latent pixels that
   objects touch weigh more; `--object-loss-weight`) where the phase says so.{loss_notes}
 * Phases (each later one starts from the EMA weights of the one before; AdamW, constant lr after a linear
   warm-up, seed {train.get("seed")}):
@@ -524,8 +520,8 @@ def write_clip_card(dest: Path, components: Path, previous: str | None = None) -
     )
     phase2_md = ""
     retrain = (
-        "Retrain: `HF_HUB_OFFLINE=1 python scripts/train_embedded.py clip --out runs/clip` then\n"
-        "`python scripts/train_embedded.py assemble --family clip`."
+        "Retrain: `HF_HUB_OFFLINE=1 python -m training clip --out runs/clip` then\n"
+        "`python -m training assemble --family clip`."
     )
     if two:
         p2 = phase2.get("train", {})
@@ -538,7 +534,7 @@ def write_clip_card(dest: Path, components: Path, previous: str | None = None) -
   {minutes:.0f} CPU-min. Only the text tower trains.
   * Why: Stable Diffusion's UNet reads every token state of this tower, but phase 1's contrastive loss shapes
     only the pooled one.
-  * Binding loss (`retouch.train.binding`): each token of an object's phrase predicts the attributes of that
+  * Binding loss (`training.binding`): each token of an object's phrase predicts the attributes of that
     object it has already read (the tower is causal), through linear heads kept out of this folder; the
     phrase's last token carries all of them.{scene} Token accuracy on 200 held-out captions:
     {bind}.
@@ -547,9 +543,9 @@ def write_clip_card(dest: Path, components: Path, previous: str | None = None) -
     error {rel:.4f}.
 """
         retrain = (
-            "Retrain: `HF_HUB_OFFLINE=1 python scripts/train_embedded.py clip --out runs/clip-1`, then\n"
+            "Retrain: `HF_HUB_OFFLINE=1 python -m training clip --out runs/clip-1`, then\n"
             + "".join(f"`{c}`, then\n" for c in _bind_commands(phase2))
-            + "`python scripts/train_embedded.py assemble --family clip`."
+            + "`python -m training assemble --family clip`."
         )
     text = f"""# shapes-clip
 
@@ -574,7 +570,7 @@ Zero-shot attribute accuracy (true caption vs. every caption that differs in tha
 
 
 def _benchmark(name: str) -> dict[str, Any]:
-    p = Path(__file__).resolve().parents[3] / "benchmarks" / "results" / "embedded_quality.json"
+    p = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "embedded_quality.json"
     if not p.exists():
         return {}
     try:

@@ -21,9 +21,9 @@ import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL
 
-from retouch.train import data
-from retouch.train.common import RunDir, TrainConfig, atomic_write_json, count_params, step_rng, train_loop
 from retouch.worlds import shapes
+from training import data
+from training.common import RunDir, TrainConfig, atomic_write_json, count_params, step_rng, train_loop
 
 logger = logging.getLogger(__name__)
 

@@ -34,8 +34,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from retouch.train import binding, data
-from retouch.train.common import (
+from retouch.worlds import captions, oracle
+from training import binding, data
+from training.common import (
     RunDir,
     TrainConfig,
     atomic_torch_save,
@@ -46,7 +47,7 @@ from retouch.train.common import (
     step_rng,
     train_loop,
 )
-from retouch.train.pipelines import (
+from training.pipelines import (
     FLUX_T5_LENGTH,
     PIXART_T5_LENGTH,
     Components,
@@ -55,7 +56,6 @@ from retouch.train.pipelines import (
     denoiser_config,
     load_components,
 )
-from retouch.worlds import captions, oracle
 
 logger = logging.getLogger(__name__)
 
@@ -240,7 +240,7 @@ def _weighted_mse(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor
 
 def latent_object_masks(scenes: list, factor: int = 4, batch: int = 4096) -> torch.Tensor:
     """``[N, 1, H/f, W/f]`` bool: latent pixels that an object (or the pixel ring around it) touches."""
-    from retouch.train.vae import object_masks
+    from training.vae import object_masks
 
     out = [
         F.max_pool2d(object_masks(scenes[i : i + batch], 64, 64), factor).bool() for i in range(0, len(scenes), batch)
@@ -342,7 +342,7 @@ def clip_tower(components: str | Path) -> str | None:
     metrics = Path(components) / "clip" / "metrics.json"
     if not metrics.exists():
         return None
-    from retouch.train.text import has_binding_phase
+    from training.text import has_binding_phase
 
     record = json.loads(metrics.read_text())
     if not has_binding_phase(record):
@@ -388,7 +388,7 @@ def train_denoiser(
 
     Args:
         components: the runs directory holding the ``vae``, ``clip`` and ``t5`` stages' ``final`` folders.
-        size: denoiser size preset (:func:`~retouch.train.pipelines.denoiser_config`).
+        size: denoiser size preset (:func:`~training.pipelines.denoiser_config`).
         pool_size: training scenes rendered and encoded once (cached in ``pool.pt``).
         dropout: probability of replacing a caption by "" (classifier-free guidance).
         eval_n: held-out captions per learning-curve evaluation (0 = no evaluation).
@@ -405,7 +405,7 @@ def train_denoiser(
             its EMA weights go to ``out/final_t5``. PixArt and Flux runs always write ``final_t5`` (the T5 their
             denoiser was trained on: from ``init_from`` when that folder has one) and ``assemble`` uses it.
         binding_loss_weight: weight of the auxiliary attribute-binding loss on the trained T5's token states
-            (:mod:`retouch.train.binding`; needs ``train_text_encoder``); 0 = off.
+            (:mod:`training.binding`; needs ``train_text_encoder``); 0 = off.
     """
     if train_text_encoder and family not in T5_FOLDER:
         raise ValueError(

@@ -1,0 +1,62 @@
+"""The result files: scale_<model>.json folded atomically (same key replaces)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+
+def write_json(path: Path, payload: Mapping[str, Any]) -> None:
+    """Write ``payload`` to ``path`` atomically (temporary file in the same folder, then rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(payload, f, indent=2)
+            f.write("\n")
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _entry_key(e: Mapping[str, Any]) -> tuple:
+    return (tuple(e.get("size_hw", ())), e.get("blocks", {}).get("used"), e.get("device"), e.get("dtype"))
+
+
+def _run_key(r: Mapping[str, Any]) -> tuple:
+    return (
+        tuple(r.get("size_hw", ())), r.get("blocks", {}).get("used"), r.get("method"), r.get("merge_ratio"),
+        r.get("device"),
+    )  # fmt: skip
+
+
+def merge_results(
+    path: Path, model: str, machine: Mapping[str, Any], entries: Sequence[Mapping], edit_runs: Sequence[Mapping]
+) -> dict[str, Any]:
+    """Fold new entries / edit runs into ``scale_<model>.json`` (same key replaces), write it atomically."""
+    old: dict[str, Any] = {}
+    if path.exists():
+        with contextlib.suppress(json.JSONDecodeError, OSError):
+            old = json.loads(path.read_text())
+    kept_entries = [e for e in old.get("entries", []) if _entry_key(e) not in {_entry_key(n) for n in entries}]
+    kept_runs = [r for r in old.get("edit_runs", []) if _run_key(r) not in {_run_key(n) for n in edit_runs}]
+    payload = {
+        "benchmark": "scale",
+        "model": model,
+        "description": (
+            "per-NFE latency / peak memory of plain sampling vs editing presets vs presets + token merging, "
+            "attention-control overhead, merging speed-up, peak memory vs steps; real configs, random weights"
+        ),
+        "machine": dict(machine),
+        "entries": [*kept_entries, *entries],
+        "edit_runs": [*kept_runs, *edit_runs],
+    }
+    write_json(path, payload)
+    return payload
