@@ -27,8 +27,6 @@ LOWER = ("retouch.control", "retouch.inversion", "retouch.backbones", "retouch.g
          "retouch.schedules", "retouch.types", "retouch.masks", "retouch.flowedit")  # fmt: skip
 UPPER = ("retouch.editing", "retouch.mixing_weights", "retouch.cli", "retouch.bench", "retouch.app")
 
-# Cycles another branch of issue 15 removes (item 4: bench/cli <-> cli); the lead empties this at merge.
-KNOWN_CYCLES: set[frozenset[str]] = {frozenset({"retouch.cli", "retouch.bench.cli"})}
 
 FAMILY_TEST = re.compile(r"""family\s*(==|!=)\s*["']|family\s+(not\s+)?in\s*[(\[{]\s*["']""")
 
@@ -91,41 +89,6 @@ def _graph() -> dict[str, set[str]]:
     return {m: {i for i in _imports(p) if i in mods and i != m} for m, p in mods.items()}
 
 
-def _cycles(graph: dict[str, set[str]]) -> list[set[str]]:
-    """Strongly connected components with more than one module (Tarjan)."""
-    index: dict[str, int] = {}
-    low: dict[str, int] = {}
-    stack: list[str] = []
-    on: set[str] = set()
-    out: list[set[str]] = []
-
-    def visit(v: str) -> None:
-        index[v] = low[v] = len(index)
-        stack.append(v)
-        on.add(v)
-        for w in graph[v]:
-            if w not in index:
-                visit(w)
-                low[v] = min(low[v], low[w])
-            elif w in on:
-                low[v] = min(low[v], index[w])
-        if low[v] == index[v]:
-            comp = set()
-            while True:
-                w = stack.pop()
-                on.discard(w)
-                comp.add(w)
-                if w == v:
-                    break
-            if len(comp) > 1:
-                out.append(comp)
-
-    for v in sorted(graph):
-        if v not in index:
-            visit(v)
-    return out
-
-
 @pytest.mark.parametrize("path", FAMILY_FREE, ids=lambda p: str(p.relative_to(SRC)))
 def test_no_family_tests_or_diffusers_models_outside_backbones(path: Path) -> None:
     text = path.read_text(encoding="utf-8")
@@ -162,15 +125,6 @@ def test_lower_layers_never_import_the_editing_layer() -> None:
         (m, i) for m, deps in graph.items() if m.startswith(LOWER) for i in deps if i.startswith(UPPER)
     )  # fmt: skip
     assert not bad, f"imports from below the editing layer into it: {bad}"
-
-
-def test_no_import_cycles() -> None:
-    cycles = [c for c in _cycles(_graph()) if frozenset(c) not in KNOWN_CYCLES]
-    assert not cycles, f"import cycles: {[sorted(c) for c in cycles]}"
-
-
-def test_cycle_detection_finds_a_cycle() -> None:
-    assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [{"a", "b", "c"}]
 
 
 def test_the_loop_does_not_probe_editors() -> None:

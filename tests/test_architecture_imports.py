@@ -15,9 +15,6 @@ PACKAGE = "retouch"
 # Cycles still in the code, each edge named with its reason. Delete an entry when its cycle is gone: the test
 # then keeps it gone.
 KNOWN_CYCLE_EDGES: dict[tuple[str, str], str] = {
-    # issue 15 item 1-3 (other branch): disentangle drives edit(); removed by the one-loop rewrite.
-    # Lead: delete this entry after merging that branch.
-    ("retouch.control.disentangle", "retouch.editing"): "disentangle calls editing.edit",
     # the inversion registry (base.py) lazily imports its implementations, which import check_start from
     # base.py; inversion/ is being rewritten on the same branch. Lead: delete these when inversion/ no longer
     # has the cycle (the test says so).
@@ -38,8 +35,19 @@ def module_files(src: Path, package: str) -> dict[str, tuple[Path, bool]]:
     return out
 
 
+def _is_type_checking(node: ast.AST) -> bool:
+    """An ``if TYPE_CHECKING:`` (or ``typing.TYPE_CHECKING``) block."""
+    if not isinstance(node, ast.If):
+        return False
+    test = node.test
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
+    )
+
+
 def import_graph(src: Path, package: str) -> dict[str, set[str]]:
-    """``{module: modules of the package it imports}``, module-level and function-level imports alike.
+    """``{module: modules of the package it imports}``, module-level and function-level imports alike (not the
+    ``if TYPE_CHECKING:`` ones, which never run).
 
     ``from a.b import c`` is an edge to ``a.b.c`` when that is a module, else to ``a.b``; names resolve to the
     longest module prefix that exists. Relative imports are resolved against the importing module.
@@ -55,7 +63,11 @@ def import_graph(src: Path, package: str) -> dict[str, set[str]]:
     for name, (path, is_pkg) in modules.items():
         base = name if is_pkg else name.rpartition(".")[0]
         deps: set[str | None] = set()
-        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        tree = ast.parse(path.read_text(), str(path))
+        typing_only = {id(n) for blk in ast.walk(tree) if _is_type_checking(blk) for b in blk.body for n in ast.walk(b)}
+        for node in ast.walk(tree):
+            if id(node) in typing_only:  # annotations only: no import at run time, no cycle
+                continue
             if isinstance(node, ast.Import):
                 deps.update(resolve(a.name) for a in node.names if a.name.split(".")[0] == package)
             elif isinstance(node, ast.ImportFrom):
