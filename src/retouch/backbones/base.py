@@ -292,6 +292,12 @@ class Backbone(abc.ABC):
         """
         raise NotImplementedError(f"the {self.family} adapter does not describe its feature blocks")
 
+    def residual_branch(self, block: str) -> str | None:
+        """Module path of the last layer of ``block``'s residual branch (its output is what the block adds to
+        its skip connection), or ``None`` when the block has no such branch. Plug-and-Play's released code
+        injects there, not the block's output."""
+        return None
+
     def describe(self) -> dict[str, Any]:
         layers = self.attention_layers()
         kinds: dict[str, int] = {}
