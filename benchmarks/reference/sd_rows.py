@@ -33,6 +33,7 @@ METHODS = {
     "ddim+p2p": ("ddim+p2p", "DDIM + P2P (SD)"),
     "directinversion+masactrl": ("direct+masactrl", "Direct Inversion + MasaCtrl (SD)"),
     "ddim+masactrl": ("ddim+masactrl", "DDIM + MasaCtrl (SD)"),
+    "directinversion+pnp": ("direct+pnp_ref", "Direct Inversion + PnP (SD)"),
 }
 
 

@@ -115,6 +115,10 @@ PRESETS: dict[str, Preset] = {
         Preset("ddim+p2pzero", "p2p_zero", "ddim", ALL,
                "Pix2Pix-Zero (Parmar et al.) on plain DDIM inversion: edit direction + cross-attention guidance 0.1",
                solver="ddim", options={"xa_guidance": 0.1}),
+        Preset("ddim+p2pzero_ref", "p2p_zero", "ddim", ("sd",),
+               "Pix2Pix-Zero's released guidance step (diffusers' StableDiffusionPix2PixZeroPipeline): the SGD "
+               "step on the CFG batch, the step continuing from the unconditional half's latent",
+               solver="ddim", options={"xa_guidance": 0.1, "released_guidance": True}),
         Preset("direct+p2pzero", "p2p_zero", "direct", ALL,
                "Pix2Pix-Zero with Direct Inversion, target branch untouched (paper-faithful; "
                "add_source_offset=true for PnP-Inversion's released variant)", options={"xa_guidance": 0.1}),

@@ -31,6 +31,16 @@ branch to the inversion latents and leaves the target untouched (our default). T
 to the edited (target) trajectory ("add-source"), a discrepancy with its paper's description; set
 ``add_source_offset=True`` to reproduce it (first-order solvers ``ddim`` / ``flow_euler`` only).
 
+**The released guidance step (``released_guidance=True``).** The released code (diffusers'
+``StableDiffusionPix2PixZeroPipeline``, PnP-Inversion's ``edit_pipeline.py``, the authors' repository) does the
+SGD step on the CFG *batch* ``[x, x]``: the loss is the mean over both halves' heads (the unconditional half's maps
+compared with the reference pass's unconditional maps), each half's latent moves by its own gradient (so by half
+of what a one-half loss would give), the conditional prediction is taken at the conditional half's moved latent,
+the unconditional one at the unconditional half's, and the step continues from the *unconditional* half's latent
+(``x_in.chunk(2)[0]``). At the first step the unconditional maps equal the reference's, so the latent the step
+continues from is unguided. ``released_guidance=True`` reproduces this (``ddim+p2pzero_ref``); the default is the
+paper's description (one gradient step of the conditional maps' distance on the target latent).
+
 Not reproduced: Pix2Pix-Zero's inversion noise regularisation (auto-correlation / KL terms) — the engine's
 inversions are used instead — and BLIP captioning (the source prompt plays the caption).
 """
@@ -49,7 +59,7 @@ from torch.utils.checkpoint import checkpoint
 from retouch.backbones.base import Backbone, LayerInfo
 from retouch.control.context import AttnContext, BatchLayout
 from retouch.control.pnp import to_steps
-from retouch.types import Conditioning, NoiseGrid, Pred
+from retouch.types import Conditioning, NoiseGrid, Pred, to_x0_eps
 
 log = logging.getLogger(__name__)
 
@@ -137,6 +147,7 @@ class PixToPixZero:
         guidance_steps: int,
         layers: Sequence[LayerInfo],
         add_source_offset: bool = False,
+        released_guidance: bool = False,
     ) -> None:
         if xa_guidance < 0:
             raise ValueError(f"xa_guidance must be >= 0, got {xa_guidance}")
@@ -145,6 +156,8 @@ class PixToPixZero:
         self.guidance_steps = guidance_steps
         self.layers = {i.name: i for i in layers}
         self.add_source_offset = add_source_offset
+        self.released_guidance = released_guidance
+        self._cond_latents: Tensor | None = None  # released_guidance: the conditional half's guided latents
         self._maps: dict[str, Tensor] | None = None  # set while recording one forward
         self._source_step: Tensor | None = None
         self.last_loss: tuple[float, float] | None = None  # (map distance, squared gradient norm) of the last step
@@ -224,11 +237,43 @@ class PixToPixZero:
                 total = total + loss.detach()
         return total, torch.cat(grads) if grad else None
 
+    def _released_step(self, x: Tensor, model: Any, grid: NoiseGrid, i: int) -> Tensor:
+        """The released code's SGD step on the CFG batch (module docstring): returns the unconditional half's
+        guided latents and keeps the conditional half's for :meth:`wrap_model`'s prediction."""
+        backbone, state, cond, uncond = model.backbone, model.state, model.cond, model.uncond
+        if uncond is None or not model.cfg:
+            raise ValueError("released_guidance needs classifier-free guidance (guidance != 1)")
+        t = grid.timesteps[i]
+        halves = (uncond, cond)
+        with torch.no_grad():
+            refs = [self._text_maps(backbone, x[:1], t, h.select([0]), state) for h in halves]
+        moved: list[list[Tensor]] = [[x[:1]], [x[:1]]]
+        total = x.new_zeros(())
+        with frozen(backbone.denoiser), torch.enable_grad():
+            for b in range(1, x.shape[0]):
+                for h, (half, ref) in enumerate(zip(halves, refs, strict=True)):
+                    xt = x[b : b + 1].detach().requires_grad_(True)
+                    # the batch loss is the mean over 2 x heads: each half carries half of its own head mean
+                    loss = 0.5 * self.map_distance(self._text_maps(backbone, xt, t, half.select([b]), state), ref)
+                    g = torch.autograd.grad(loss, xt)[0]
+                    moved[h].append(x[b : b + 1] - self.xa_guidance * g.to(x.dtype))
+                    total = total + loss.detach()
+        if hasattr(model, "nfe"):
+            model.nfe += 4
+        self.last_loss = (float(total), float("nan"))
+        self._cond_latents = torch.cat(moved[1])
+        return torch.cat(moved[0])
+
+    def wrap_model(self, model: Any) -> Any:
+        return _HalfLatents(model, self) if self.released_guidance else model
+
     # --- loop hooks ----------------------------------------------------------------------------------
     def before_step(self, i: int, x: Tensor, model: Any, grid: NoiseGrid) -> Tensor | None:
         """Cross-attention guidance: one SGD step on the target latents (paper §3.3)."""
         if i >= self.guidance_steps or self.xa_guidance == 0 or x.shape[0] < 2:
             return None
+        if self.released_guidance:
+            return self._released_step(x, model, grid, i)
         loss, g = self.attention_loss(x, model, grid, i, grad=True)
         if hasattr(model, "nfe"):
             model.nfe += 2
@@ -247,6 +292,36 @@ class PixToPixZero:
         offset = x[:1] - self._source_step  # x[0] is already pinned to z*_{i+1}: o_i = z*_{i+1} − step(z_i)
         self._source_step = None
         return torch.cat([x[:1], x[1:] + offset])
+
+
+class _HalfLatents:
+    """The guided model with the conditional half evaluated at the editor's conditional latents when it has set
+    them for this step (``released_guidance``); otherwise the model itself. Everything else is delegated."""
+
+    def __init__(self, model: Any, editor: PixToPixZero) -> None:
+        self._model = model
+        self._editor = editor
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._model, name)
+
+    def __call__(self, x: Tensor, k: int) -> Pred:
+        xc, self._editor._cond_latents = self._editor._cond_latents, None
+        m = self._model
+        if xc is None or xc.shape != x.shape:
+            return m(x, k)
+        if m.on_eval is not None:
+            m.on_eval(k)
+        m._mark(k, "grid")
+        g = m.grid
+        if m.state is not None:
+            m.state.layout = m.layout
+            m.state.latent_hw = (x.shape[-2], x.shape[-1])
+        m.nfe += 1
+        u, c = m.backbone.predict(torch.cat([x, xc]), g.timesteps[k], m.batch_cond).float().chunk(2)
+        scale = m.guidance.to(u.device) if isinstance(m.guidance, Tensor) else m.guidance
+        raw = m.backbone.combine_guidance(u, c, scale)
+        return to_x0_eps(raw, x, g.alphas[k], g.sigmas[k], m.backbone.prediction)
 
 
 def _text_layers(backbone: Backbone, start_layer: float | int) -> list[LayerInfo]:
@@ -270,6 +345,7 @@ def make_p2p_zero(
     guidance_steps: float | int = 1.0,
     start_layer: float | int = 0,
     add_source_offset: bool = False,
+    released_guidance: bool = False,
 ) -> PixToPixZero:
     """Pix2Pix-Zero (Parmar et al. 2023).
 
@@ -282,6 +358,7 @@ def make_p2p_zero(
             (0: all, as the paper on SD; raise it on large DiTs to save memory and time).
         add_source_offset: with Direct Inversion, also add the source offsets to the target (PnP-Inversion's
             released variant; ``ddim`` / ``flow_euler`` solvers only).
+        released_guidance: the released code's guidance step on the CFG batch (module docstring).
     """
     src = _sentences(source_sentences, config.source_prompt, "source_sentences")
     tgt = _sentences(target_sentences, config.target_prompt, "target_sentences")
@@ -298,4 +375,5 @@ def make_p2p_zero(
         guidance_steps=to_steps(guidance_steps, int(config.num_steps), "guidance_steps"),
         layers=_text_layers(backbone, start_layer),
         add_source_offset=bool(add_source_offset),
+        released_guidance=bool(released_guidance),
     )
