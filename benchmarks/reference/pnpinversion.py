@@ -36,8 +36,9 @@ import sd_common as sc  # noqa: E402
 REPO = "cure-lab/PnPInversion"
 COMMIT = "07f97f448150e2ca220bebd54c8f687c5c50c67a"
 FILES = ["models/p2p_editor.py", "models/p2p", "models/masactrl", "utils/utils.py", "run_editing_masactrl.py",
-         "run_editing_pnp.py"]
-METHODS = ("directinversion+p2p", "ddim+p2p", "directinversion+masactrl", "ddim+masactrl", "directinversion+pnp")
+         "run_editing_pnp.py", "run_editing_pix2pix_zero.py", "models/pix2pix_zero"]
+METHODS = ("directinversion+p2p", "ddim+p2p", "directinversion+masactrl", "ddim+masactrl", "directinversion+pnp",
+           "directinversion+pix2pix-zero")
 # PnP's negative prompt for the target branch (run_editing_pnp.py's run_pnp), recorded in the settings
 PNP_NEGATIVE = "ugly, blurry, black, low res, unrealistic"
 
@@ -143,6 +144,47 @@ def edits(latent: int, vae_factor: int, scale: float) -> list[sc.Edit]:
                 "a bug of the released file: enumerate() takes no desc= (TypeError); upstream PnP wraps it in tqdm"),
         sc.Edit("run_editing_pnp.py", 'model_key = "runwayml/stable-diffusion-v1-5"', f"model_key = {model}",
                 "the local shapes-sd folder"),
+        # --- Pix2Pix-Zero (run_editing_pix2pix_zero.py, models/pix2pix_zero/) -----------------------------------
+        sc.Edit("run_editing_pix2pix_zero.py", "from lavis.models import load_model_and_preprocess\n", "",
+                "BLIP captioning (LAVIS, its weights) is unavailable offline; the source prompt is the caption"),
+        sc.Edit("run_editing_pix2pix_zero.py", "# load the BLIP model\nmodel_blip, vis_processors, _ = "
+                "load_model_and_preprocess(name=\"blip_caption\", \n", "if False:\n  _ = dict(name=\"blip_caption\", \n",
+                "no BLIP model (see above)"),
+        sc.Edit("run_editing_pix2pix_zero.py",
+                'prompt_str = model_blip.generate({"image": vis_processors["eval"](image_gt).unsqueeze(0).to(device)})[0]',
+                "prompt_str = prompt_src", "the source prompt plays BLIP's caption (ShapesWorld prompts are captions)",
+                count=2),
+        sc.Edit("run_editing_pix2pix_zero.py", "'CompVis/stable-diffusion-v1-4')", f"{model}, {fp32})",
+                "the local shapes-sd folder; it stores fp16 weights, CPU runs them in fp32 (as retouch does)",
+                count=2),
+        sc.Edit("run_editing_pix2pix_zero.py", "image_size=[512,512]", "image_size=[64,64]",
+                "64-px images (a no-op resize on 64-px input)", count=2),
+        sc.Edit("models/pix2pix_zero/base_pipeline.py", "from transformers import CLIPFeatureExtractor, CLIPTextModel",
+                "from transformers import CLIPImageProcessor as CLIPFeatureExtractor, CLIPTextModel",
+                "CLIPFeatureExtractor was renamed CLIPImageProcessor in transformers (type hint only here)"),
+        sc.Edit("models/pix2pix_zero/base_pipeline.py", "logging, randn_tensor, replace_example_docstring",
+                "logging, replace_example_docstring\nfrom diffusers.utils.torch_utils import randn_tensor",
+                "randn_tensor moved to diffusers.utils.torch_utils (same function)"),
+        sc.Edit("models/pix2pix_zero/base_pipeline.py", "0.18215", repr(scale), "the folder's scaling_factor"),
+        sc.Edit("models/pix2pix_zero/scheduler.py", "from diffusers.utils import BaseOutput, randn_tensor",
+                "from diffusers.utils import BaseOutput\nfrom diffusers.utils.torch_utils import randn_tensor",
+                "randn_tensor moved to diffusers.utils.torch_utils (same function)"),
+        sc.Edit("models/pix2pix_zero/ddim_inv.py", "0.18215", repr(scale), "the folder's scaling_factor"),
+        sc.Edit("models/pix2pix_zero/cross_attention.py", "from diffusers.models.attention import CrossAttention",
+                "from diffusers.models.attention_processor import Attention as CrossAttention",
+                "the class is called Attention in diffusers >= 0.15"),
+        sc.Edit("models/pix2pix_zero/cross_attention.py",
+                "attn.prepare_attention_mask(attention_mask, sequence_length)",
+                "attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)",
+                "diffusers >= 0.13 takes the batch size too (the mask is None here: a no-op either way)"),
+        sc.Edit("models/pix2pix_zero/cross_attention.py", 'if module_name == "CrossAttention":',
+                'if module_name in ("CrossAttention", "Attention"):',
+                "the class is called Attention in diffusers >= 0.15; otherwise no processor is set (silent no-op)"),
+        sc.Edit("models/pix2pix_zero/edit_pipeline.py", 'if module_name == "CrossAttention" and',
+                'if module_name in ("CrossAttention", "Attention") and',
+                "the class is called Attention in diffusers >= 0.15; otherwise no map is read (no guidance)", count=2),
+        sc.Edit("models/pix2pix_zero/edit_pipeline.py", "self.unet.in_channels", "self.unet.config.in_channels",
+                "the attribute moved to the config in diffusers"),
     ]  # fmt: skip
 
 
@@ -269,6 +311,20 @@ def run(git_dir: str, methods: list[str], out_root: Path) -> None:
             return rp.edit_image_directinversion_PnP(path, case.source_prompt, case.target_prompt, guidance_scale=7.5)
 
         runners += [(m, pnp_call, pcounter) for m in pnp_methods]
+    zero_methods = [m for m in methods if m.endswith("+pix2pix-zero")]
+    if zero_methods:
+        # importing run_editing_pix2pix_zero.py builds its inversion pipeline and its editing pipeline
+        rz = importlib.import_module("run_editing_pix2pix_zero")
+        di = importlib.import_module("models.pix2pix_zero.ddim_inv")
+        ep = importlib.import_module("models.pix2pix_zero.edit_pipeline")
+        wrap(di.DDIMInversion, "__call__", lambda out, *a, **k: setattr(rec, "noise", out[0][-1].detach().clone()))
+        wrap(ep.EditingPipeline, "decode_latents", lambda out, *a, **k: rec.decoded.append(a[1].detach().clone()))
+        zcounter = SumCounter(sc.Counter(rz.pipe.unet), sc.Counter(rz.edit_pipe.unet))
+
+        def zero_call(method: str, path: str, case: Any) -> Any:
+            return rz.edit_image_directinversion_pix2pix_zero(path, case.source_prompt, case.target_prompt, 7.5)
+
+        runners += [(m, zero_call, zcounter) for m in zero_methods]
 
     cases = sc.case_list()
     with tempfile.TemporaryDirectory() as tmp:
@@ -288,7 +344,8 @@ def run(git_dir: str, methods: list[str], out_root: Path) -> None:
                 # the last 50 recorded steps are the edit pass (earlier ones: reconstruction / image_fixed passes)
                 steps = rec.steps[-50:]
                 tensors = {"noise": rec.noise, "final": final}
-                tensors.update({f"step_{k}": steps[k][-1:] for k in sc.STEPS_KEPT})
+                if steps:  # Pix2Pix-Zero's loop is not a function of its own: no per-step latents
+                    tensors.update({f"step_{k}": steps[k][-1:] for k in sc.STEPS_KEPT})
                 sc.write_tensors(out_dir / f"{case.case_id}.safetensors", tensors)
                 sc.write_image(out_dir / f"{case.case_id}.png", image)
                 per_case.append({**sc.case_info(case), "seconds": round(seconds, 3), "unet_calls": counter.calls,
@@ -311,11 +368,15 @@ def run(git_dir: str, methods: list[str], out_root: Path) -> None:
                     if method.endswith("+p2p")
                     else {"step": 4, "layper": 10, "source_branch_prompt": ""}
                     if method.endswith("+masactrl")
+                    else {"xa_guidance": 0.1, "caption": "source prompt (no BLIP)", "negative_prompt": "caption",
+                          "inversion_guidance": 1, "lambda_ac": 20, "lambda_kl": 20, "num_reg_steps": 5,
+                          "num_ac_rolls": 5, "vae": "posterior sample (torch's global generator)"}
+                    if method.endswith("+pix2pix-zero")
                     else {"pnp_f_t": 0.8, "pnp_attn_t": 0.5, "source_branch_prompt": "",
                           "source_branch_guidance": 1.0, "negative_prompt": PNP_NEGATIVE, "inversion_prompt": "source"}
                 ),  # fmt: skip
                 "seed": 1234,
-                "steps_kept": list(sc.STEPS_KEPT),
+                "steps_kept": list(sc.STEPS_KEPT) if rec.steps else [],
                 "latent_side": latent,
                 "edits": applied,
                 "cases": per_case,
