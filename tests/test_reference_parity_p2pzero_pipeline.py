@@ -11,9 +11,9 @@ VAE posterior sampled from a generator seeded as retouch's run seed.
   of ``ddim+p2pzero`` equal the pipeline's;
 * ``test_released_guidance_matches``: guidance amount ``AMOUNT`` — ``ddim+p2pzero_ref`` (``released_guidance``: the
   pipeline's SGD step on the CFG batch) equals the pipeline;
-* ``test_default_guidance_departure``: ``ddim+p2pzero`` at the same amount (the paper's description: the conditional maps' gradient
-  on the target latent) departs from the pipeline; the size is measured and must be far above float noise
-  (docs/methods.md explains the difference).
+* ``test_default_guidance_departure``: ``ddim+p2pzero`` at the same amount (the paper's description: the
+  conditional maps' gradient on the target latent) departs from the pipeline; the size is measured and must be
+  far above float noise (docs/methods.md explains the difference).
 
 Tolerance: the reference attends with explicit ``baddbmm`` + softmax on every layer, retouch with fused attention
 where no map is needed, and the batches are laid out differently; on this random tiny model (10 DDIM steps, CFG
@@ -27,10 +27,11 @@ import copy
 
 import pytest
 import torch
-from conftest import random_image, tiny_backbone
 
 from retouch.config import EditConfig, InversionConfig
 from retouch.editing import edit
+
+from conftest import random_image, tiny_backbone
 
 SRC = "a red circle on a blue background"
 TGT = "a green circle on a blue background"

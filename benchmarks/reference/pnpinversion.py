@@ -2,14 +2,17 @@
 
     .venv/bin/pip install einops            # MasaCtrl's code imports it (no torchvision needed: see the edits)
     .venv/bin/python benchmarks/reference/pnpinversion.py --git-dir /path/to/PnPInversion[.git] \\
-        [--methods directinversion+p2p,ddim+p2p,directinversion+masactrl,ddim+masactrl,directinversion+pnp]
+        [--methods directinversion+p2p,ddim+p2p,directinversion+masactrl,ddim+masactrl,directinversion+pnp,\\
+                   directinversion+pix2pix-zero]
 
 The reference is exported from ``--git-dir`` at ``COMMIT`` into a scratch folder, the plumbing edits of ``EDITS``
 (each with its reason) are applied, and its own entry points run as ``run_editing_p2p.py`` and
 ``run_editing_masactrl.py`` / ``run_editing_pnp.py`` call them (PIE-Bench settings: 50 DDIM steps, CFG 7.5,
 cross 0.4 / self 0.6, local blend on the blended words with a reweight of 2 on the target word; MasaCtrl step 4,
 layer 10, "" as the source prompt; PnP features for 80% and self-attention Q/K for 50% of the steps, the source
-branch under "" without guidance, the target's negative prompt ``PNP_NEGATIVE``) on the ShapesWorld cases of ``sd_common.CASES``. Outputs: ``tests/fixtures/reference/pnpinversion/
+branch under "" without guidance, the target's negative prompt ``PNP_NEGATIVE``; Pix2Pix-Zero with guidance 0.1
+and the source prompt as BLIP's caption) on the ShapesWorld cases of ``sd_common.CASES``. Outputs:
+``tests/fixtures/reference/pnpinversion/
 <method>/<case>.safetensors`` (inverted noise ``x_T``, final latents of both branches, the target branch after
 the steps of ``STEPS_KEPT``), ``<case>.png`` (the edited panel) and ``settings.json`` (commit, edits, settings,
 cases, denoiser calls / batch items, seconds).
@@ -148,10 +151,11 @@ def edits(latent: int, vae_factor: int, scale: float) -> list[sc.Edit]:
         sc.Edit("run_editing_pix2pix_zero.py", "from lavis.models import load_model_and_preprocess\n", "",
                 "BLIP captioning (LAVIS, its weights) is unavailable offline; the source prompt is the caption"),
         sc.Edit("run_editing_pix2pix_zero.py", "# load the BLIP model\nmodel_blip, vis_processors, _ = "
-                "load_model_and_preprocess(name=\"blip_caption\", \n", "if False:\n  _ = dict(name=\"blip_caption\", \n",
-                "no BLIP model (see above)"),
+                "load_model_and_preprocess(name=\"blip_caption\", \n",
+                "if False:\n  _ = dict(name=\"blip_caption\", \n", "no BLIP model (see above)"),
         sc.Edit("run_editing_pix2pix_zero.py",
-                'prompt_str = model_blip.generate({"image": vis_processors["eval"](image_gt).unsqueeze(0).to(device)})[0]',
+                'prompt_str = model_blip.generate({"image": vis_processors["eval"](image_gt)'
+                '.unsqueeze(0).to(device)})[0]',
                 "prompt_str = prompt_src", "the source prompt plays BLIP's caption (ShapesWorld prompts are captions)",
                 count=2),
         sc.Edit("run_editing_pix2pix_zero.py", "'CompVis/stable-diffusion-v1-4')", f"{model}, {fp32})",

@@ -90,7 +90,8 @@ def summarise(label: str, reference: str, rows: list[dict[str, Any]], departs: s
         "nfe_retouch": med("nfe_retouch"),
         "notes": (
             "50 DDIM steps, CFG 7.5, PIE-Bench settings; "
-            + (f"{departs} (max pixel difference " if departs else "outputs equal to float tolerance (max pixel difference ")
+            + (f"{departs} (" if departs else "outputs equal to float tolerance (")
+            + "max pixel difference "
             + f"{max(r['max_pixel_difference'] for r in rows)}/255); background PSNR over the {with_bg} cases with a "
             f"background; UNet batch items per edit {med('items_ref'):g} / {med('items_retouch'):g}; reference "
             "time as shipped (its unused panel passes included); wall times from separate runs on a shared, "
@@ -102,10 +103,8 @@ def summarise(label: str, reference: str, rows: list[dict[str, Any]], departs: s
 
 def run_retouch(bb: Any, preset: str, case: Any, counter: sc.Counter) -> tuple[np.ndarray, float, int, int]:
     """Edited image, seconds, denoiser calls and batch items of one retouch edit."""
-    from retouch.config import EditConfig
+    from retouch.config import EditConfig, InversionConfig
     from retouch.editing import edit
-
-    from retouch.config import InversionConfig
 
     opts = {"blend_words": case.blended_word} if preset.endswith("+p2p") and case.blended_word else {}
     extra: dict[str, Any] = {}

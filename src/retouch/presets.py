@@ -110,11 +110,9 @@ PRESETS: dict[str, Preset] = {
         Preset("direct+pnp_ref", "pnp", "direct", ("sd",),
                "Plug-and-Play with Direct Inversion exactly as PnP-Inversion's run_editing_pnp.py runs it: the "
                "source branch under the empty prompt without guidance, the target's negative prompt 'ugly, blurry, "
-               "black, low res, unrealistic'", options={"feature_steps": 0.8, "attn_steps": 0.5, "source_prompt": "",
-                                                          "negative_prompt": "ugly, blurry, black, low res, unrealistic"}),
-        Preset("ddim+p2pzero", "p2p_zero", "ddim", ALL,
-               "Pix2Pix-Zero (Parmar et al.) on plain DDIM inversion: edit direction + cross-attention guidance 0.1",
-               solver="ddim", options={"xa_guidance": 0.1}),
+               "black, low res, unrealistic'",
+               options={"feature_steps": 0.8, "attn_steps": 0.5, "source_prompt": "",
+                        "negative_prompt": "ugly, blurry, black, low res, unrealistic"}),
         Preset("ddim+p2pzero_ref", "p2p_zero", "ddim", ("sd",),
                "Pix2Pix-Zero's released guidance step (diffusers' StableDiffusionPix2PixZeroPipeline): the SGD "
                "step on the CFG batch, the step continuing from the unconditional half's latent",
