@@ -38,10 +38,24 @@ import sd_common as sc  # noqa: E402
 
 REPO = "cure-lab/PnPInversion"
 COMMIT = "07f97f448150e2ca220bebd54c8f687c5c50c67a"
-FILES = ["models/p2p_editor.py", "models/p2p", "models/masactrl", "utils/utils.py", "run_editing_masactrl.py",
-         "run_editing_pnp.py", "run_editing_pix2pix_zero.py", "models/pix2pix_zero"]
-METHODS = ("directinversion+p2p", "ddim+p2p", "directinversion+masactrl", "ddim+masactrl", "directinversion+pnp",
-           "directinversion+pix2pix-zero")
+FILES = [
+    "models/p2p_editor.py",
+    "models/p2p",
+    "models/masactrl",
+    "utils/utils.py",
+    "run_editing_masactrl.py",
+    "run_editing_pnp.py",
+    "run_editing_pix2pix_zero.py",
+    "models/pix2pix_zero",
+]
+METHODS = (
+    "directinversion+p2p",
+    "ddim+p2p",
+    "directinversion+masactrl",
+    "ddim+masactrl",
+    "directinversion+pnp",
+    "directinversion+pix2pix-zero",
+)
 # PnP's negative prompt for the target branch (run_editing_pnp.py's run_pnp), recorded in the settings
 PNP_NEGATIVE = "ugly, blurry, black, low res, unrealistic"
 
@@ -372,12 +386,26 @@ def run(git_dir: str, methods: list[str], out_root: Path) -> None:
                     if method.endswith("+p2p")
                     else {"step": 4, "layper": 10, "source_branch_prompt": ""}
                     if method.endswith("+masactrl")
-                    else {"xa_guidance": 0.1, "caption": "source prompt (no BLIP)", "negative_prompt": "caption",
-                          "inversion_guidance": 1, "lambda_ac": 20, "lambda_kl": 20, "num_reg_steps": 5,
-                          "num_ac_rolls": 5, "vae": "posterior sample (torch's global generator)"}
+                    else {
+                        "xa_guidance": 0.1,
+                        "caption": "source prompt (no BLIP)",
+                        "negative_prompt": "caption",
+                        "inversion_guidance": 1,
+                        "lambda_ac": 20,
+                        "lambda_kl": 20,
+                        "num_reg_steps": 5,
+                        "num_ac_rolls": 5,
+                        "vae": "posterior sample (torch's global generator)",
+                    }
                     if method.endswith("+pix2pix-zero")
-                    else {"pnp_f_t": 0.8, "pnp_attn_t": 0.5, "source_branch_prompt": "",
-                          "source_branch_guidance": 1.0, "negative_prompt": PNP_NEGATIVE, "inversion_prompt": "source"}
+                    else {
+                        "pnp_f_t": 0.8,
+                        "pnp_attn_t": 0.5,
+                        "source_branch_prompt": "",
+                        "source_branch_guidance": 1.0,
+                        "negative_prompt": PNP_NEGATIVE,
+                        "inversion_prompt": "source",
+                    }
                 ),  # fmt: skip
                 "seed": 1234,
                 "steps_kept": list(sc.STEPS_KEPT) if rec.steps else [],
