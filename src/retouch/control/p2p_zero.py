@@ -148,6 +148,7 @@ class PixToPixZero:
         layers: Sequence[LayerInfo],
         add_source_offset: bool = False,
         released_guidance: bool = False,
+        negative: Conditioning | None = None,
     ) -> None:
         if xa_guidance < 0:
             raise ValueError(f"xa_guidance must be >= 0, got {xa_guidance}")
@@ -157,6 +158,7 @@ class PixToPixZero:
         self.layers = {i.name: i for i in layers}
         self.add_source_offset = add_source_offset
         self.released_guidance = released_guidance
+        self.negative = negative  # every row's unconditional conditioning (negative_source), or None
         self._cond_latents: Tensor | None = None  # released_guidance: the conditional half's guided latents
         self._maps: dict[str, Tensor] | None = None  # set while recording one forward
         self._source_step: Tensor | None = None
@@ -265,6 +267,11 @@ class PixToPixZero:
         return torch.cat(moved[0])
 
     def wrap_model(self, model: Any) -> Any:
+        if self.negative is not None:
+            if model.uncond is None:
+                raise ValueError("negative_source needs classifier-free guidance (guidance != 1)")
+            dev = next(iter(model.uncond.tensors.values())).device
+            model.set_uncond(self.negative.to(device=dev).repeat(model.uncond.batch_size))
         return _HalfLatents(model, self) if self.released_guidance else model
 
     # --- loop hooks ----------------------------------------------------------------------------------
@@ -346,6 +353,7 @@ def make_p2p_zero(
     start_layer: float | int = 0,
     add_source_offset: bool = False,
     released_guidance: bool = False,
+    negative_source: bool = False,
 ) -> PixToPixZero:
     """Pix2Pix-Zero (Parmar et al. 2023).
 
@@ -359,12 +367,17 @@ def make_p2p_zero(
         add_source_offset: with Direct Inversion, also add the source offsets to the target (PnP-Inversion's
             released variant; ``ddim`` / ``flow_euler`` solvers only).
         released_guidance: the released code's guidance step on the CFG batch (module docstring).
+        negative_source: the unconditional rows use the source prompt (the caption), as PnP-Inversion's
+            ``run_editing_pix2pix_zero.py`` passes ``negative_prompt=prompt_str``.
     """
     src = _sentences(source_sentences, config.source_prompt, "source_sentences")
     tgt = _sentences(target_sentences, config.target_prompt, "target_sentences")
     if add_source_offset:
         inv = getattr(getattr(config, "inversion", None), "name", None)
-        if inv != "direct" or config.solver not in ("ddim", "flow_euler"):
+        from retouch.inversion import get_inversion
+
+        pinned = inv is not None and get_inversion(inv).source_correction and inv != "ddpm"
+        if not pinned or config.solver not in ("ddim", "flow_euler"):
             raise ValueError(
                 "add_source_offset needs Direct Inversion (direct+p2pzero) with the ddim or flow_euler solver, "
                 f"got inversion={inv!r}, solver={config.solver!r}"
@@ -376,4 +389,10 @@ def make_p2p_zero(
         layers=_text_layers(backbone, start_layer),
         add_source_offset=bool(add_source_offset),
         released_guidance=bool(released_guidance),
+        negative=_encode_one(backbone, config.source_prompt) if negative_source else None,
     )
+
+
+def _encode_one(backbone: Backbone, text: str) -> Conditioning:
+    with torch.no_grad():
+        return backbone.encode_prompt([text])
