@@ -34,21 +34,10 @@ METHODS = {
     "directinversion+masactrl": ("direct+masactrl", "Direct Inversion + MasaCtrl (SD)"),
     "ddim+masactrl": ("ddim+masactrl", "DDIM + MasaCtrl (SD)"),
     "directinversion+pnp": ("direct+pnp_ref", "Direct Inversion + PnP (SD)"),
-    "directinversion+pix2pix-zero": ("direct+p2pzero", "Direct Inversion + Pix2Pix-Zero (SD)"),
+    "directinversion+pix2pix-zero": ("direct+p2pzero_ref", "Direct Inversion + Pix2Pix-Zero (SD)"),
 }
-# retouch's closest settings to PnPInversion's Pix2Pix-Zero: its "add-source" offsets, the released guidance step,
-# the VAE posterior sampled from the run's seed (the reference's setup_seed(1234))
-P2PZERO_REF = {"add_source_offset": True, "released_guidance": True}
-# methods whose outputs are not equal to the reference's: what the row's notes say instead
-DEPARTS = {
-    "directinversion+pix2pix-zero": (
-        "outputs NOT equal: retouch does not reproduce the reference's inversion (its own inverse scheduler reads "
-        "alphas_cumprod[t-1] and ends at alphas_cumprod[999], and it regularises the noise with auto-correlation and "
-        "KL terms, lambda 20, python-random rolls) nor its negative prompt (the caption); inverted noise differs by "
-        "3.0-3.9, final latents by 1.6-3.4 (tests/test_reference_parity_sd_pnp.py); retouch ran direct+p2pzero with "
-        "add_source_offset and released_guidance, posterior sampled, seed 1234"
-    ),
-}
+# methods whose outputs are not equal to the reference's: what the row's notes say instead (none at present)
+DEPARTS: dict[str, str] = {}
 
 
 def bg_psnr(source: np.ndarray, edited: np.ndarray, mask: np.ndarray) -> float:
@@ -103,14 +92,12 @@ def summarise(label: str, reference: str, rows: list[dict[str, Any]], departs: s
 
 def run_retouch(bb: Any, preset: str, case: Any, counter: sc.Counter) -> tuple[np.ndarray, float, int, int]:
     """Edited image, seconds, denoiser calls and batch items of one retouch edit."""
-    from retouch.config import EditConfig, InversionConfig
+    from retouch.config import EditConfig
     from retouch.editing import edit
 
     opts = {"blend_words": case.blended_word} if preset.endswith("+p2p") and case.blended_word else {}
-    extra: dict[str, Any] = {}
-    if preset == "direct+p2pzero":
-        opts = dict(P2PZERO_REF)
-        extra = {"seed": 1234, "inversion": InversionConfig(options={"posterior": "sample"})}
+    # the reference seeds torch / python with setup_seed(1234): the VAE posterior sample and the regulariser's rolls
+    extra: dict[str, Any] = {"seed": 1234} if preset == "direct+p2pzero_ref" else {}
     cfg = EditConfig(case.source_prompt, case.target_prompt, method=preset, num_steps=50, guidance=7.5, options=opts,
                      **extra)  # fmt: skip
     counter.reset()
