@@ -113,6 +113,9 @@ PRESETS: dict[str, Preset] = {
                "black, low res, unrealistic'",
                options={"feature_steps": 0.8, "attn_steps": 0.5, "source_prompt": "",
                         "negative_prompt": "ugly, blurry, black, low res, unrealistic"}),
+        Preset("ddim+p2pzero", "p2p_zero", "ddim", ALL,
+               "Pix2Pix-Zero (Parmar et al.) on plain DDIM inversion: edit direction + cross-attention guidance 0.1",
+               solver="ddim", options={"xa_guidance": 0.1}),
         Preset("ddim+p2pzero_ref", "p2p_zero", "ddim", ("sd",),
                "Pix2Pix-Zero's released guidance step (diffusers' StableDiffusionPix2PixZeroPipeline): the SGD "
                "step on the CFG batch, the step continuing from the unconditional half's latent",
