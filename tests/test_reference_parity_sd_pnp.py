@@ -165,5 +165,5 @@ def test_pix2pix_zero_default_departure(sd):
     released code by design; measured here on one case (docs/methods.md)."""
     case_id = json.loads((ZERO / "settings.json").read_text())["cases"][0]["case_id"]
     d = _zero_run(sd, case_id, "direct+p2pzero")
-    assert d["noise"] > 0.5  # measured 3.8: the regularised, shifted-grid inversion
-    assert d["final"] > 0.5
+    assert d["noise"] > 0.5  # measured 4.7: the regularised, shifted-grid inversion and the posterior sample
+    assert d["final"] > 0.5  # measured 2.35
