@@ -1,4 +1,7 @@
-"""Golden-output parity of Plug-and-Play with PnPInversion's own code on the embedded shapes-sd model (issue 14).
+"""Golden-output parity of Plug-and-Play and Pix2Pix-Zero with PnPInversion's own code on shapes-sd (issue 14).
+
+(The Pix2Pix-Zero tests are at the end: fixtures ``.../directinversion+pix2pix-zero/``, preset
+``direct+p2pzero_ref``.)
 
 The fixtures under ``tests/fixtures/reference/pnpinversion/directinversion+pnp/`` were written by
 ``benchmarks/reference/pnpinversion.py --methods directinversion+pnp`` running PnPInversion's
