@@ -38,6 +38,15 @@ METHODS = {
 }
 # methods whose outputs are not equal to the reference's: what the row's notes say instead (none at present)
 DEPARTS: dict[str, str] = {}
+# what a method's row should add to the common notes
+EXTRA_NOTES = {
+    "directinversion+pix2pix-zero": (
+        "; retouch runs the released guidance as separate batch-1 passes: per step the source row's maps of both "
+        "CFG halves (2 forwards, where the reference stored them from its reconstruction pass) and each target "
+        "half with gradients (2), hence 300 calls / 450 items against 200 / 350; the two wall times were taken "
+        "at different loads of the shared machine (the retouch run beside other test suites)"
+    ),
+}
 
 
 def bg_psnr(source: np.ndarray, edited: np.ndarray, mask: np.ndarray) -> float:
@@ -51,7 +60,9 @@ def _finite_mean(values: list[float | None]) -> float | None:
     return statistics.fmean(vals) if vals else None
 
 
-def summarise(label: str, reference: str, rows: list[dict[str, Any]], departs: str | None = None) -> dict[str, Any]:
+def summarise(
+    label: str, reference: str, rows: list[dict[str, Any]], departs: str | None = None, extra: str = ""
+) -> dict[str, Any]:
     """One table row from the per-case results. Background PSNR averages the cases that have a background
     (a background edit's mask covers the whole image: PIE-Bench's "nan", left out)."""
     for r in rows:
@@ -84,7 +95,7 @@ def summarise(label: str, reference: str, rows: list[dict[str, Any]], departs: s
             + f"{max(r['max_pixel_difference'] for r in rows)}/255); background PSNR over the {with_bg} cases with a "
             f"background; UNet batch items per edit {med('items_ref'):g} / {med('items_retouch'):g}; reference "
             "time as shipped (its unused panel passes included); wall times from separate runs on a shared, "
-            "oversubscribed 2-core machine: the time ratio is indicative only, calls and items are exact"
+            "oversubscribed 2-core machine: the time ratio is indicative only, calls and items are exact" + extra
         ),
         "per_case": rows,
     }
@@ -120,7 +131,10 @@ def main() -> None:
             path = OUT / f"sd-{method}.json"
             old = json.loads(path.read_text())
             settings = json.loads((sc.FIXTURES / "pnpinversion" / method / "settings.json").read_text())
-            row = summarise(METHODS[method][1], settings["reference"], old["per_case"], DEPARTS.get(method))
+            row = summarise(
+                METHODS[method][1], settings["reference"], old["per_case"], DEPARTS.get(method),
+                EXTRA_NOTES.get(method, ""),
+            )  # fmt: skip
             sc.write_json(path, row)
         return
     sc.setup()
@@ -153,7 +167,7 @@ def main() -> None:
                 "max_pixel_difference": int(np.abs(img.astype(int) - ref_img.astype(int)).max()),
             })  # fmt: skip
             print(method, rows[-1])
-        row = summarise(label, settings["reference"], rows, DEPARTS.get(method))
+        row = summarise(label, settings["reference"], rows, DEPARTS.get(method), EXTRA_NOTES.get(method, ""))
         sc.write_json(OUT / f"sd-{method}.json", row)
 
 
