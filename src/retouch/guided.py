@@ -108,13 +108,17 @@ class GuidedModel:
 
         return checkpoint(run, inp, *(cond.tensors[k] for k in keys), use_reentrant=False)
 
-    def raw(self, x: Tensor, timestep: Tensor) -> Tensor:
+    def raw(self, x: Tensor, timestep: Tensor, *, x_cond: Tensor | None = None) -> Tensor:
+        """The guided raw output at ``x``; ``x_cond``: the conditional half of the CFG batch evaluated at other
+        latents (Pix2Pix-Zero's released guidance step moves the two halves apart)."""
         if x.shape[0] != self.cond.batch_size:
             raise ValueError(f"latent batch {x.shape[0]} does not match the {self.cond.batch_size} prompts")
+        if x_cond is not None and (not self.cfg or x_cond.shape != x.shape):
+            raise ValueError("x_cond needs classifier-free guidance and the shape of x")
         if self.state is not None:
             self.state.layout = self.layout
             self.state.latent_hw = (x.shape[-2], x.shape[-1])
-        inp = torch.cat([x, x]) if self.cfg else x
+        inp = torch.cat([x, x if x_cond is None else x_cond]) if self.cfg else x
         out = self._forward(inp, timestep, self.batch_cond).float()
         if not self.cfg:
             return out
@@ -142,12 +146,12 @@ class GuidedModel:
         if self.state is not None:
             self.state.point, self.state.stage = point, stage
 
-    def __call__(self, x: Tensor, k: int) -> Pred:
+    def __call__(self, x: Tensor, k: int, *, x_cond: Tensor | None = None) -> Pred:
         if self.on_eval is not None:
             self.on_eval(k)
         self._mark(k, "grid")
         g = self.grid
-        raw = self.raw(x, g.timesteps[k])
+        raw = self.raw(x, g.timesteps[k], x_cond=x_cond)
         return to_x0_eps(raw, x, g.alphas[k], g.sigmas[k], self.backbone.prediction)
 
     def at_sigma(self, x: Tensor, sigma: Tensor, i: int) -> Pred:

@@ -107,9 +107,27 @@ PRESETS: dict[str, Preset] = {
         Preset("direct+pnp", "pnp", "direct", ALL,
                "Plug-and-Play with Direct Inversion (PnP Inversion: the source branch follows the inversion latents)",
                options={"feature_steps": 0.8, "attn_steps": 0.5}),
+        Preset("direct+pnp_ref", "pnp", "direct", ("sd",),
+               "Plug-and-Play with Direct Inversion exactly as PnP-Inversion's run_editing_pnp.py runs it: the "
+               "source branch under the empty prompt without guidance, the target's negative prompt 'ugly, blurry, "
+               "black, low res, unrealistic'",
+               options={"feature_steps": 0.8, "attn_steps": 0.5, "source_prompt": "",
+                        "negative_prompt": "ugly, blurry, black, low res, unrealistic"}),
         Preset("ddim+p2pzero", "p2p_zero", "ddim", ALL,
                "Pix2Pix-Zero (Parmar et al.) on plain DDIM inversion: edit direction + cross-attention guidance 0.1",
                solver="ddim", options={"xa_guidance": 0.1}),
+        Preset("ddim+p2pzero_ref", "p2p_zero", "ddim", ("sd",),
+               "Pix2Pix-Zero's released guidance step (diffusers' StableDiffusionPix2PixZeroPipeline): the SGD "
+               "step on the CFG batch, the step continuing from the unconditional half's latent",
+               solver="ddim", options={"xa_guidance": 0.1, "released_guidance": True}),
+        Preset("direct+p2pzero_ref", "p2p_zero", "direct_p2pzero_released", ("sd",),
+               "Pix2Pix-Zero with Direct Inversion exactly as PnP-Inversion's run_editing_pix2pix_zero.py runs it: "
+               "its inverse scheduler and noise regulariser (lambda 20 / 20, roll amounts from random.Random(1234) "
+               "as its setup_seed), the VAE posterior sampled, the source offsets added to the target, the "
+               "released guidance step, the source prompt as caption and negative prompt",
+               solver="ddim", options={"xa_guidance": 0.1, "add_source_offset": True, "released_guidance": True,
+                                       "negative_source": True},
+               inversion_options={"posterior": "sample", "reg_seed": 1234}),
         Preset("direct+p2pzero", "p2p_zero", "direct", ALL,
                "Pix2Pix-Zero with Direct Inversion, target branch untouched (paper-faithful; "
                "add_source_offset=true for PnP-Inversion's released variant)", options={"xa_guidance": 0.1}),

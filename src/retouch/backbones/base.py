@@ -309,6 +309,12 @@ class Backbone(abc.ABC):
         first = int(round(0.5 * (max(i.depth for i in layers) + 1)))
         return [i.name for i in layers if i.depth >= first]
 
+    def residual_branch(self, block: str) -> str | None:
+        """Module path of the last layer of ``block``'s residual branch (its output is what the block adds to
+        its skip connection), or ``None`` when the block has no such branch. Plug-and-Play's released code
+        injects there, not the block's output."""
+        return None
+
     def describe(self) -> dict[str, Any]:
         layers = self.attention_layers()
         kinds: dict[str, int] = {}

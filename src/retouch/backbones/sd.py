@@ -134,6 +134,17 @@ class SDBackbone(Backbone):
                 out[name] = LayerInfo(name=name, kind="resnet", depth=len(out), place=place, downsample=ds)
         return out
 
+    def residual_branch(self, block: str) -> str | None:
+        """``<block>.conv2`` for a UNet resnet (diffusers' ResnetBlock2D: ``(shortcut(x) + conv2(...)) / s``)."""
+        if block not in self.feature_blocks():
+            return None
+        conv2 = f"{block}.conv2"
+        try:
+            self.pipe.unet.get_submodule(conv2)
+        except AttributeError:
+            return None
+        return conv2
+
     def make_processor(self, layer: LayerInfo, attend, merge=None) -> Any:
         return StandardProcessor(layer, attend) if merge is None else StandardProcessor(layer, attend, merge)
 

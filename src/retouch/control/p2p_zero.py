@@ -31,6 +31,16 @@ branch to the inversion latents and leaves the target untouched (our default). T
 to the edited (target) trajectory ("add-source"), a discrepancy with its paper's description; set
 ``add_source_offset=True`` to reproduce it (first-order solvers ``ddim`` / ``flow_euler`` only).
 
+**The released guidance step (``released_guidance=True``).** The released code (diffusers'
+``StableDiffusionPix2PixZeroPipeline``, PnP-Inversion's ``edit_pipeline.py``, the authors' repository) does the
+SGD step on the CFG *batch* ``[x, x]``: the loss is the mean over both halves' heads (the unconditional half's maps
+compared with the reference pass's unconditional maps), each half's latent moves by its own gradient (so by half
+of what a one-half loss would give), the conditional prediction is taken at the conditional half's moved latent,
+the unconditional one at the unconditional half's, and the step continues from the *unconditional* half's latent
+(``x_in.chunk(2)[0]``). At the first step the unconditional maps equal the reference's, so the latent the step
+continues from is unguided. ``released_guidance=True`` reproduces this (``ddim+p2pzero_ref``); the default is the
+paper's description (one gradient step of the conditional maps' distance on the target latent).
+
 Not reproduced: Pix2Pix-Zero's inversion noise regularisation (auto-correlation / KL terms) — the engine's
 inversions are used instead — and BLIP captioning (the source prompt plays the caption).
 """
@@ -39,7 +49,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -51,6 +61,9 @@ from retouch.control.contract import Editor, GuidedPrediction, StepContext
 from retouch.control.steps import to_steps
 from retouch.solvers import ddim_update
 from retouch.types import Conditioning, Pred
+
+if TYPE_CHECKING:
+    from retouch.guided import GuidedModel
 
 log = logging.getLogger(__name__)
 
@@ -124,6 +137,8 @@ class PixToPixZero(Editor):
         guidance_steps: int,
         layers: Sequence[LayerInfo],
         add_source_offset: bool = False,
+        released_guidance: bool = False,
+        negative: Conditioning | None = None,
     ) -> None:
         if xa_guidance < 0:
             raise ValueError(f"xa_guidance must be >= 0, got {xa_guidance}")
@@ -132,6 +147,10 @@ class PixToPixZero(Editor):
         self.guidance_steps = guidance_steps
         self.layers = {i.name: i for i in layers}
         self.add_source_offset = add_source_offset
+        self.released_guidance = released_guidance
+        self.negative = negative  # every row's unconditional conditioning (negative_source), or None
+        self._cond_latents: Tensor | None = None  # released_guidance: the conditional half's guided latents
+        self._guided: GuidedModel | None = None  # the run's guided model (handed to wrap_model)
         self._maps: dict[str, Tensor] | None = None  # set while recording one forward
         self._source_step: Tensor | None = None
         self.last_loss: tuple[float, float] | None = None  # (map distance, squared gradient norm) of the last step
@@ -210,11 +229,47 @@ class PixToPixZero(Editor):
             total = total + loss.detach()
         return total, torch.cat(grads) if grad else None
 
+    def _released_step(self, ctx: StepContext, x: Tensor, model: GuidedPrediction) -> Tensor:
+        """The released code's SGD step on the CFG batch (module docstring): returns the unconditional half's
+        guided latents and keeps the conditional half's for :meth:`wrap_model`'s prediction."""
+        guided = self._guided
+        if guided is None or guided.uncond is None or not guided.cfg or ctx.cond is None:
+            raise ValueError("released_guidance needs classifier-free guidance (guidance != 1)")
+        t = ctx.timestep
+        halves = (guided.uncond, ctx.cond)
+        with torch.no_grad():
+            refs = [self._text_maps(model, x[:1], t, h.select([0])) for h in halves]
+        moved: list[list[Tensor]] = [[x[:1]], [x[:1]]]
+        total = x.new_zeros(())
+        with torch.enable_grad():
+            for b in range(1, x.shape[0]):
+                for h, (half, ref) in enumerate(zip(halves, refs, strict=True)):
+                    xt = x[b : b + 1].detach().requires_grad_(True)
+                    # the batch loss is the mean over 2 x heads: each half carries half of its own head mean
+                    loss = 0.5 * self.map_distance(self._text_maps(model, xt, t, half.select([b])), ref)
+                    g = torch.autograd.grad(loss, xt)[0]
+                    moved[h].append(x[b : b + 1] - self.xa_guidance * g.to(x.dtype))
+                    total = total + loss.detach()
+        self.last_loss = (float(total), float("nan"))
+        self._cond_latents = torch.cat(moved[1])
+        return torch.cat(moved[0])
+
+    def wrap_model(self, model: GuidedModel) -> GuidedPrediction:
+        self._guided = model
+        if self.negative is not None:
+            if model.uncond is None:
+                raise ValueError("negative_source needs classifier-free guidance (guidance != 1)")
+            dev = next(iter(model.uncond.tensors.values())).device
+            model.set_uncond(self.negative.to(device=dev).repeat(model.uncond.batch_size))
+        return _HalfLatents(model, self) if self.released_guidance else model
+
     # --- loop hooks ----------------------------------------------------------------------------------
     def before_step(self, ctx: StepContext, x: Tensor, model: GuidedPrediction) -> Tensor | None:
         """Cross-attention guidance: one SGD step on the target latents (paper §3.3)."""
         if ctx.step >= self.guidance_steps or self.xa_guidance == 0 or x.shape[0] < 2:
             return None
+        if self.released_guidance:
+            return self._released_step(ctx, x, model)
         loss, g = self.attention_loss(ctx, x, model, grad=True)  # counted in the model's NFE
         assert g is not None
         self.last_loss = (float(loss), float((g**2).sum()))
@@ -231,6 +286,24 @@ class PixToPixZero(Editor):
         offset = x[:1] - self._source_step  # x[0] is already pinned to z*_{i+1}: o_i = z*_{i+1} − step(z_i)
         self._source_step = None
         return torch.cat([x[:1], x[1:] + offset])
+
+
+class _HalfLatents:
+    """The guided model with the conditional half evaluated at the editor's conditional latents when it has set
+    them for this step (``released_guidance``); otherwise the model itself. Everything else is delegated."""
+
+    def __init__(self, model: GuidedModel, editor: PixToPixZero) -> None:
+        self._model = model
+        self._editor = editor
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._model, name)
+
+    def __call__(self, x: Tensor, k: int) -> Pred:
+        xc, self._editor._cond_latents = self._editor._cond_latents, None
+        if xc is None or xc.shape != x.shape:
+            return self._model(x, k)
+        return self._model(x, k, x_cond=xc)
 
 
 def _text_layers(backbone: Backbone, start_layer: float | int) -> list[LayerInfo]:
@@ -254,6 +327,8 @@ def make_p2p_zero(
     guidance_steps: float | int = 1.0,
     start_layer: float | int = 0,
     add_source_offset: bool = False,
+    released_guidance: bool = False,
+    negative_source: bool = False,
 ) -> PixToPixZero:
     """Pix2Pix-Zero (Parmar et al. 2023).
 
@@ -266,12 +341,18 @@ def make_p2p_zero(
             (0: all, as the paper on SD; raise it on large DiTs to save memory and time).
         add_source_offset: with Direct Inversion, also add the source offsets to the target (PnP-Inversion's
             released variant; ``ddim`` / ``flow_euler`` solvers only).
+        released_guidance: the released code's guidance step on the CFG batch (module docstring).
+        negative_source: the unconditional rows use the source prompt (the caption), as PnP-Inversion's
+            ``run_editing_pix2pix_zero.py`` passes ``negative_prompt=prompt_str``.
     """
     src = _sentences(source_sentences, config.source_prompt, "source_sentences")
     tgt = _sentences(target_sentences, config.target_prompt, "target_sentences")
     if add_source_offset:
         inv = getattr(getattr(config, "inversion", None), "name", None)
-        if inv != "direct" or config.solver not in ("ddim", "flow_euler"):
+        from retouch.inversion import get_inversion
+
+        pinned = inv is not None and get_inversion(inv).source_correction and inv != "ddpm"
+        if not pinned or config.solver not in ("ddim", "flow_euler"):
             raise ValueError(
                 "add_source_offset needs Direct Inversion (direct+p2pzero) with the ddim or flow_euler solver, "
                 f"got inversion={inv!r}, solver={config.solver!r}"
@@ -282,4 +363,11 @@ def make_p2p_zero(
         guidance_steps=to_steps(guidance_steps, int(config.num_steps), "guidance_steps"),
         layers=_text_layers(backbone, start_layer),
         add_source_offset=bool(add_source_offset),
+        released_guidance=bool(released_guidance),
+        negative=_encode_one(backbone, config.source_prompt) if negative_source else None,
     )
+
+
+def _encode_one(backbone: Backbone, text: str) -> Conditioning:
+    with torch.no_grad():
+        return backbone.encode_prompt([text])

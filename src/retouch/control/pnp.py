@@ -26,11 +26,18 @@ Per-family defaults (``feature_layers`` / ``attn_layers`` override them):
   defines PnP for the SD UNet only. A DiT has no skip connections, so a late feature injection would erase
   the target prompt's effect; the middle block leaves the deeper half to the target prompt.)
 
-Differences from the released PnP / PnP-Inversion setup (``run_editing_pnp.py``): there the source
-("pnp guidance") row is run with the empty prompt and no CFG and the target uses a negative prompt; here the
-source branch is the engine's source branch (source prompt, same guidance). With Direct Inversion
-(``direct+pnp``) the source latents are pinned to the inversion latents ``z*_t`` — exactly how PnP
-Inversion plugs into PnP.
+On UNets the injected feature is the block's *residual branch* (``conv2``'s output, before the skip
+connection is added), as the released code (``register_conv_control_efficient``) does; the target keeps its own
+skip path. ``feature_point="output"`` injects the whole block output instead (and is what DiT blocks always do).
+
+The released PnP / PnP-Inversion setup (``run_editing_pnp.py``) runs the source ("pnp guidance") row under the
+empty prompt without CFG and gives the target a negative prompt; by default the source branch here is the
+engine's (source prompt, same guidance). ``source_prompt=""`` and ``negative_prompt="ugly, blurry, black, low
+res, unrealistic"`` (the ``direct+pnp_ref`` preset) reproduce the released code: the inversion still runs under
+the user's source prompt, the source branch is conditioned on ``source_prompt`` in both CFG halves (its guided
+prediction is then its conditional one: no CFG) and the target's unconditional row on ``negative_prompt``. With
+Direct Inversion (``direct+pnp``) the source latents are pinned to the inversion latents ``z*_t`` — exactly how
+PnP Inversion plugs into PnP.
 """
 
 from __future__ import annotations
@@ -47,6 +54,7 @@ from retouch.backbones.base import Backbone, LayerInfo
 from retouch.control.context import AttnContext, BatchLayout
 from retouch.control.contract import Editor
 from retouch.control.steps import to_steps
+from retouch.types import Conditioning
 
 log = logging.getLogger(__name__)
 
@@ -119,9 +127,19 @@ class PlugAndPlay(Editor):
         attn_layers: Sequence[str],
         attn_steps: int,
         sequence_layers: dict[str, LayerInfo] | None = None,
+        hook_paths: dict[str, str] | None = None,
+        backbone: Backbone | None = None,
+        source_prompt: str | None = None,
+        negative_prompt: str | None = None,
     ) -> None:
         if feature_steps < 0 or attn_steps < 0:
             raise ValueError("feature_steps and attn_steps must be >= 0")
+        if (source_prompt is not None or negative_prompt is not None) and backbone is None:
+            raise ValueError("source_prompt / negative_prompt need the backbone to encode them")
+        self.hook_paths = dict(hook_paths or {})  # feature block -> module hooked (its residual branch)
+        self.backbone = backbone
+        self.source_prompt = source_prompt
+        self.negative_prompt = negative_prompt
         self.feature_layers = dict(feature_layers)
         self.feature_steps = feature_steps
         self.attn_layers = frozenset(attn_layers)
@@ -142,6 +160,34 @@ class PlugAndPlay(Editor):
         """Self-attention injection (§4): target Q, K <- source Q, K (image tokens only in joint attention)."""
         img = ctx.image_slice(q.shape[2]) if ctx.layer.kind in ("joint", "single") else None
         return copy_source_rows(q, ctx.layout, img), copy_source_rows(k, ctx.layout, img), v
+
+    # --- the released code's prompts (reference mode) ---------------------------------------------------
+    def _encode(self, text: str, like: Conditioning) -> Conditioning:
+        assert self.backbone is not None
+        with torch.no_grad():
+            enc = self.backbone.encode_prompt([text])
+        return enc.to(device=like.tensors[next(iter(like.tensors))].device)
+
+    def prepare_conditioning(self, cond: Conditioning, uncond: Conditioning | None) -> Conditioning:
+        """``source_prompt``: the source branch's conditioning (the inversion keeps the user's source prompt)."""
+        if self.source_prompt is None:
+            return cond
+        return Conditioning.cat([self._encode(self.source_prompt, cond), cond.select(list(range(1, cond.batch_size)))])
+
+    def wrap_model(self, model: Any) -> Any:
+        """``source_prompt``: the source row's unconditional half gets it too (CFG then returns its conditional
+        prediction); ``negative_prompt``: the target rows' unconditional half."""
+        if self.source_prompt is None and self.negative_prompt is None:
+            return model
+        uncond = model.uncond
+        if uncond is None:
+            raise ValueError("source_prompt / negative_prompt need classifier-free guidance (guidance != 1)")
+        rows = [self._encode(self.source_prompt, uncond) if self.source_prompt is not None else uncond.select([0])]
+        for b in range(1, uncond.batch_size):
+            rows.append(self._encode(self.negative_prompt, uncond) if self.negative_prompt is not None
+                        else uncond.select([b]))  # fmt: skip
+        model.set_uncond(Conditioning.cat(rows))
+        return model
 
     # --- feature injection ------------------------------------------------------------------------
     def _hook(self, kind: str, state: Any, info: LayerInfo | None = None) -> Callable[..., Any]:
@@ -175,7 +221,7 @@ class PlugAndPlay(Editor):
         try:
             for name, kind in self.feature_layers.items():
                 hook = self._hook(kind, state, self.sequence_layers.get(name))
-                handles.append(den.get_submodule(name).register_forward_hook(hook))
+                handles.append(den.get_submodule(self.hook_paths.get(name, name)).register_forward_hook(hook))
             yield
         finally:
             for h in handles:
@@ -189,6 +235,9 @@ def make_pnp(
     attn_steps: float | int = 0.5,
     feature_layers: LayerSpec = None,
     attn_layers: LayerSpec = None,
+    feature_point: str = "residual",
+    source_prompt: str | None = None,
+    negative_prompt: str | None = None,
 ) -> PlugAndPlay:
     """Plug-and-Play (Tumanyan et al. 2023).
 
@@ -199,7 +248,17 @@ def make_pnp(
             from which every feature block is injected, or ``[]`` for none; default per family (module doc).
         attn_layers: attention module path(s), or a depth / depth fraction of self / joint / single layers;
             ``[]`` for none; default per family.
+        feature_point: ``"residual"`` (UNet blocks: the residual branch before the skip is added, as released)
+            or ``"output"`` (the whole block output; DiT blocks always).
+        source_prompt: the source branch's prompt (``""`` in the released code); ``None``: the engine's.
+        negative_prompt: the target's unconditional prompt (the released code's
+            ``"ugly, blurry, black, low res, unrealistic"``); ``None``: the engine's empty prompt.
     """
+    if feature_point not in ("residual", "output"):
+        raise ValueError(f"feature_point must be 'residual' or 'output', got {feature_point!r}")
+    for label, text in (("source_prompt", source_prompt), ("negative_prompt", negative_prompt)):
+        if text is not None and not isinstance(text, str):
+            raise ValueError(f"{label} must be a string, got {type(text).__name__}")
     try:
         blocks = backbone.feature_blocks()
     except NotImplementedError as exc:
@@ -213,10 +272,20 @@ def make_pnp(
         attn_layers, attn_table, default_attn_layers(backbone) if attn_layers is None else [], "attn_layers"
     )
     log.debug("PnP on %s: features %s, Q/K on %d layers", backbone.family, feats, len(attn))
+    hook_paths = {}
+    if feature_point == "residual":
+        for n in feats:
+            branch = backbone.residual_branch(n) if blocks[n].kind == "resnet" else None
+            if branch is not None:
+                hook_paths[n] = branch
     return PlugAndPlay(
         feature_layers={n: blocks[n].kind for n in feats},
         feature_steps=to_steps(feature_steps, num_steps, "feature_steps"),
         attn_layers=attn,
         attn_steps=to_steps(attn_steps, num_steps, "attn_steps"),
         sequence_layers={n: blocks[n] for n in feats if blocks[n].kind == "sequence"},
+        hook_paths=hook_paths,
+        backbone=backbone if source_prompt is not None or negative_prompt is not None else None,
+        source_prompt=source_prompt,
+        negative_prompt=negative_prompt,
     )

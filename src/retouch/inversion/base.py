@@ -31,7 +31,7 @@ def check_start(z0: Tensor, grid: NoiseGrid) -> None:
 
 
 def _registry() -> dict[str, Inversion]:
-    from retouch.inversion import ddpm, direct, dpm, naive, null_text, rf
+    from retouch.inversion import ddpm, direct, dpm, naive, null_text, p2pzero, rf
 
     items = (
         Inversion(
@@ -107,6 +107,23 @@ def _registry() -> dict[str, Inversion]:
             ("sd", "pixart", "sd3", "flux", "qwenimage", "sana", "flux2", "zimage"),
             "Direct Inversion (Ju et al. 2024): the sampler's own inversion, then the source branch is "
             "pinned to the inversion trajectory at every step (exact source reconstruction)",
+            source_correction=True,
+        ),
+        Inversion(
+            "p2pzero_released",
+            p2pzero.released_ddim_inversion,
+            "ddim",
+            ("sd",),
+            "Pix2Pix-Zero's released DDIM inversion (PnP-Inversion's models/pix2pix_zero): its inverse scheduler's "
+            "alphas (one index off the grid) and the auto-correlation / KL noise regulariser (lambda 20 / 20)",
+        ),
+        Inversion(
+            "direct_p2pzero_released",
+            p2pzero.released_ddim_inversion,
+            "ddim",
+            ("sd",),
+            "Direct Inversion on Pix2Pix-Zero's released DDIM inversion (PnP-Inversion's "
+            "directinversion+pix2pix-zero): the source branch pinned to that trajectory",
             source_correction=True,
         ),
         Inversion(
