@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import Tensor
 
 from retouch.types import NoiseGrid
 
@@ -126,6 +127,22 @@ def vp_grid_from_alphas_cumprod(alphas_cumprod: torch.Tensor, timesteps: list[in
     return NoiseGrid(timesteps=t_all, alphas=abar.sqrt(), sigmas=(1 - abar).sqrt(), kind="vp")
 
 
+def released_inverse_alphas(config: Mapping[str, Any], timesteps: Tensor) -> tuple[Tensor, Tensor]:
+    """``(abar_from, abar_to)`` of Pix2Pix-Zero's released inverse scheduler (``DDIMInverseScheduler`` as its
+    code drives it) for each sampling timestep (noisiest first): it steps from ``abar[t - 1]`` and ends at
+    ``abar[999]``, one index off the sampling grid."""
+    from diffusers import DDIMScheduler
+
+    sched = DDIMScheduler(**_vp_kwargs(config))
+    ac = sched.alphas_cumprod
+    n_train = int(sched.config.num_train_timesteps)
+    stride = n_train // (timesteps.shape[0])
+    t = timesteps.to(torch.int64)
+    nxt = t + stride
+    to = torch.where(nxt <= n_train, ac[(nxt - 1).clamp(max=n_train - 1)], ac[-1])
+    return ac[t - 1], to
+
+
 def tail(grid: NoiseGrid, num_steps: int) -> NoiseGrid:
     """The last ``num_steps`` steps of ``grid`` (its last ``num_steps + 1`` points): a run that starts part-way
     down the schedule, as LEDITS++ and edit-friendly DDPM inversion do with their ``skip``."""
@@ -175,5 +192,6 @@ __all__ = [
     "skipped_steps",
     "tail",
     "uniform_flow_grid",
+    "released_inverse_alphas",
     "vp_grid_from_alphas_cumprod",
 ]

@@ -6,9 +6,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 
-from torch import Tensor
-
-from retouch.types import NoiseGrid, Trajectory
+from retouch.types import Trajectory
 
 Inverter = Callable[..., Trajectory]
 
@@ -21,13 +19,6 @@ class Inversion:
     families: tuple[str, ...]
     description: str
     source_correction: bool = False  # the sampling loop pins the source branch to the trajectory
-
-
-def check_start(z0: Tensor, grid: NoiseGrid) -> None:
-    if grid.num_steps < 1:
-        raise ValueError("an inversion needs at least one step")
-    if not z0.is_floating_point():
-        raise TypeError("the latent to invert must be a floating-point tensor")
 
 
 def _registry() -> dict[str, Inversion]:

@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from retouch.inversion.base import check_start
+from retouch.inversion.checks import check_start
 from retouch.solvers import ModelFn, ddpm_sigma
 from retouch.types import NoiseGrid, Trajectory
 

@@ -20,7 +20,7 @@ import logging
 
 from torch import Tensor
 
-from retouch.inversion.base import check_start
+from retouch.inversion.checks import check_start
 from retouch.solvers import ModelFn, dpmpp_2m_coeffs
 from retouch.types import NoiseGrid, Trajectory
 

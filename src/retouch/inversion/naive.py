@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from retouch.inversion.base import check_start
+from retouch.inversion.checks import check_start
 from retouch.schedules import flip
 from retouch.solvers import ModelFn, sample
 from retouch.types import NoiseGrid, Pred, Trajectory

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from retouch.guided import GuidedModel
-from retouch.inversion.base import check_start
+from retouch.inversion.checks import check_start
 from retouch.inversion.naive import ddim_inversion
 from retouch.solvers import ddim_update
 from retouch.types import Conditioning, NoiseGrid, Trajectory, to_x0_eps

@@ -19,32 +19,15 @@ the sampler (``latent_list[-1 - i]`` at step ``i``); the sampler itself is uncha
 from __future__ import annotations
 
 import random
-from collections.abc import Mapping
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from retouch.inversion.base import check_start
+from retouch.inversion.checks import check_start
+from retouch.schedules import released_inverse_alphas
 from retouch.solvers import ModelFn
 from retouch.types import NoiseGrid, Trajectory
-
-
-def released_inverse_alphas(config: Mapping[str, Any], timesteps: Tensor) -> tuple[Tensor, Tensor]:
-    """``(abar_from, abar_to)`` of the released inverse scheduler for each sampling timestep (noisiest first)."""
-    from diffusers import DDIMScheduler
-
-    from retouch.schedules import _vp_kwargs
-
-    sched = DDIMScheduler(**_vp_kwargs(config))
-    ac = sched.alphas_cumprod
-    n_train = int(sched.config.num_train_timesteps)
-    stride = n_train // (timesteps.shape[0])
-    t = timesteps.to(torch.int64)
-    nxt = t + stride
-    to = torch.where(nxt <= n_train, ac[(nxt - 1).clamp(max=n_train - 1)], ac[-1])
-    return ac[t - 1], to
 
 
 def auto_corr_loss(noise: Tensor, rng: random.Random) -> Tensor:

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from retouch.control.contract import Editor, StepContext
-from retouch.inversion.base import check_start
+from retouch.inversion.checks import check_start
 from retouch.inversion.naive import flow_euler_inversion
 from retouch.solvers import ModelFn
 from retouch.types import NoiseGrid, Pred, Prediction, Trajectory, to_x0_eps
