@@ -46,6 +46,26 @@ log = logging.getLogger(__name__)
 
 IMAGE_KINDS = ("self", "joint", "single")
 
+LINEAR_ATTENTION_REFUSAL = (
+    "its image self-attention is linear (ReLU kernel, as Sana's), and KV-Edit's mask-guided inversion and "
+    "attention scale are additive biases on softmax logits, which a linear layer does not compute; KV-Edit is "
+    "refused there rather than run without them (the generic mask path works with any method, e.g. "
+    "--method direct+p2p --mask PATH)"
+)
+
+
+def check_backbone(backbone: Any) -> None:
+    """Refuse a model whose image attention KV-Edit cannot act on (from its layer table, not its name)."""
+    image_layers = [i for i in backbone.attention_layers().values() if i.kind in IMAGE_KINDS]
+    if not image_layers:
+        raise ValueError(f"kv_edit needs self / joint attention over image tokens; {backbone.family} has none")
+    linear = [i.name for i in image_layers if i.linear]
+    if linear:
+        raise ValueError(
+            f"kv_edit cannot run on {backbone.family}: {LINEAR_ATTENTION_REFUSAL} (linear layers: "
+            f"{', '.join(linear[:3])}{', ...' if len(linear) > 3 else ''})"
+        )
+
 
 class KVEdit:
     """The KV-Edit policy (module docstring). Built by :func:`make_kv_edit`; needs a mask (``set_mask``)."""
@@ -281,6 +301,7 @@ def make_kv_edit(
     inversion-free variant (flow families); ``cache_device``: where the background K/V cache lives (e.g. "cpu"
     to keep accelerator memory flat); ``source_guidance``: inversion-free, the source row's embedded guidance
     (guidance-distilled models; CFG models use the sampling guidance for both rows)."""
+    check_backbone(backbone)
     num_steps = int(config.num_steps)
     if isinstance(skip, bool) or skip < 0:
         raise ValueError(f"kv_edit skip must be a step count or a fraction in [0, 1), got {skip!r}")
