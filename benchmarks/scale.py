@@ -1358,6 +1358,7 @@ def merge_results(
             "attention-control overhead, merging speed-up, peak memory vs steps; real configs, random weights"
         ),
         "machine": dict(machine),
+        **({"notes": old["notes"]} if old.get("notes") else {}),  # provenance written by hand: kept
         "entries": [*kept_entries, *entries],
         "edit_runs": [*kept_runs, *edit_runs],
     }
@@ -1385,6 +1386,7 @@ def _scale_section(data: Mapping[str, Any]) -> list[str]:
         f"({m.get('torch_threads')} threads) · diffusers {m.get('diffusers')} · device `{m.get('device')}` · "
         f"commit `{m.get('commit')}`",
         "",
+        *[line for note in data.get("notes", []) for line in (f"Note: {note}", "")],
     ]
     for e in data.get("entries", []):
         if "error" in e:

@@ -19,9 +19,9 @@ from retouch.control import attention_editing
 from retouch.control.kv_edit import make_kv_edit
 from retouch.editing import GuidedModel, edit, prepare_image, resolve
 from retouch.presets import PRESETS
+from test_flux2_zimage import tiny
 
 from conftest import random_image, tiny_backbone
-from test_flux2_zimage import tiny
 
 SRC = "a red circle on a blue background"
 TGT = "a green circle on a blue background"

@@ -93,12 +93,15 @@ PRESETS: dict[str, Preset] = {
                inversion_options={"posterior": "sample"}),
         Preset("flowedit", "flowedit", "none", ("flux", "flux2"),
                "FlowEdit (Kulikov et al.), FlowEdit repo's FLUX_exp.yaml: inversion-free ODE on the target-minus-"
-               "source velocity, 28 steps, the last n_max=24 integrated, source / target guidance 1.5 / 5.5, n_avg 1",
+               "source velocity, 28 steps, the last n_max=24 integrated, source / target guidance 1.5 / 5.5, n_avg 1 "
+               "(the guidance-embedding scales: Flux, FLUX.2-dev)",
                solver="flow_euler", num_steps=28, guidance=5.5,
                options={"n_max": 24, "n_min": 0, "n_avg": 1, "source_guidance": 1.5}),
-        Preset("flowedit_sd3", "flowedit", "none", ("sd3", "sd", "pixart", "qwenimage", "sana", "zimage", "flux2"),
+        Preset("flowedit_sd3", "flowedit", "none",
+               ("sd3", "sd", "pixart", "qwenimage", "sana", "zimage", "flux2"),
                "FlowEdit with the FlowEdit repo's SD3_exp.yaml: 50 steps, n_max=33, CFG 3.5 (source) / 13.5 "
-               "(target); on SD / PixArt in the flow view of their DDIM grid", solver="ddim", num_steps=50,
+               "(target); the true-CFG flow models (Qwen-Image, Sana, Z-Image, FLUX.2-klein) with the same scales; "
+               "on SD / PixArt in the flow view of their DDIM grid", solver="ddim", num_steps=50,
                guidance=13.5, options={"n_max": 33, "n_min": 0, "n_avg": 1, "source_guidance": 3.5}),
         Preset("ddim+pnp", "pnp", "ddim", ALL,
                "Plug-and-Play (Tumanyan et al.) on plain DDIM inversion: features for the first 80% of the steps, "
