@@ -38,6 +38,12 @@ SIZES = {
 KV_VARIANTS = ("flux2-dev", "flux2-klein", "zimage", "qwenimage")
 
 
+def _cfg(*args, **kwargs) -> EditConfig:
+    """Work at the input's 64x64 (the default, the model's native area, is up to 1024² on these tiny
+    pipelines: a 256x larger VAE pass for nothing)."""
+    return EditConfig(*args, resolution="input", **kwargs)
+
+
 def _bb(variant: str):
     return tiny(variant) if variant.startswith(("flux2", "zimage")) else tiny_backbone(variant)
 
@@ -51,7 +57,7 @@ def _square(hw: tuple[int, int]) -> np.ndarray:
 
 
 def _z0(bb, hw):
-    img, _ = prepare_image(bb, random_image(*hw), EditConfig(SRC, TGT))
+    img, _ = prepare_image(bb, random_image(*hw), _cfg(SRC, TGT))
     with torch.no_grad(), torch.backends.mkldnn.flags(enabled=False):  # the convolution kernels edit() runs on the CPU
         return bb.encode_image(io.pil_to_tensor(img)).float()[0]
 
@@ -69,7 +75,7 @@ KV_CASES = [
 def test_kv_edit_output_equals_the_input_latent_outside_the_mask(variant, method, options):
     bb = _bb(variant)
     hw = SIZES[variant]
-    cfg = EditConfig(SRC, TGT, method=method, num_steps=5, seed=0, options={"skip": 1, **options})
+    cfg = _cfg(SRC, TGT, method=method, num_steps=5, seed=0, options={"skip": 1, **options})
     res = edit(bb, random_image(*hw), cfg, mask=_square(hw), keep_latents=True)
     z0 = _z0(bb, hw)
     m = res.extras["mask"][0, 0]
@@ -92,7 +98,7 @@ def test_kv_edit_foreground_attends_to_the_cached_background(variant):
     source's prediction."""
     bb = _bb(variant)
     hw = SIZES[variant]
-    cfg = EditConfig(SRC, SRC, num_steps=4)
+    cfg = _cfg(SRC, SRC, num_steps=4)
     with torch.no_grad():
         cond = bb.encode_prompt([SRC, SRC], image_size=hw, guidance=1.0)
         z0 = _z0(bb, hw)[None]
@@ -133,12 +139,12 @@ def test_kv_edit_is_refused_on_linear_attention_with_the_reason():
     assert any(i.linear for i in sana.attention_layers().values())
     for method in ("kv_edit", "kv_edit_inf"):
         with pytest.raises(ValueError, match="does not support the sana family.*linear.*softmax logits"):
-            resolve(sana, EditConfig(SRC, TGT, method=method))
+            resolve(sana, _cfg(SRC, TGT, method=method))
     # the factory checks the model's layers itself (not its family name)
     with pytest.raises(ValueError, match="kv_edit cannot run on sana: .*linear layers: transformer_blocks.0"):
-        make_kv_edit(sana, EditConfig(SRC, TGT, num_steps=4))
+        make_kv_edit(sana, _cfg(SRC, TGT, num_steps=4))
     with pytest.raises(ValueError, match="linear"):
-        edit(sana, random_image(64, 64), EditConfig(SRC, TGT, method="kv_edit"), mask=_square((64, 64)))
+        edit(sana, random_image(64, 64), _cfg(SRC, TGT, method="kv_edit"), mask=_square((64, 64)))
 
 
 # --- FlowEdit and the `none` inversion --------------------------------------------------------------------------
@@ -168,7 +174,7 @@ def test_flowedit_with_target_equal_to_source_returns_the_input_latent(variant):
     hw = SIZES[variant]
     method = _preset_for(bb)
     assert bb.family in PRESETS[method].families
-    cfg = EditConfig(SRC, SRC, method=method, num_steps=6, guidance=3.0, seed=0,
+    cfg = _cfg(SRC, SRC, method=method, num_steps=6, guidance=3.0, seed=0,
                      options={"n_max": 5, "source_guidance": 3.0})  # fmt: skip
     same = edit(bb, random_image(*hw), cfg, keep_latents=True)
     assert same.report["nfe"] == {"inversion": 0, "sampling": 5, "total": 5}
@@ -188,7 +194,7 @@ def test_flowedit_guides_each_branch_by_the_models_convention(variant, vary_sour
     hw = SIZES[variant]
     method = _preset_for(bb)
     seen = _spy_batches(monkeypatch, bb)
-    cfg = EditConfig(SRC, TGT, method=method, num_steps=4, seed=0, options={"n_max": 3})
+    cfg = _cfg(SRC, TGT, method=method, num_steps=4, seed=0, options={"n_max": 3})
     res = edit(bb, random_image(*hw), cfg, keep_latents=True)
     p = PRESETS[method]
     assert res.report["guidance"] == [p.options["source_guidance"], p.guidance]
@@ -211,7 +217,7 @@ def test_flowedit_on_a_distilled_model_runs_unguided_with_one_scale(variant, mon
     with its target scale (not reported as applied while the model ignores it)."""
     bb = _bb(variant)
     seen = _spy_batches(monkeypatch, bb)
-    res = edit(bb, random_image(*SIZES[variant]), EditConfig(SRC, TGT, method="flowedit_sd3", seed=0),
+    res = edit(bb, random_image(*SIZES[variant]), _cfg(SRC, TGT, method="flowedit_sd3", seed=0),
                keep_latents=True)  # fmt: skip
     assert res.report["guidance"] == [1.0, 1.0]
     assert res.report["nfe"]["sampling"] == bb.default_steps
@@ -228,7 +234,7 @@ def test_ddpm_inversion_replays_exactly_on_the_new_flow_families(variant):
     bb = _bb(variant)
     hw = SIZES[variant]
     g = 2.0
-    cfg = EditConfig(SRC, SRC, method="identity", solver="ddpm", num_steps=5, guidance=g, seed=3,
+    cfg = _cfg(SRC, SRC, method="identity", solver="ddpm", num_steps=5, guidance=g, seed=3,
                      inversion=InversionConfig(name="ddpm", guidance=g, skip=0.4))  # fmt: skip
     res = edit(bb, random_image(*hw), cfg, keep_latents=True)
     z0 = res.trajectory.latents[-1]

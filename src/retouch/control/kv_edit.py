@@ -191,6 +191,10 @@ class KVEdit:
     def _image_span(self, ctx: AttnContext, seq_len: int, n_tokens: int) -> slice:
         span = ctx.image_slice(seq_len)
         n = len(range(*span.indices(seq_len)))
+        if n > n_tokens and ctx.layer.kind == "self":
+            # a padded image sequence (Z-Image's noise refiner: [image; pad tokens]); adapters hand the image
+            # tokens first, and the pads stay the row's own, like text in a joint sequence
+            return slice(span.indices(seq_len)[0], span.indices(seq_len)[0] + n_tokens)
         if n != n_tokens:
             raise ValueError(
                 f"kv_edit: {n} image tokens at {ctx.layer.name}, expected {n_tokens} (token merging is not "
