@@ -51,8 +51,9 @@ log = logging.getLogger("new_editors")
 DEFAULT_METHODS: dict[str, tuple[str, ...]] = {
     "shapes-flux": ("plain", "plain@mask", "kv_edit@mask", "kv_edit_inf@mask", "flowedit", "flowedit@mask"),
     "shapes-pixart": ("direct+dit4edit", "direct+dit4edit@mask", "kv_edit@mask", "ddpm_edit", "ledits++",
-                      "flowedit"),
-    "shapes-sd": ("direct+masactrl", "direct+masactrl@mask", "ddpm_edit", "ledits++", "ledits++@mask", "flowedit"),
+                      "flowedit_sd3"),
+    "shapes-sd": ("direct+masactrl", "direct+masactrl@mask", "ddpm_edit", "ledits++", "ledits++@mask",
+                  "flowedit_sd3"),
 }  # fmt: skip
 PLAIN = "plain"  # the identity editor on flow-Euler inversion and sampling (results.md section 3's "plain")
 

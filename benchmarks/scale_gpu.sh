@@ -8,7 +8,8 @@
 #
 # The committed rows (2026-12-04, one H200) came from: zimage flux2-klein qwenimage sana (this script) and
 # sd35-large (the same flags with merge ratios 0.5 and 0.75 and --warmup 2). flux2-dev and sd35-medium ran out of
-# the session's device time. KV-Edit cannot run beside token merging (its cache is per token), so its GPU rows
+# the session's device time; their committed rows are CPU rows at reduced depth (the command is in each JSON's
+# "notes" and in the README), to be replaced by this script's full-depth GPU rows when a GPU is available. KV-Edit cannot run beside token merging (its cache is per token), so its GPU rows
 # need `--ratios` with no value: `--models flux --presets kv_edit kv_edit_inf --ratios`.
 set -u
 py=${PYTHON:-python3}

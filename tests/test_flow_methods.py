@@ -139,6 +139,6 @@ def test_methods_json_lists_the_flow_reference_presets(capsys):
     def only(*families):
         return {family: family in families for family in FAMILIES}
 
-    assert info["matrix"]["flowedit"] == only("flux")
-    assert info["matrix"]["flowedit_sd3"] == only("sd", "pixart", "sd3")
+    assert info["matrix"]["flowedit"] == only("flux", "flux2")  # the guidance-embedding settings (FLUX_exp)
+    assert info["matrix"]["flowedit_sd3"] == only("sd", "pixart", "sd3", "qwenimage", "sana", "zimage", "flux2")
     assert info["matrix"]["value_replay"] == only("flux")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 
+import numpy as np
 import pytest
 import torch
 
@@ -164,14 +165,17 @@ def test_every_applicable_preset_runs(variant, tmp_path):
     bb = tiny(variant)
     names = _applicable(bb.family)
     assert {"direct+p2p", "direct+masactrl", "direct+pnp", "rf_inversion", "rf_solver", "fireflow"} <= set(names)
+    assert {"kv_edit", "kv_edit_inf", "flowedit_sd3"} <= set(names)
     img = random_image(64, 128, seed=3)
+    mask = np.zeros((64, 128), np.float32)
+    mask[16:48, 32:96] = 1.0  # the centre quarter, for the mask-based presets (KV-Edit)
     for name in names:
         options = {}
         if name == "disentangle":
             continue  # needs a CLIP model; covered in test_disentangle_with_saved_weights below
         cfg = EditConfig(PROMPT, "a green circle on a blue background", method=name, num_steps=3, seed=0,
                          options=options)  # fmt: skip
-        res = edit(bb, img, cfg)
+        res = edit(bb, img, cfg, mask=mask if PRESETS[name].editor == "kv_edit" else None)
         assert res.image.size == (128, 64), name
         assert res.report["family"] == bb.family
         assert res.report["nfe"]["total"] > 0, name

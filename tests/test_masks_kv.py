@@ -200,8 +200,9 @@ def test_methods_json_lists_kv_presets(capsys):
     assert main(["methods", "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     presets = {p["name"]: p for p in info["presets"]}
-    assert set(presets["kv_edit"]["families"]) == {"pixart", "sd3", "flux"}
-    assert set(presets["kv_edit_inf"]["families"]) == {"sd3", "flux"}
+    assert set(presets["kv_edit"]["families"]) == {"pixart", "sd3", "flux", "qwenimage", "flux2", "zimage"}
+    assert set(presets["kv_edit_inf"]["families"]) == {"sd3", "flux", "qwenimage", "flux2", "zimage"}
+    assert not info["matrix"]["kv_edit"]["sana"] and not info["matrix"]["kv_edit"]["sd"]
     assert presets["kv_edit"]["num_steps"] == 28 and presets["kv_edit"]["options"]["skip"] * 28 == pytest.approx(4)
     assert "none" in {i["name"] for i in info["inversions"]}
 

@@ -30,6 +30,7 @@ def _scale_section(data: Mapping[str, Any]) -> list[str]:
         f"({m.get('torch_threads')} threads) · diffusers {m.get('diffusers')} · device `{m.get('device')}` · "
         f"commit `{m.get('commit')}`",
         "",
+        *[line for note in data.get("notes", []) for line in (f"Note: {note}", "")],
     ]
     for e in data.get("entries", []):
         if "error" in e:

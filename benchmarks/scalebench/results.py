@@ -55,6 +55,7 @@ def merge_results(
             "attention-control overhead, merging speed-up, peak memory vs steps; real configs, random weights"
         ),
         "machine": dict(machine),
+        **({"notes": old["notes"]} if old.get("notes") else {}),  # provenance written by hand: kept
         "entries": [*kept_entries, *entries],
         "edit_runs": [*kept_runs, *edit_runs],
     }

@@ -79,9 +79,12 @@ def resolve(backbone: Backbone, cfg: EditConfig) -> Resolved:
     preset = get_preset(cfg.method)
     if preset is not None and backbone.step_distilled:
         # a few-step distilled model keeps its own steps and guidance unless the user gives them
-        preset = dataclasses.replace(preset, num_steps=None, guidance=None)
+        # (and one guidance for both branches: a preset's source_guidance is a setting for guided models)
+        options = {k: v for k, v in preset.options.items() if k != "source_guidance"}
+        preset = dataclasses.replace(preset, num_steps=None, guidance=None, options=options)
     if preset is not None:
         if backbone.family not in preset.families:
+            get_editor(preset.editor, backbone.family)  # the editor's own reason first, where it has one
             raise ValueError(
                 f"method {cfg.method!r} does not support the {backbone.family} family "
                 f"(it supports {', '.join(preset.families)})"

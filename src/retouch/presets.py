@@ -91,14 +91,17 @@ PRESETS: dict[str, Preset] = {
                "first sampling step, no source branch", solver="fireflow", num_steps=8, guidance=2.0,
                inversion_guidance=1.0, options={"inject": 1, "start_layer": 0},
                inversion_options={"posterior": "sample"}),
-        Preset("flowedit", "flowedit", "none", ("flux",),
+        Preset("flowedit", "flowedit", "none", ("flux", "flux2"),
                "FlowEdit (Kulikov et al.), FlowEdit repo's FLUX_exp.yaml: inversion-free ODE on the target-minus-"
-               "source velocity, 28 steps, the last n_max=24 integrated, source / target guidance 1.5 / 5.5, n_avg 1",
+               "source velocity, 28 steps, the last n_max=24 integrated, source / target guidance 1.5 / 5.5, n_avg 1 "
+               "(the guidance-embedding scales: Flux, FLUX.2-dev)",
                solver="flow_euler", num_steps=28, guidance=5.5,
                options={"n_max": 24, "n_min": 0, "n_avg": 1, "source_guidance": 1.5}),
-        Preset("flowedit_sd3", "flowedit", "none", ("sd3", "sd", "pixart"),
+        Preset("flowedit_sd3", "flowedit", "none",
+               ("sd3", "sd", "pixart", "qwenimage", "sana", "zimage", "flux2"),
                "FlowEdit with the FlowEdit repo's SD3_exp.yaml: 50 steps, n_max=33, CFG 3.5 (source) / 13.5 "
-               "(target); on SD / PixArt in the flow view of their DDIM grid", solver="ddim", num_steps=50,
+               "(target); the true-CFG flow models (Qwen-Image, Sana, Z-Image, FLUX.2-klein) with the same scales; "
+               "on SD / PixArt in the flow view of their DDIM grid", solver="ddim", num_steps=50,
                guidance=13.5, options={"n_max": 33, "n_min": 0, "n_avg": 1, "source_guidance": 3.5}),
         Preset("ddim+pnp", "pnp", "ddim", ALL,
                "Plug-and-Play (Tumanyan et al.) on plain DDIM inversion: features for the first 80% of the steps, "
@@ -149,13 +152,13 @@ PRESETS: dict[str, Preset] = {
                "skipping 10%; concepts from the prompts' changed words or edit_prompts=[...]",
                solver="ddpm", num_steps=50, guidance=1.0, inversion_prompt="", inversion_guidance=1.0,
                inversion_skip=0.1, options={"scales": 10.0, "thresholds": 0.75}),
-        Preset("kv_edit", "kv_edit", None, ("pixart", "sd3", "flux"),
+        Preset("kv_edit", "kv_edit", None, ("pixart", "sd3", "flux", "qwenimage", "flux2", "zimage"),
                "KV-Edit (Zhu et al. 2025; needs --mask): inversion caching the background keys / values, "
                "foreground denoised against them, background latent pasted back; 28 steps, the first 4 "
                "(1/7 of the steps) skipped, inversion guidance 1.5, guidance 5.5, attention scale 1 (the "
                "released demo's settings)",
                num_steps=28, guidance=5.5, inversion_guidance=1.5, options={"skip": 4 / 28, "attn_scale": 1.0}),
-        Preset("kv_edit_inf", "kv_edit", "none", ("sd3", "flux"),
+        Preset("kv_edit_inf", "kv_edit", "none", ("sd3", "flux", "qwenimage", "flux2", "zimage"),
                "KV-Edit's inversion-free variant (needs --mask): noised source and target evaluated in one "
                "batch, the target's background keys / values taken from the source row, foreground moved by "
                "the velocity difference; memory constant in the steps; 28 steps, 4 (1/7) skipped, source guidance "

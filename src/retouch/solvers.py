@@ -189,7 +189,7 @@ SOLVERS: dict[str, Solver] = {
             1,
             1,
             "ddim",
-            ("sd", "pixart", "sd3", "flux"),
+            ("sd", "pixart", "sd3", "flux", "qwenimage", "sana", "flux2", "zimage"),
             "stochastic DDPM (DDIM eta=1); replays the noise maps of the edit-friendly `ddpm` inversion",
         ),
         Solver(

@@ -8,15 +8,15 @@ from __future__ import annotations
 
 import inspect
 import logging
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 from retouch.backbones.base import Backbone, LayerInfo
 from retouch.control.compose import ComposedEditor
 from retouch.control.contract import AttentionEditor, IdentityEditor
 from retouch.control.disentangle import make_disentangle
-from retouch.control.kv_edit import make_kv_edit
+from retouch.control.kv_edit import LINEAR_ATTENTION_REFUSAL, make_kv_edit
 from retouch.control.ledits import make_ledits
 from retouch.control.masactrl import MutualSelfAttention
 from retouch.control.options import check_options, option_types
@@ -46,6 +46,8 @@ class EditorSpec:
     factory: Callable[..., AttentionEditor | None]
     families: tuple[str, ...]
     description: str
+    # family -> why the editor cannot apply there (appended to the refusal; the factory checks it on the model)
+    refused: Mapping[str, str] = field(default_factory=dict)
 
     def build(self, backbone: Backbone, config: Any, options: dict[str, Any]) -> AttentionEditor | None:
         self.check_options(options)
@@ -230,15 +232,25 @@ def make_value_replay(
 
 
 def make_flowedit(
-    backbone: Backbone, config: Any, n_max: int = 24, n_min: int = 0, n_avg: int = 1, source_guidance: float = 1.5
+    backbone: Backbone,
+    config: Any,
+    n_max: int = 24,
+    n_min: int = 0,
+    n_avg: int = 1,
+    source_guidance: float | None = None,
 ) -> FlowEditMethod:
-    """FlowEdit's inversion-free ODE; the run's guidance is the target scale, ``source_guidance`` the source's.
+    """FlowEdit's inversion-free ODE; the run's guidance is the target scale, ``source_guidance`` the source's
+    (default: the run's guidance; the presets give the papers' scales, and a step-distilled model, which runs
+    without guidance, keeps one scale for both branches).
     ``n_max`` above the number of steps integrates every step (as the reference's ``T_steps - i > n_max`` test)."""
     n_max = min(int(n_max), int(config.num_steps))
     if not 0 <= int(n_min) <= n_max:
         raise ValueError(
             f"FlowEdit needs 0 <= n_min <= n_max (= {n_max} at {config.num_steps} steps), got n_min={n_min}"
         )
+    if source_guidance is None:
+        run = getattr(config, "guidance", None)
+        source_guidance = backbone.default_guidance if run is None else run
     return FlowEditMethod(n_max=n_max, n_min=int(n_min), n_avg=int(n_avg), source_guidance=float(source_guidance))
 
 
@@ -276,9 +288,10 @@ EDITORS: dict[str, EditorSpec] = {
                    "LEDITS++ semantic guidance: unconditional prediction plus one masked guidance term per edit "
                    "concept (own scale / threshold / direction; implicit masks from cross-attention and noise "
                    "estimates); use with the ddpm inversion"),
-        EditorSpec("kv_edit", make_kv_edit, ("pixart", "sd3", "flux"),
+        EditorSpec("kv_edit", make_kv_edit, ("pixart", "sd3", "flux", "qwenimage", "flux2", "zimage"),
                    "KV-Edit: background keys / values cached while inverting, foreground regenerated against them, "
-                   "background latent pasted back (needs a mask); inversion_free=true for the cache-free variant"),
+                   "background latent pasted back (needs a mask); inversion_free=true for the cache-free variant",
+                   refused={"sana": LINEAR_ATTENTION_REFUSAL}),
     )
 }  # fmt: skip
 
@@ -291,7 +304,9 @@ def get_editor(name: str, family: str | None = None) -> EditorSpec:
 
         raise ValueError(f"unknown method {name!r}; choose one of {sorted({*EDITORS, *PRESETS})}") from None
     if family is not None and family not in spec.families:
+        why = spec.refused.get(family)
         raise ValueError(
             f"method {name!r} does not support the {family} family (it supports {', '.join(spec.families)})"
+            + (f": {why}" if why else "")
         )
     return spec

@@ -47,6 +47,26 @@ log = logging.getLogger(__name__)
 
 IMAGE_KINDS = ("self", "joint", "single")
 
+LINEAR_ATTENTION_REFUSAL = (
+    "its image self-attention is linear (ReLU kernel, as Sana's), and KV-Edit's mask-guided inversion and "
+    "attention scale are additive biases on softmax logits, which a linear layer does not compute; KV-Edit is "
+    "refused there rather than run without them (the generic mask path works with any method, e.g. "
+    "--method direct+p2p --mask PATH)"
+)
+
+
+def check_backbone(backbone: Any) -> None:
+    """Refuse a model whose image attention KV-Edit cannot act on (from its layer table, not its name)."""
+    image_layers = [i for i in backbone.attention_layers().values() if i.kind in IMAGE_KINDS]
+    if not image_layers:
+        raise ValueError(f"kv_edit needs self / joint attention over image tokens; {backbone.family} has none")
+    linear = [i.name for i in image_layers if i.linear]
+    if linear:
+        raise ValueError(
+            f"kv_edit cannot run on {backbone.family}: {LINEAR_ATTENTION_REFUSAL} (linear layers: "
+            f"{', '.join(linear[:3])}{', ...' if len(linear) > 3 else ''})"
+        )
+
 
 class KVEdit(Editor):
     """The KV-Edit policy (module docstring). Built by :func:`make_kv_edit`; needs a mask (``set_mask``)."""
@@ -170,6 +190,10 @@ class KVEdit(Editor):
     def _image_span(self, ctx: AttnContext, seq_len: int, n_tokens: int) -> slice:
         span = ctx.image_slice(seq_len)
         n = len(range(*span.indices(seq_len)))
+        if n > n_tokens and ctx.layer.kind == "self":
+            # a padded image sequence (Z-Image's noise refiner: [image; pad tokens]); adapters hand the image
+            # tokens first, and the pads stay the row's own, like text in a joint sequence
+            return slice(span.indices(seq_len)[0], span.indices(seq_len)[0] + n_tokens)
         if n != n_tokens:
             raise ValueError(
                 f"kv_edit: {n} image tokens at {ctx.layer.name}, expected {n_tokens} (token merging is not "
@@ -280,6 +304,7 @@ def make_kv_edit(
     inversion-free variant (flow families); ``cache_device``: where the background K/V cache lives (e.g. "cpu"
     to keep accelerator memory flat); ``source_guidance``: inversion-free, the source row's embedded guidance
     (guidance-distilled models; CFG models use the sampling guidance for both rows)."""
+    check_backbone(backbone)
     num_steps = int(config.num_steps)
     if isinstance(skip, bool) or skip < 0:
         raise ValueError(f"kv_edit skip must be a step count or a fraction in [0, 1), got {skip!r}")

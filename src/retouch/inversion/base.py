@@ -86,7 +86,7 @@ def _registry() -> dict[str, Inversion]:
             "ddpm",
             ddpm.ddpm_inversion,
             "ddpm",
-            ("sd", "pixart", "sd3", "flux"),
+            ("sd", "pixart", "sd3", "flux", "qwenimage", "sana", "flux2", "zimage"),
             "Edit-friendly DDPM inversion (Huberman-Spiegelglas et al. 2024): independent noisy latents, per-step "
             "noise maps that make the stochastic `ddpm` sampler reproduce the image exactly (seeded)",
             source_correction=True,
@@ -121,7 +121,7 @@ def _registry() -> dict[str, Inversion]:
             "none",
             naive.no_inversion,
             "*",
-            ("sd", "pixart", "sd3", "flux"),
+            ("sd", "pixart", "sd3", "flux", "qwenimage", "sana", "flux2", "zimage"),
             "no inversion (0 NFE): the trajectory holds the clean latent at every point, for inversion-free "
             "editors that build their own latents (FlowEdit, kv_edit_inf)",
         ),
