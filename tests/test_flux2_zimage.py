@@ -173,8 +173,10 @@ def test_every_applicable_preset_runs(variant, tmp_path):
         options = {}
         if name == "disentangle":
             continue  # needs a CLIP model; covered in test_disentangle_with_saved_weights below
+        # at the input's size: the native area of these tiny configs (1024² / 1440x720) makes each of the ~25
+        # edits seconds long; padded Z-Image sequences are covered in test_editors_new_families.py
         cfg = EditConfig(PROMPT, "a green circle on a blue background", method=name, num_steps=3, seed=0,
-                         options=options)  # fmt: skip
+                         options=options, resolution="input")  # fmt: skip
         res = edit(bb, img, cfg, mask=mask if PRESETS[name].editor == "kv_edit" else None)
         assert res.image.size == (128, 64), name
         assert res.report["family"] == bb.family
@@ -189,7 +191,8 @@ def test_editors_change_the_target_branch(variant):
     outs = {}
     for method in ("identity", "p2p", "masactrl"):
         cfg = EditConfig(PROMPT, "a green circle on a blue background", method=method,
-                         num_steps=3, seed=0, options={"start_step": 0} if method == "masactrl" else {})  # fmt: skip
+                         num_steps=3, seed=0, options={"start_step": 0} if method == "masactrl" else {},
+                         resolution="input")  # fmt: skip
         res = edit(bb, img, cfg, keep_latents=True)
         outs[method] = res.latents[1]
         if method == "p2p":
@@ -203,7 +206,7 @@ def test_token_merging_runs_and_is_reported(variant):
     bb = tiny(variant)
     img = random_image(64, 128, seed=5)
     cfg = EditConfig(PROMPT, "a green circle on a blue background", method="direct+p2p", num_steps=2, seed=0,
-                     merge=MergeConfig(ratio=0.5))  # fmt: skip
+                     merge=MergeConfig(ratio=0.5), resolution="input")  # fmt: skip
     res = edit(bb, img, cfg)
     assert res.report["merge"]["applied_ratio"] > 0
 
@@ -214,7 +217,7 @@ def test_pnp_injects_sequence_features():
     for variant in ("flux2-dev", "zimage"):
         bb = tiny(variant)
         cfg = EditConfig(PROMPT, "a green circle on a blue background", method="direct+pnp", num_steps=3,
-                         options={"feature_layers": list(bb.feature_blocks())[-1:]})  # fmt: skip
+                         options={"feature_layers": list(bb.feature_blocks())[-1:]}, resolution="input")  # fmt: skip
         editor = make_pnp(bb, cfg, feature_layers=list(bb.feature_blocks())[-1:])
         assert editor.sequence_layers, variant
         res = edit(bb, random_image(64, 128), cfg)
@@ -261,7 +264,7 @@ def test_disentangle_mixing_at_one_is_the_source_branch(variant):
     tgt = "a green square on a blue background"
 
     def run(method, **options):
-        cfg = EditConfig(PROMPT, tgt, method=method, num_steps=3, seed=0, options=options)
+        cfg = EditConfig(PROMPT, tgt, method=method, num_steps=3, seed=0, options=options, resolution="input")
         return edit(bb, img, cfg, keep_latents=True).latents
 
     ones = run("disentangle", lambdas=[1.0] * 3)
