@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 import torch
 
+from kv_checks import check_foreground_attends_to_cached_background
 from retouch import io, masks
 from retouch.config import EditConfig, InversionConfig
-from retouch.control import attention_editing
 from retouch.control.kv_edit import make_kv_edit
-from retouch.editing import GuidedModel, edit, prepare_image, resolve
+from retouch.editing import edit, prepare_image, resolve
 from retouch.presets import PRESETS
 from test_flux2_zimage import tiny
 
@@ -105,33 +105,7 @@ def test_kv_edit_foreground_attends_to_the_cached_background(variant):
         lat_hw = (z0.shape[-2], z0.shape[-1])
         grid = bb.grid("flow", 4, lat_hw)
         lat = masks.to_latent(_square(hw), lat_hw)
-        fg_cells = lat[0, 0] > 0
-        assert 0 < int(fg_cells.sum()) < fg_cells.numel()
-        noise = torch.randn(z0.shape, generator=torch.Generator().manual_seed(1))
-        x_src = grid.alphas[2] * z0 + grid.sigmas[2] * noise
-        bg_only = (~fg_cells).float()
-        g = torch.Generator().manual_seed(2)
-        x_a = torch.cat([x_src, x_src + bg_only * torch.randn(z0.shape, generator=g)])
-        x_b = torch.cat([x_src, x_src + bg_only * torch.randn(z0.shape, generator=g)])
-
-        def predict(editor, xs):
-            with attention_editing(bb, editor) as state:
-                state.num_steps = 4
-                if editor is not None:
-                    editor.set_mask(lat)
-                    state.phase = "invert"
-                    GuidedModel(bb, grid, cond.select([0]), None, 1.0, state)(x_src, 2)
-                    assert editor.cache, "the inversion call cached no background keys / values"
-                state.phase, state.step = "sample", 2
-                model = GuidedModel(bb, grid, cond, None, 1.0, state)
-                return [model(x, 2).x0 for x in xs]
-
-        kv = make_kv_edit(bb, cfg, skip=0, attn_scale=0.0)
-        a, b, same = predict(kv, [x_a, x_b, torch.cat([x_src, x_src])])
-        assert torch.allclose(a[1][:, fg_cells], b[1][:, fg_cells], atol=1e-5)
-        assert torch.allclose(same[1], same[0], atol=1e-5)
-        a0, b0 = predict(None, [x_a, x_b])
-        assert not torch.allclose(a0[1][:, fg_cells], b0[1][:, fg_cells], atol=1e-4)
+    check_foreground_attends_to_cached_background(bb, cfg, cond, z0, grid, lat)
 
 
 def test_kv_edit_is_refused_on_linear_attention_with_the_reason():

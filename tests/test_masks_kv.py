@@ -13,12 +13,11 @@ import pytest
 import torch
 from PIL import Image
 
+from kv_checks import check_foreground_attends_to_cached_background
 from retouch import io, masks
 from retouch.cli import main
 from retouch.config import EditConfig
-from retouch.control import attention_editing
-from retouch.control.kv_edit import make_kv_edit
-from retouch.editing import GuidedModel, edit, prepare_image
+from retouch.editing import edit, prepare_image
 
 from conftest import random_image, tiny_backbone
 
@@ -168,31 +167,7 @@ def test_kv_edit_foreground_attends_to_the_cached_background(family):
         z0 = bb.encode_image(io.pil_to_tensor(random_image(64, 64))).float()
         grid = bb.grid("flow" if bb.family != "pixart" else "ddim", 4, (8, 8))
         lat = masks.to_latent(_square(), (8, 8))
-        fg_cells = lat[0, 0] > 0
-        noise = torch.randn(z0.shape, generator=torch.Generator().manual_seed(1))
-        x_src = grid.alphas[2] * z0 + grid.sigmas[2] * noise
-        bg_only = (~fg_cells).float()
-        g = torch.Generator().manual_seed(2)
-        x_a = torch.cat([x_src, x_src + bg_only * torch.randn(z0.shape, generator=g)])
-        x_b = torch.cat([x_src, x_src + bg_only * torch.randn(z0.shape, generator=g)])
-
-        def predict(editor, xs):
-            with attention_editing(bb, editor) as state:
-                state.num_steps = 4
-                if editor is not None:
-                    editor.set_mask(lat)
-                    state.phase = "invert"
-                    GuidedModel(bb, grid, cond.select([0]), None, 1.0, state)(x_src, 2)
-                state.phase, state.step = "sample", 2
-                model = GuidedModel(bb, grid, cond, None, 1.0, state)
-                return [model(x, 2).x0 for x in xs]
-
-        kv = make_kv_edit(bb, cfg, skip=0, attn_scale=0.0)
-        a, b, same = predict(kv, [x_a, x_b, torch.cat([x_src, x_src])])
-        assert torch.allclose(a[1][:, fg_cells], b[1][:, fg_cells], atol=1e-5)
-        assert torch.allclose(same[1], same[0], atol=1e-5)
-        a0, b0 = predict(None, [x_a, x_b])
-        assert not torch.allclose(a0[1][:, fg_cells], b0[1][:, fg_cells], atol=1e-4)
+    check_foreground_attends_to_cached_background(bb, cfg, cond, z0, grid, lat)
 
 
 # --- CLI, API listing, bench ----------------------------------------------------------------------------------
