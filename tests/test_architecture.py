@@ -1,5 +1,6 @@
 """Architecture rules read from the source (no model runs): family knowledge stays in ``backbones/``, the editing
-loop does not probe editors, and imports go one way (no cycles, control never imports the editing layer)."""
+loop does not probe editors, and control never imports the editing layer (import cycles:
+``test_architecture_imports.py``, whose import graph this file reads too)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import re
 from pathlib import Path
 
 import pytest
+
+from test_architecture_imports import import_graph
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "retouch"
 
@@ -29,64 +32,6 @@ UPPER = ("retouch.editing", "retouch.mixing_weights", "retouch.cli", "retouch.be
 
 
 FAMILY_TEST = re.compile(r"""family\s*(==|!=)\s*["']|family\s+(not\s+)?in\s*[(\[{]\s*["']""")
-
-
-def _module(path: Path) -> str:
-    rel = path.relative_to(SRC.parent).with_suffix("")
-    parts = list(rel.parts)
-    if parts[-1] == "__init__":
-        parts = parts[:-1]
-    return ".".join(parts)
-
-
-def _package(module: str) -> str:
-    return ".".join(module.split(".")[:2])  # retouch.control, retouch.editing, ...
-
-
-def _imports(path: Path) -> set[str]:
-    """The ``retouch`` modules ``path`` imports: at module level, and inside functions where the import crosses
-    into another part of the package (a registry lazily loading its own members is not a cycle to fear).
-    ``if TYPE_CHECKING:`` imports never run and are left out."""
-    tree = ast.parse(path.read_text(encoding="utf-8"))
-    here = _module(path)
-    package = here if path.name == "__init__.py" else here.rsplit(".", 1)[0]
-    skip: set[int] = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
-            skip.update(id(n) for child in node.body for n in ast.walk(child))
-    nested: set[int] = set()
-    for node in ast.walk(tree):
-        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
-            nested.update(id(n) for child in node.body for n in ast.walk(child))
-    out: set[str] = set()
-    for node in ast.walk(tree):
-        if id(node) in skip:
-            continue
-        mods: set[str] = set()
-        if isinstance(node, ast.Import):
-            mods = {a.name for a in node.names if a.name.startswith("retouch")}
-        elif isinstance(node, ast.ImportFrom):
-            if node.level:
-                base = package.split(".")
-                base = base[: len(base) - (node.level - 1)]
-                mod = ".".join(base + ([node.module] if node.module else []))
-            else:
-                mod = node.module or ""
-            if not mod.startswith("retouch"):
-                continue
-            mods = {mod}
-            for a in node.names:  # `from retouch.control import contract` imports a submodule
-                if (SRC.parent / (mod + "." + a.name).replace(".", "/")).with_suffix(".py").exists():
-                    mods.add(f"{mod}.{a.name}")
-        if id(node) in nested:
-            mods = {m for m in mods if _package(m) != _package(here)}
-        out |= mods
-    return out
-
-
-def _graph() -> dict[str, set[str]]:
-    mods = {_module(p): p for p in SRC.rglob("*.py")}
-    return {m: {i for i in _imports(p) if i in mods and i != m} for m, p in mods.items()}
 
 
 @pytest.mark.parametrize("path", FAMILY_FREE, ids=lambda p: str(p.relative_to(SRC)))
@@ -120,7 +65,7 @@ def test_family_pattern_catches_what_it_should() -> None:
 
 
 def test_lower_layers_never_import_the_editing_layer() -> None:
-    graph = _graph()
+    graph = import_graph(SRC.parent, "retouch")  # every import, function-level ones too
     bad = sorted(
         (m, i) for m, deps in graph.items() if m.startswith(LOWER) for i in deps if i.startswith(UPPER)
     )  # fmt: skip
