@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from retouch.types import NoiseGrid, Pred, Prediction, to_x0_eps
+from retouch.types import NoiseGrid, Point, Pred, Prediction, to_x0_eps
 
 
 class GaussianOracle:
@@ -48,17 +48,11 @@ class GaussianOracle:
     def model_fn(self, grid: NoiseGrid, kind: Prediction):
         oracle = self
 
-        def fn(x: Tensor, k: int) -> Pred:
+        def fn(x: Tensor, at: Point) -> Pred:
             oracle.nfe += 1
-            a, s = grid.alphas[k].to(x.dtype), grid.sigmas[k].to(x.dtype)
+            a, s = at.alpha.to(x.dtype), at.sigma.to(x.dtype)
             return to_x0_eps(oracle.raw(x, a, s, kind), x, a, s, kind)
 
-        def at_sigma(x: Tensor, sigma: Tensor, i: int) -> Pred:
-            oracle.nfe += 1
-            s = sigma.to(x.dtype)
-            return to_x0_eps(oracle.raw(x, 1 - s, s, kind), x, 1 - s, s, kind)
-
-        fn.at_sigma = at_sigma  # type: ignore[attr-defined]
         return fn
 
 

@@ -34,11 +34,11 @@ def check_foreground_attends_to_cached_background(
             if editor is not None:
                 editor.set_mask(lat)
                 state.phase = "invert"
-                GuidedModel(bb, grid, cond.select([0]), None, 1.0, state)(x_src, 2)
+                GuidedModel(bb, grid, cond.select([0]), None, 1.0, state)(x_src, grid.at(2))
                 assert editor.cache, "the inversion call cached no background keys / values"
             state.phase, state.step = "sample", 2
             model = GuidedModel(bb, grid, cond, None, 1.0, state)
-            return [model(x, 2).x0 for x in xs]
+            return [model(x, grid.at(2)).x0 for x in xs]
 
     with torch.no_grad():
         kv = make_kv_edit(bb, cfg, skip=0, attn_scale=0.0)

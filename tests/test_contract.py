@@ -158,7 +158,7 @@ def test_flux_text_length_reaches_the_processors_as_an_argument(family, caplog):
     x = torch.randn(1, bb.latent_channels, 8, 8, generator=torch.Generator().manual_seed(0))
     seen = []
     with caplog.at_level(logging.WARNING, logger="diffusers"):
-        plain = GuidedModel(bb, grid, cond, None, 1.0)(x, 0).x0
+        plain = GuidedModel(bb, grid, cond, None, 1.0)(x, grid.at(0)).x0
         with attention_editing(bb, IdentityEditor()) as state:
             real = state.attend
 
@@ -171,7 +171,7 @@ def test_flux_text_length_reaches_the_processors_as_an_argument(family, caplog):
             procs = bb.attn_processors()
             for p in procs.values():
                 p.attend = attend
-            routed = GuidedModel(bb, grid, cond, None, 1.0, state)(x, 0).x0
+            routed = GuidedModel(bb, grid, cond, None, 1.0, state)(x, grid.at(0)).x0
     assert seen and set(seen) == {cond.tensors["encoder_hidden_states"].shape[1]}
     assert torch.allclose(plain, routed, atol=1e-5)
     assert "not expected" not in caplog.text  # diffusers' own processors are not handed the argument

@@ -15,7 +15,7 @@ from retouch.control.ledits import Concept, derive_concepts, gaussian_smooth, qu
 from retouch.editing import edit, resolve
 from retouch.inversion import get_inversion
 from retouch.inversion.ddpm import ddpm_inversion
-from retouch.types import NoiseGrid, Pred, Prediction, to_x0_eps
+from retouch.types import NoiseGrid, Point, Pred, Prediction, to_x0_eps
 
 from conftest import random_image, tiny_backbone
 
@@ -25,8 +25,9 @@ def _vp_grid(n: int) -> NoiseGrid:
     return NoiseGrid(timesteps=torch.linspace(999, 0, n + 1), alphas=abar.sqrt(), sigmas=(1 - abar).sqrt(), kind="vp")
 
 
-def _model(x: torch.Tensor, k: int, grid: NoiseGrid) -> Pred:
+def _model(x: torch.Tensor, at: Point, grid: NoiseGrid) -> Pred:
     """A fixed, nonlinear 'denoiser' (any eps works: the maps absorb its error)."""
+    k = at.step
     raw = torch.tanh(1.3 * x) + 0.1 * k
     kind = Prediction.FLOW if grid.kind == "flow" else Prediction.EPSILON
     return to_x0_eps(raw, x, grid.alphas[k], grid.sigmas[k], kind)
@@ -63,7 +64,7 @@ def test_noisy_points_are_independent_draws_of_the_forward_marginal():
     the next point, which changes it only by rounding)."""
     grid = _vp_grid(5)
     z0 = torch.zeros(1, 1, 64, 64)
-    traj = ddpm_inversion(lambda x, k: _model(x, k, grid), z0, grid, generator=torch.Generator().manual_seed(0))
+    traj = ddpm_inversion(lambda x, at: _model(x, at, grid), z0, grid, generator=torch.Generator().manual_seed(0))
     eps = [traj.latents[k] / grid.sigmas[k] for k in range(5)]
     for k in range(5):
         assert abs(float(eps[k].std()) - 1) < 0.05

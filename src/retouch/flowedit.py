@@ -47,7 +47,7 @@ def flowedit(
 ) -> Tensor:
     """FlowEdit's ODE (module docstring) over ``grid``; returns the edited latent ``[1, C, h, w]``.
 
-    ``model_fn(x, i)`` evaluates a two-row batch, row 0 under the source prompt and row 1 under the target;
+    ``model_fn(x, grid.at(i))`` evaluates a two-row batch, row 0 under the source prompt and row 1 under the target;
     ``noise(shape)`` draws the forward noise (one draw per average, as the reference). ``on_step(i, z)`` sees the
     edit latent after each integrated step.
     """
@@ -75,7 +75,7 @@ def flowedit(
                 eps = noise(shape).to(x_src)
                 y_src = (1 - t) * x_src + t * eps
                 y_tar_i = z_edit + y_src - x_src
-                v = model_fn(torch.cat([y_src, y_tar_i]) * scale[i], i).velocity
+                v = model_fn(torch.cat([y_src, y_tar_i]) * scale[i], grid.at(i)).velocity
                 dv += (1 / n_avg) * (v[1:] - v[:1])
             z_edit = z_edit + (t_next - t) * dv
             if on_step is not None:
@@ -85,7 +85,7 @@ def flowedit(
                 eps = noise(shape).to(x_src)
                 y_tar = z_edit + (1 - t) * x_src + t * eps - x_src
             # the source row is evaluated too (one model batch) and ignored
-            v = model_fn(torch.cat([y_tar, y_tar]) * scale[i], i).velocity
+            v = model_fn(torch.cat([y_tar, y_tar]) * scale[i], grid.at(i)).velocity
             y_tar = y_tar + (t_next - t) * v[1:]
             if on_step is not None:
                 on_step(i, y_tar)

@@ -1,4 +1,4 @@
-"""The one guided prediction: ``model_fn(x, k) -> Pred`` over a backbone, and the editor's prediction hook.
+"""The one guided prediction: ``model_fn(x, point) -> Pred`` over a backbone, and the editor's prediction hook.
 
 :class:`GuidedModel` batches classifier-free guidance (the combine is the backbone's ``combine_guidance``),
 counts NFE and keeps the math in float32. With ``checkpointed=True`` every network call runs under gradient
@@ -17,8 +17,8 @@ from torch.utils.checkpoint import checkpoint
 
 from retouch.backbones.base import Backbone
 from retouch.control.context import BatchLayout
-from retouch.control.contract import Editor, GuidedPrediction, StepContext
-from retouch.types import Conditioning, NoiseGrid, Pred, to_x0_eps
+from retouch.control.contract import Editor, GuidedPrediction, StepContext, WrappedModel
+from retouch.types import Conditioning, NoiseGrid, Point, Pred, to_x0_eps
 
 if TYPE_CHECKING:
     from retouch.control.installer import EditState
@@ -42,7 +42,10 @@ _frozen = frozen  # predict_rows' argument of that name shadows it
 
 
 class GuidedModel:
-    """``model_fn(x, k) -> Pred`` over a backbone: batches CFG, counts NFE, keeps math in float32."""
+    """``model_fn(x, point) -> Pred`` over a backbone: batches CFG, counts NFE, keeps math in float32.
+
+    ``on_eval(step)``, when set, is called before every evaluation with the point's sampling-grid step (the
+    editing loop's inversion progress bar)."""
 
     def __init__(
         self,
@@ -124,7 +127,7 @@ class GuidedModel:
             return out
         u, c = out.chunk(2)
         g = self.guidance.to(u.device) if isinstance(self.guidance, Tensor) else self.guidance
-        return self.backbone.combine_guidance(u, c, g)
+        return self.guide(u, c, g)
 
     def predict_rows(self, x: Tensor, timestep: Tensor, cond: Conditioning, *, frozen: bool = False) -> Tensor:
         """One raw forward of rows of their own (``len(x)`` branches, no guidance), counted in ``nfe``: for
@@ -142,29 +145,25 @@ class GuidedModel:
             if state is not None and saved is not None:
                 state.layout, state.latent_hw = saved
 
-    def _mark(self, point: int, stage: str) -> None:
-        if self.state is not None:
-            self.state.point, self.state.stage = point, stage
+    def to_pred(self, raw: Tensor, x: Tensor, at: Point) -> Pred:
+        """A raw (guided) output at ``x`` and point ``at`` as :class:`Pred`, in the backbone's parameterisation."""
+        return to_x0_eps(raw, x, at.alpha, at.sigma, self.backbone.prediction)
 
-    def __call__(self, x: Tensor, k: int, *, x_cond: Tensor | None = None) -> Pred:
+    def guide(self, uncond_raw: Tensor, cond_raw: Tensor, scale: float) -> Tensor:
+        """Classifier-free guidance of two raw outputs at ``scale`` (the backbone's combine)."""
+        return self.backbone.combine_guidance(uncond_raw, cond_raw, scale)
+
+    def __call__(self, x: Tensor, at: Point, *, x_cond: Tensor | None = None) -> Pred:
         if self.on_eval is not None:
-            self.on_eval(k)
-        self._mark(k, "grid")
-        g = self.grid
-        raw = self.raw(x, g.timesteps[k], x_cond=x_cond)
-        return to_x0_eps(raw, x, g.alphas[k], g.sigmas[k], self.backbone.prediction)
-
-    def at_sigma(self, x: Tensor, sigma: Tensor, i: int) -> Pred:
-        """Evaluate off-grid on a flow grid (midpoint solvers)."""
-        if self.grid.kind != "flow":
-            raise ValueError("off-grid evaluation needs a flow model")
-        self._mark(i, "mid")
-        raw = self.raw(x, sigma * 1000)
-        return to_x0_eps(raw, x, 1 - sigma, sigma, self.backbone.prediction)
+            self.on_eval(at.step)
+        if self.state is not None:
+            self.state.point, self.state.stage = at.step, "mid" if at.mid else "grid"
+        return self.to_pred(self.raw(x, at.timestep, x_cond=x_cond), x, at)
 
 
-class HookedModel:
-    """A model function whose on-grid predictions pass through the editor's ``modify_prediction``.
+class HookedModel(WrappedModel):
+    """A model function whose on-grid predictions pass through the editor's ``modify_prediction`` (off-grid
+    evaluations of the midpoint solvers pass unchanged).
 
     ``model`` is what the solver calls (the guided model, or an editor's wrapper of it); ``guided`` the
     :class:`GuidedModel` underneath, which gives the step context its layout and conditioning."""
@@ -177,30 +176,15 @@ class HookedModel:
         num_steps: int,
         mask: Tensor | None = None,
     ) -> None:
-        self.model = model
+        super().__init__(model)
         self.guided = guided
         self.editor = editor
         self.num_steps = num_steps
         self.mask = mask
 
-    @property
-    def nfe(self) -> int:
-        return self.model.nfe
-
-    @property
-    def backbone(self) -> Backbone:
-        return self.guided.backbone
-
-    @property
-    def grid(self) -> NoiseGrid:
-        return self.guided.grid
-
-    def __call__(self, x: Tensor, k: int) -> Pred:
-        ctx = self.guided.context(k, self.num_steps, (x.shape[-2], x.shape[-1]), self.mask)
-        return self.editor.modify_prediction(ctx, x, self.model(x, k))
-
-    def predict_rows(self, x: Tensor, timestep: Tensor, cond: Conditioning, *, frozen: bool = False) -> Tensor:
-        return self.guided.predict_rows(x, timestep, cond, frozen=frozen)
-
-    def at_sigma(self, x: Tensor, sigma: Tensor, i: int) -> Pred:
-        return self.model.at_sigma(x, sigma, i)  # type: ignore[attr-defined]
+    def __call__(self, x: Tensor, at: Point) -> Pred:
+        p = self.inner(x, at)
+        if at.mid:
+            return p
+        ctx = self.guided.context(at.step, self.num_steps, (x.shape[-2], x.shape[-1]), self.mask)
+        return self.editor.modify_prediction(ctx, x, p)

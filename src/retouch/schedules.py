@@ -160,13 +160,16 @@ def tail(grid: NoiseGrid, num_steps: int) -> NoiseGrid:
 
 def flip(grid: NoiseGrid) -> NoiseGrid:
     """``grid`` walked backwards (cleanest point first): sampling over it is the plain reversal of sampling
-    over ``grid`` (an inversion), point ``k`` of the flipped grid being point ``N - k`` of ``grid``."""
+    over ``grid`` (an inversion), point ``k`` of the flipped grid being point ``N - k`` of ``grid``. Its
+    points (:meth:`NoiseGrid.at`) keep the sampling grid's step indices, so editors count steps the same way
+    while inverting and sampling."""
     return NoiseGrid(
         timesteps=grid.timesteps.flip(0),
         alphas=grid.alphas.flip(0),
         sigmas=grid.sigmas.flip(0),
         kind=grid.kind,
         lower_order_final=grid.lower_order_final,
+        flipped=not grid.flipped,
     )
 
 

@@ -1,9 +1,11 @@
 """Pure ODE steppers over an explicit :class:`~retouch.types.NoiseGrid`.
 
-A *model function* ``model_fn(x, k) -> Pred`` evaluates the (guided) denoiser on latent ``x`` as if it sat at
-grid point ``k`` and returns both the clean-data and the noise estimate. Solvers never touch a model or a
-scheduler: they step ``k -> k+1`` with the formulas of their papers. Inverting is the same formulas over the
-flipped grid plus a method's correction (see :mod:`retouch.inversion`).
+A *model function* ``model_fn(x, point) -> Pred`` evaluates the (guided) denoiser on latent ``x`` at a
+:class:`~retouch.types.Point` (timestep, noise level, step index) and returns both the clean-data and the noise
+estimate. Solvers never touch a model or a scheduler: they step ``k -> k+1`` with the formulas of their papers,
+asking the grid for its points (``grid.at(k)``, ``grid.between(k, sigma)`` off the grid). Inverting by plain
+reversal is the same loop over the flipped grid (:func:`retouch.schedules.flip`); other inversions add a
+method's correction (see :mod:`retouch.inversion`).
 """
 
 from __future__ import annotations
@@ -15,9 +17,9 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
-from retouch.types import NoiseGrid, Pred
+from retouch.types import NoiseGrid, Point, Pred
 
-ModelFn = Callable[[Tensor, int], Pred]
+ModelFn = Callable[[Tensor, Point], Pred]
 StepCallback = Callable[[int, Tensor], Tensor | None]
 
 
@@ -37,14 +39,14 @@ def ddim_step(model_fn: ModelFn, x: Tensor, grid: NoiseGrid, i: int, state: Muta
 
     On a flow grid (``alpha = 1 - sigma``) this is exactly the Euler step of the velocity ODE.
     """
-    return ddim_update(model_fn(x, i), grid, i)
+    return ddim_update(model_fn(x, grid.at(i)), grid, i)
 
 
 def euler_flow_step(model_fn: ModelFn, x: Tensor, grid: NoiseGrid, i: int, state: MutableMapping[str, Any]) -> Tensor:
     """Euler step of the rectified-flow ODE ``dx/dsigma = u`` (Liu et al. 2023): ``x' = x + (s' - s) u``."""
     if grid.kind != "flow":
         raise ValueError("flow_euler needs a flow grid (alpha = 1 - sigma); use ddim on a VP grid")
-    p = model_fn(x, i)
+    p = model_fn(x, grid.at(i))
     return x + (grid.sigmas[i + 1] - grid.sigmas[i]) * p.velocity
 
 
@@ -77,7 +79,7 @@ def dpmpp_2m_step(model_fn: ModelFn, x: Tensor, grid: NoiseGrid, i: int, state: 
     ``state['x0_prev']`` keeps the previous data prediction; it is per batch row, so a two-branch batch keeps
     one history per branch.
     """
-    p = model_fn(x, i)
+    p = model_fn(x, grid.at(i))
     coeffs = dpmpp_2m_coeffs(grid, i)
     x0 = p.x0 if coeffs is None or "x0_prev" not in state else coeffs[0] * p.x0 + coeffs[1] * state["x0_prev"]
     state["x0_prev"] = p.x0
@@ -89,9 +91,9 @@ def midpoint_flow_step(
 ) -> Tensor:
     """Explicit midpoint on the flow ODE (RF-Solver's second-order step, Wang et al. 2024): 2 NFE."""
     s, s_next = grid.sigmas[i], grid.sigmas[i + 1]
-    v1 = model_fn(x, i).velocity
+    v1 = model_fn(x, grid.at(i)).velocity
     x_mid = x + 0.5 * (s_next - s) * v1
-    v2 = _eval_at_sigma(model_fn, x_mid, grid, i, 0.5 * (s + s_next))
+    v2 = model_fn(x_mid, grid.between(i, 0.5 * (s + s_next))).velocity
     return x + (s_next - s) * v2
 
 
@@ -100,9 +102,9 @@ def fireflow_step(model_fn: ModelFn, x: Tensor, grid: NoiseGrid, i: int, state: 
     s, s_next = grid.sigmas[i], grid.sigmas[i + 1]
     v = state.get("v_mid")
     if v is None:
-        v = model_fn(x, i).velocity
+        v = model_fn(x, grid.at(i)).velocity
     x_mid = x + 0.5 * (s_next - s) * v
-    v_mid = _eval_at_sigma(model_fn, x_mid, grid, i, 0.5 * (s + s_next))
+    v_mid = model_fn(x_mid, grid.between(i, 0.5 * (s + s_next))).velocity
     state["v_mid"] = v_mid
     return x + (s_next - s) * v_mid
 
@@ -129,7 +131,7 @@ def ddpm_step(model_fn: ModelFn, x: Tensor, grid: NoiseGrid, i: int, state: Muta
     per-step maps reproduce the inverted image exactly, Huberman-Spiegelglas et al. 2024), else ``sigma`` times
     a draw from ``state['generator']``.
     """
-    p = model_fn(x, i)
+    p = model_fn(x, grid.at(i))
     sigma = ddpm_sigma(grid, i)
     mean = grid.alphas[i + 1] * p.x0 + (grid.sigmas[i + 1] ** 2 - sigma**2).clamp_min(0).sqrt() * p.eps
     maps = state.get("noise_maps")
@@ -139,14 +141,6 @@ def ddpm_step(model_fn: ModelFn, x: Tensor, grid: NoiseGrid, i: int, state: Muta
         return mean + maps[i].to(mean)
     z = torch.randn(mean.shape, generator=state.get("generator"), dtype=mean.dtype).to(mean.device)
     return mean + sigma * z
-
-
-def _eval_at_sigma(model_fn: ModelFn, x: Tensor, grid: NoiseGrid, i: int, sigma: Tensor) -> Tensor:
-    """Evaluate between grid points: model functions accept a float ``k`` meaning "sigma given in state"."""
-    evaluator = getattr(model_fn, "at_sigma", None)
-    if evaluator is None:
-        raise TypeError("this solver evaluates between grid points; the model function needs .at_sigma")
-    return evaluator(x, sigma, i).velocity
 
 
 @dataclass(frozen=True)

@@ -70,6 +70,8 @@ class NoiseGrid:
     sigmas: Tensor  # [N+1]
     kind: str  # "vp" | "flow"
     lower_order_final: bool = True  # multistep solvers take a first-order last step (diffusers' rule)
+    # walked backwards (:func:`retouch.schedules.flip`): point k is point N - k of the sampling grid
+    flipped: bool = False
 
     def __post_init__(self) -> None:
         n = self.timesteps.shape[0]
@@ -86,6 +88,41 @@ class NoiseGrid:
     def lambdas(self) -> Tensor:
         """Half log-SNR ``log(alpha / sigma)`` (DPM-Solver's lambda); +inf where sigma = 0."""
         return torch.log(self.alphas) - torch.log(self.sigmas)
+
+    def step_of(self, k: int) -> int:
+        """The sampling grid's index of point ``k`` (``N - k`` on a flipped grid)."""
+        return self.num_steps - k if self.flipped else k
+
+    def at(self, k: int) -> Point:
+        """Grid point ``k`` as the :class:`Point` a model function is evaluated at."""
+        return Point(self.timesteps[k], self.alphas[k], self.sigmas[k], self.step_of(k))
+
+    def between(self, i: int, sigma: Tensor) -> Point:
+        """The off-grid point of noise level ``sigma`` inside interval ``i`` (points ``i`` and ``i + 1``), on a
+        flow grid (``alpha = 1 - sigma``; the model is told ``1000 * sigma``): the midpoint solvers' second
+        evaluation. Its ``step`` is the sampling grid's interval, whichever way this grid is walked."""
+        if self.kind != "flow":
+            raise ValueError("off-grid evaluation needs a flow grid (alpha = 1 - sigma)")
+        sigma = torch.as_tensor(sigma, dtype=self.sigmas.dtype)
+        step = self.num_steps - i - 1 if self.flipped else i
+        return Point(sigma * 1000, 1 - sigma, sigma, step, mid=True)
+
+
+@dataclass(frozen=True)
+class Point:
+    """Where a model function is evaluated: ``model_fn(x, point) -> Pred``.
+
+    ``timestep`` is what the network is told (the scheduler's convention); ``alpha`` and ``sigma`` the noise
+    level that turns its raw output into :class:`Pred`. ``step`` is the point's index on the *sampling* grid
+    (for an off-grid point, the interval it lies in): what editors' step schedules count, whichever grid the
+    solver walks (a flipped one while inverting). ``mid``: an off-grid evaluation (midpoint solvers).
+    """
+
+    timestep: Tensor
+    alpha: Tensor
+    sigma: Tensor
+    step: int
+    mid: bool = False
 
 
 @dataclass(frozen=True)

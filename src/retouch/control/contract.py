@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from torch import Tensor
 
 from retouch.control.context import AttnContext, BatchLayout
-from retouch.types import Conditioning, NoiseGrid, Pred, Trajectory
+from retouch.types import Conditioning, NoiseGrid, Point, Pred, Trajectory
 
 if TYPE_CHECKING:
     from retouch.backbones.base import Backbone
@@ -106,7 +106,8 @@ class StepContext:
 class GuidedPrediction(Protocol):
     """The model function the loop hands to ``before_step`` / ``wrap_model`` / ``sample``.
 
-    ``model(x, k)`` is the guided prediction at grid point ``k``; ``predict_rows`` one raw forward of its own
+    ``model(x, point)`` is the guided prediction at a :class:`~retouch.types.Point` (``grid.at(k)`` for grid point
+    ``k``); ``predict_rows`` one raw forward of its own
     rows (no guidance, batch layout of its own, counted in ``nfe``) for editors that probe the model;
     ``backbone`` and ``grid`` are the model and grid it evaluates on."""
 
@@ -114,9 +115,30 @@ class GuidedPrediction(Protocol):
     backbone: Backbone
     grid: NoiseGrid
 
-    def __call__(self, x: Tensor, k: int) -> Pred: ...
+    def __call__(self, x: Tensor, at: Point) -> Pred: ...
 
     def predict_rows(self, x: Tensor, timestep: Tensor, cond: Conditioning, *, frozen: bool = False) -> Tensor: ...
+
+
+class WrappedModel:
+    """Base of a model function that wraps another (what :meth:`Editor.wrap_model` returns): NFE, backbone,
+    grid and ``predict_rows`` are the wrapped model's; a subclass overrides ``__call__`` (calling
+    ``self.inner(x, at)`` where it wants the plain prediction)."""
+
+    def __init__(self, inner: GuidedPrediction) -> None:
+        self.inner = inner
+        self.backbone: Backbone = inner.backbone
+        self.grid: NoiseGrid = inner.grid
+
+    @property
+    def nfe(self) -> int:
+        return self.inner.nfe
+
+    def __call__(self, x: Tensor, at: Point) -> Pred:
+        return self.inner(x, at)
+
+    def predict_rows(self, x: Tensor, timestep: Tensor, cond: Conditioning, *, frozen: bool = False) -> Tensor:
+        return self.inner.predict_rows(x, timestep, cond, frozen=frozen)
 
 
 class Editor:

@@ -37,8 +37,8 @@ from torch import Tensor
 from retouch.backbones.base import Backbone, LayerInfo
 from retouch.control import tokens
 from retouch.control.context import AttnContext
-from retouch.control.contract import Editor, GuidedPrediction
-from retouch.types import Conditioning, NoiseGrid, Pred, to_x0_eps
+from retouch.control.contract import Editor, GuidedPrediction, WrappedModel
+from retouch.types import Conditioning, Point, Pred, to_x0_eps
 
 log = logging.getLogger(__name__)
 
@@ -205,20 +205,14 @@ class SemanticGuidance(Editor):
         return SemanticGuidanceModel(guided, self)
 
 
-class SemanticGuidanceModel:
-    """``model_fn(x, k) -> Pred`` for ``x = [source, target]``: one model call on
+class SemanticGuidanceModel(WrappedModel):
+    """``model_fn(x, point) -> Pred`` for ``x = [source, target]``: one model call on
     ``[x_src | uncond, x_tgt | uncond, x_tgt | concept_1 .. concept_E]``; the target's prediction is eq. 12."""
 
     def __init__(self, guided: GuidedPrediction, editor: SemanticGuidance) -> None:
-        self.guided = guided
-        self.backbone: Backbone = guided.backbone
-        self.grid: NoiseGrid = guided.grid
+        super().__init__(guided)
         self.editor = editor
         self._cond: Conditioning | None = None
-
-    @property
-    def nfe(self) -> int:
-        return self.guided.nfe
 
     def _conditioning(self, latent_hw: tuple[int, int]) -> Conditioning:
         if self._cond is None:
@@ -229,19 +223,18 @@ class SemanticGuidanceModel:
             self._cond = Conditioning.cat([enc.select([0]), enc])  # [src uncond, tgt uncond, concepts]
         return self._cond
 
-    def __call__(self, x: Tensor, k: int) -> Pred:
+    def __call__(self, x: Tensor, at: Point) -> Pred:
         if x.shape[0] != 2:
             raise ValueError(f"LEDITS++ guides one target branch: expected [source, target] latents, got {x.shape[0]}")
         latent_hw = (x.shape[-2], x.shape[-1])
         cond = self._conditioning(latent_hw)
         n_concepts = len(self.editor.concepts)
         batch = torch.cat([x[:1], x[1:2].expand(1 + n_concepts, *x.shape[1:])])
-        g = self.grid
         # one forward of rows of its own: attention editors see the layout of 2 + E branches, counted in NFE
-        raw = self.guided.predict_rows(batch, g.timesteps[k], cond).float()
+        raw = self.predict_rows(batch, at.timestep, cond).float()
         uncond = raw[1:2]
-        target = uncond + self.editor.guidance(k, float(g.timesteps[k]), uncond, raw[2:])
-        return to_x0_eps(torch.cat([raw[:1], target]), x, g.alphas[k], g.sigmas[k], self.backbone.prediction)
+        target = uncond + self.editor.guidance(at.step, float(at.timestep), uncond, raw[2:])
+        return to_x0_eps(torch.cat([raw[:1], target]), x, at.alpha, at.sigma, self.backbone.prediction)
 
 
 def map_layer_selector(backbone: Backbone, downsample: int | None = None) -> Callable[[LayerInfo], bool]:

@@ -57,10 +57,10 @@ from torch.utils.checkpoint import checkpoint
 
 from retouch.backbones.base import Backbone, LayerInfo
 from retouch.control.context import AttnContext
-from retouch.control.contract import Editor, GuidedPrediction, StepContext
+from retouch.control.contract import Editor, GuidedPrediction, StepContext, WrappedModel
 from retouch.control.steps import to_steps
 from retouch.solvers import ddim_update
-from retouch.types import Conditioning, Pred
+from retouch.types import Conditioning, Point, Pred
 
 if TYPE_CHECKING:
     from retouch.guided import GuidedModel
@@ -288,22 +288,20 @@ class PixToPixZero(Editor):
         return torch.cat([x[:1], x[1:] + offset])
 
 
-class _HalfLatents:
+class _HalfLatents(WrappedModel):
     """The guided model with the conditional half evaluated at the editor's conditional latents when it has set
-    them for this step (``released_guidance``); otherwise the model itself. Everything else is delegated."""
+    them for this step (``released_guidance``); otherwise the model itself."""
 
     def __init__(self, model: GuidedModel, editor: PixToPixZero) -> None:
-        self._model = model
+        super().__init__(model)
+        self._guided = model
         self._editor = editor
 
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._model, name)
-
-    def __call__(self, x: Tensor, k: int) -> Pred:
+    def __call__(self, x: Tensor, at: Point) -> Pred:
         xc, self._editor._cond_latents = self._editor._cond_latents, None
         if xc is None or xc.shape != x.shape:
-            return self._model(x, k)
-        return self._model(x, k, x_cond=xc)
+            return self._guided(x, at)
+        return self._guided(x, at, x_cond=xc)
 
 
 def _text_layers(backbone: Backbone, start_layer: float | int) -> list[LayerInfo]:

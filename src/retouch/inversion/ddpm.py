@@ -54,7 +54,7 @@ def ddpm_inversion(
     maps = torch.empty((n, *z0.shape), dtype=z0.dtype, device=z0.device)
     stds: list[float] = []
     for k in range(n):
-        p = model_fn(xs[k], k)
+        p = model_fn(xs[k], grid.at(k))
         sigma = ddpm_sigma(grid, k)
         mean = grid.alphas[k + 1] * p.x0 + (grid.sigmas[k + 1] ** 2 - sigma**2).clamp_min(0).sqrt() * p.eps
         r = xs[k + 1] - mean

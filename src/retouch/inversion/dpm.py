@@ -67,7 +67,7 @@ def dpmpp_inversion(
             coeffs = dpmpp_2m_coeffs(grid, i)
             if previous is None:
                 # naive guess: the model on the cleaner latent at the noisier point (as DDIM inversion)
-                eps = model_fn(x_t, i).eps
+                eps = model_fn(x_t, grid.at(i)).eps
                 nfe += 1
                 x_s = a[i] * ((x_t - s[t] * eps) / a[t]) + s[i] * eps
             else:
@@ -76,12 +76,12 @@ def dpmpp_inversion(
             x0_prev = None
             if coeffs is not None and previous is None:
                 # look-ahead: naive step to the previous (noisier) point r = i-1, frozen x0 there
-                p = model_fn(x_s, i - 1)
+                p = model_fn(x_s, grid.at(i - 1))
                 y_r = a[i - 1] * ((x_s - s[i] * p.eps) / a[i]) + s[i - 1] * p.eps
-                x0_prev = model_fn(y_r, i - 1).x0
+                x0_prev = model_fn(y_r, grid.at(i - 1)).x0
                 nfe += 2
             elif coeffs is not None:
-                x0_prev = model_fn(previous[i - 1], i - 1).x0
+                x0_prev = model_fn(previous[i - 1], grid.at(i - 1)).x0
                 nfe += 1
 
             x_s, rel, used = _fixed_point(model_fn, x_s, x_t, grid, i, t, coeffs, x0_prev, iterations, eta, tol)
@@ -127,7 +127,7 @@ def _fixed_point(
     used = 0
     step = eta
     for _ in range(iterations):
-        x0 = model_fn(x_s, i).x0
+        x0 = model_fn(x_s, grid.at(i)).x0
         used += 1
         x0_eff = x0 if coeffs is None else coeffs[0] * x0 + coeffs[1] * x0_prev
         eps_eff = (x_s - a[i] * x0_eff) / s[i]

@@ -7,7 +7,7 @@ from torch import Tensor
 from retouch.inversion.checks import check_start
 from retouch.schedules import flip
 from retouch.solvers import ModelFn, sample
-from retouch.types import NoiseGrid, Pred, Trajectory
+from retouch.types import NoiseGrid, Point, Pred, Trajectory
 
 
 def no_inversion(model_fn: ModelFn, z0: Tensor, grid: NoiseGrid) -> Trajectory:
@@ -29,44 +29,34 @@ def ddim_inversion(model_fn: ModelFn, z0: Tensor, grid: NoiseGrid) -> Trajectory
     latents: list[Tensor] = [z0]
     x = z0
     for j in range(n, 0, -1):
-        eps = model_fn(x, j - 1).eps
+        eps = model_fn(x, grid.at(j - 1)).eps
         x0 = (x - grid.sigmas[j] * eps) / grid.alphas[j]
         x = grid.alphas[j - 1] * x0 + grid.sigmas[j - 1] * eps
         latents.append(x)
     return Trajectory(latents=tuple(reversed(latents)), grid=grid, nfe=n)
 
 
-class _Flipped:
-    """``model_fn`` seen from the flipped grid (:func:`retouch.schedules.flip`): its point ``k`` is the
-    original point ``N - k``, and an off-grid evaluation in its interval ``k`` lies in the original interval
-    ``N - k - 1``. The model itself is still called with the original indices (its own grid, progress and the
-    editors' grid points are unchanged). Counts the evaluations."""
+class _Counted:
+    """``model_fn``, counting its evaluations."""
 
-    def __init__(self, model_fn: ModelFn, num_steps: int) -> None:
+    def __init__(self, model_fn: ModelFn) -> None:
         self.model_fn = model_fn
-        self.n = num_steps
         self.nfe = 0
 
-    def __call__(self, x: Tensor, k: int) -> Pred:
+    def __call__(self, x: Tensor, at: Point) -> Pred:
         self.nfe += 1
-        return self.model_fn(x, self.n - k)
-
-    def at_sigma(self, x: Tensor, sigma: Tensor, i: int) -> Pred:
-        at_sigma = getattr(self.model_fn, "at_sigma", None)
-        if at_sigma is None:
-            raise TypeError("midpoint inversion evaluates between grid points; the model function needs .at_sigma")
-        self.nfe += 1
-        return at_sigma(x, sigma, self.n - i - 1)
+        return self.model_fn(x, at)
 
 
 def reversal_inversion(model_fn: ModelFn, z0: Tensor, grid: NoiseGrid, solver: str) -> Trajectory:
     """An inversion that is the plain reversal of ``solver``: the shared sampling loop
-    (:func:`retouch.solvers.sample`) run from the clean latent over the flipped grid."""
+    (:func:`retouch.solvers.sample`) run from the clean latent over the flipped grid, whose points keep the
+    sampling grid's step indices (what the model's progress and the editors see)."""
     check_start(z0, grid)
-    flipped = _Flipped(model_fn, grid.num_steps)
+    counted = _Counted(model_fn)
     latents: list[Tensor] = [z0]
-    sample(flipped, z0, flip(grid), solver, callback=lambda i, x: latents.append(x))
-    return Trajectory(latents=tuple(reversed(latents)), grid=grid, nfe=flipped.nfe)
+    sample(counted, z0, flip(grid), solver, callback=lambda i, x: latents.append(x))
+    return Trajectory(latents=tuple(reversed(latents)), grid=grid, nfe=counted.nfe)
 
 
 def flow_euler_inversion(model_fn: ModelFn, z0: Tensor, grid: NoiseGrid) -> Trajectory:
@@ -93,6 +83,4 @@ def flow_midpoint_inversion(
     check_start(z0, grid)
     if grid.kind != "flow":
         raise ValueError("midpoint flow inversion needs a flow grid")
-    if getattr(model_fn, "at_sigma", None) is None:
-        raise TypeError("midpoint inversion evaluates between grid points; the model function needs .at_sigma")
     return reversal_inversion(model_fn, z0, grid, "fireflow" if reuse_velocity else "rf_solver")

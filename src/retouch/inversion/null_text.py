@@ -23,7 +23,7 @@ from retouch.guided import GuidedModel
 from retouch.inversion.checks import check_start
 from retouch.inversion.naive import ddim_inversion
 from retouch.solvers import ddim_update
-from retouch.types import Conditioning, NoiseGrid, Trajectory, to_x0_eps
+from retouch.types import Conditioning, NoiseGrid, Point, Trajectory
 
 log = logging.getLogger(__name__)
 
@@ -59,27 +59,33 @@ def null_text_inversion(
     **_: Any,
 ) -> Trajectory:
     """Null-text inversion (Mokady et al. 2023, Alg. 1) over the DDIM grid; optimises ``encoder_hidden_states``
-    of the unconditional conditioning per step (pooled / extra embeddings stay as they are)."""
+    of the unconditional conditioning per step (pooled / extra embeddings stay as they are). Every network call
+    goes through the guided model's row probe (:meth:`GuidedModel.predict_rows`, weights frozen); the
+    conditional output of a step is computed once and reused by its inner iterations, as in the paper's code."""
     check_start(z0, grid)
     model = _guided_model(model_fn)
     if uncond is None:
         raise ValueError("null-text inversion needs the unconditional conditioning")
     if inner_steps < 0:
         raise ValueError(f"inner_steps must be >= 0, got {inner_steps}")
-    bb = model.backbone
     pivots = ddim_inversion(model_fn, z0, grid)
     nfe = pivots.nfe
     cond = model.cond.select([0])
-    a, s = grid.alphas, grid.sigmas
     null = uncond.tensors["encoder_hidden_states"].detach().clone()
     per_step: list[Conditioning] = []
     losses: list[float] = []
     z = pivots.latents[0]
     for i in range(grid.num_steps):
-        t = grid.timesteps[i]
+        at = grid.at(i)
         target = pivots.latents[i + 1]
+
+        def step(u: Conditioning, raw_c: Tensor, z: Tensor = z, at: Point = at, i: int = i) -> Tensor:
+            """The guided DDIM step from ``z`` with unconditional input ``u`` (the conditional output given)."""
+            raw_u = model.predict_rows(z, at.timestep, u, frozen=True).float()
+            return ddim_update(model.to_pred(model.guide(raw_u, raw_c, guidance), z, at), grid, i)
+
         with torch.no_grad():
-            raw_c = bb.predict(z, t, cond).float()
+            raw_c = model.predict_rows(z, at.timestep, cond).float()
         nfe += 1
         # a fresh tensor per step: Adam updates it in place, and the previous steps keep theirs
         null = null.detach().clone().requires_grad_(True)
@@ -88,10 +94,7 @@ def null_text_inversion(
         loss_value = float("nan")
         for _ in range(inner_steps):
             with torch.enable_grad():
-                raw_u = bb.predict(z, t, uncond.replace(encoder_hidden_states=null)).float()
-                raw = bb.combine_guidance(raw_u, raw_c, guidance)
-                x_next = ddim_update(to_x0_eps(raw, z, a[i], s[i], bb.prediction), grid, i)
-                loss = torch.nn.functional.mse_loss(x_next, target)
+                loss = torch.nn.functional.mse_loss(step(uncond.replace(encoder_hidden_states=null), raw_c), target)
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
@@ -104,9 +107,7 @@ def null_text_inversion(
         per_step.append(step_uncond)
         losses.append(loss_value)
         with torch.no_grad():
-            raw_u = bb.predict(z, t, step_uncond).float()
-            raw = bb.combine_guidance(raw_u, raw_c, guidance)
-            z = ddim_update(to_x0_eps(raw, z, a[i], s[i], bb.prediction), grid, i)
+            z = step(step_uncond, raw_c)
         nfe += 1
     log.info("null-text inversion: final step loss %.3g", losses[-1] if losses else float("nan"))
     return Trajectory(

@@ -104,7 +104,7 @@ def released_ddim_inversion(
     x = z0
     for j in range(n, 0, -1):
         k = j - 1  # the model runs at the grid's timestep k (ascending as j falls)
-        eps = model_fn(x, k).eps
+        eps = model_fn(x, grid.at(k)).eps
         if lambda_ac > 0 or lambda_kl > 0:
             eps = regularise(eps, lambda_ac=lambda_ac, lambda_kl=lambda_kl, reg_steps=reg_steps,
                              ac_rolls=ac_rolls, rng=rng)  # fmt: skip

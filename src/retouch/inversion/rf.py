@@ -27,7 +27,7 @@ from retouch.control.contract import Editor, StepContext
 from retouch.inversion.checks import check_start
 from retouch.inversion.naive import flow_euler_inversion
 from retouch.solvers import ModelFn
-from retouch.types import NoiseGrid, Pred, Prediction, Trajectory, to_x0_eps
+from retouch.types import NoiseGrid, Point, Pred, Prediction, Trajectory, to_x0_eps
 
 
 def _with_velocity(p: Pred, u_hat: Tensor, x: Tensor, sigma: Tensor) -> Pred:
@@ -63,9 +63,9 @@ def rf_inversion(
     if schedule == "community":
         return _community_forward(model_fn, z0, grid, y1, gamma)
 
-    def controlled(x: Tensor, k: int) -> Pred:
-        p = model_fn(x, k)
-        s = grid.sigmas[k]
+    def controlled(x: Tensor, at: Point) -> Pred:
+        p = model_fn(x, at)
+        s = at.sigma
         u = p.velocity
         u_cond = (y1 - x) / (1 - s)
         return _with_velocity(p, u + gamma * (u_cond - u), x, s)
@@ -76,15 +76,12 @@ def rf_inversion(
 
 def _community_forward(model_fn: ModelFn, z0: Tensor, grid: NoiseGrid, y1: Tensor, gamma: float) -> Trajectory:
     """The forward loop of diffusers' community RF-Inversion pipeline (module docstring), step for step."""
-    at_sigma = getattr(model_fn, "at_sigma", None)
-    if at_sigma is None:
-        raise TypeError("the community schedule evaluates off the grid; the model function needs .at_sigma")
     n = grid.num_steps
     x = z0
     latents = [z0]
     for i in range(n):
         t = torch.tensor(i / (n + 1), dtype=torch.float32)
-        u = at_sigma(x, t, n - 1 - i).velocity
+        u = model_fn(x, grid.between(n - 1 - i, t)).velocity
         u_hat = u + gamma * ((y1 - x) / (1 - t) - u)
         x = x + (grid.sigmas[i] - grid.sigmas[i + 1]) * u_hat
         latents.append(x)
