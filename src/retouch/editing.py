@@ -1,10 +1,11 @@
 """The one composition point: backbone + inversion + editor + solver -> EditResult.
 
-encode (image -> latent, prompts -> conditioning)
-  -> invert (latent -> trajectory)
-  -> install the editor (reversible)
-  -> solve source and target branches in one batch with classifier-free guidance
-  -> decode and report (timings, NFE, config, seed)
+encode (image -> latent, prompts -> conditioning)       encode_inputs
+  -> plan (grid, editor, guidance, mask, token merger)    plan_run
+  -> install the editor (reversible)                      attention_editing + Editor.install
+  -> invert (latent -> trajectory)                        invert
+  -> sample source and target branches in one batch       sample (the shared solvers.sample loop)
+  -> decode and report (timings, NFE, config, seed)       decode, make_report
 """
 
 from __future__ import annotations
@@ -474,6 +475,218 @@ def edit(
         )  # fmt: skip
 
 
+@dataclass
+class Run:
+    """What one edit runs with once its inputs are encoded (:func:`plan_run`)."""
+
+    z0: Tensor  # the image latent [1, C, h, w]
+    cond: Conditioning  # the branches' conditioning [source, target]
+    uncond: Conditioning | None
+    inv_cond: Conditioning  # the inversion's conditioning (one row)
+    grid: NoiseGrid  # the grid the run inverts and samples on (after the editor's start)
+    editor: Editor
+    guidance: float | tuple[float, ...]  # one scale, or one per branch (FlowEdit)
+    source_branch: bool
+    noise: Noise
+    latent_mask: Tensor | None = None
+    mask_nfe: int = 0
+    start: int = 0  # grid steps the editor skips at the noisy end
+    recorder: Any = None  # the attention recorder of record_attention
+    merger: Any = None
+
+
+def plan_run(
+    backbone: Backbone,
+    cfg: EditConfig,
+    res: Resolved,
+    encoded: tuple[Tensor, Conditioning, Conditioning | None, Conditioning],
+    image_hw: tuple[int, int],
+    source_text: str,
+    generator: torch.Generator,
+    timings: dict[str, float],
+    *,
+    mask_spec: masks.MaskSpec | None,
+    noise: Noise | None,
+    record_attention: bool,
+) -> Run:
+    """The run's grid, editor, per-branch guidance, mask and token merger, from the encoded inputs."""
+    z0, cond, uncond, inv_cond = encoded
+    total = schedules.skipped_steps(res.num_steps, cfg.inversion.skip or 0.0)
+    grid = backbone.grid(res.solver.grid, total, (z0.shape[-2], z0.shape[-1]))
+    if total != res.num_steps:  # skip: start part-way down the schedule
+        grid = schedules.tail(grid, res.num_steps)
+    editor: Editor | None = get_editor(res.editor, backbone.family).build(backbone, cfg, dict(cfg.options))
+    if noise is None:
+
+        def noise(shape: Sequence[int]) -> Tensor:
+            return backbone.randn_latent(shape, generator).to(backbone.device)
+
+    if editor is None:
+        editor = IdentityEditor()
+    per_branch = editor.branch_guidance(res.guidance)
+    guidance: float | tuple[float, ...] = res.guidance
+    if per_branch is not None:  # e.g. FlowEdit: its own guidance scale for each branch
+        guidance = tuple(per_branch)
+        cond = Conditioning.cat(
+            [backbone.encode_prompt([p], image_size=image_hw, guidance=g)
+             for p, g in zip((source_text, cfg.target_prompt), guidance, strict=True)]
+        )  # fmt: skip
+    source_branch = bool(editor.source_branch)
+    if not source_branch and res.source_correction:
+        raise ValueError(f"method {cfg.method!r} runs without a source branch; it cannot pin one (Direct Inversion)")
+    recorder = None
+    if record_attention:
+        from retouch.control.compose import ComposedEditor
+        from retouch.control.recorder import AttentionRecorder
+
+        recorder = AttentionRecorder(backbone.text_segments()[0], [cfg.source_prompt, cfg.target_prompt])
+        editor = ComposedEditor([editor, recorder])
+    latent_mask, mask_nfe = None, 0
+    if mask_spec is not None:
+        with _timed(timings, "mask"):
+            latent_mask, mask_nfe = run_mask(backbone, mask_spec, cfg, z0, cond, grid, image_hw)
+    latent_mask = editor.set_mask(latent_mask)  # editors built on a mask (KV-Edit) check and shape it
+    start = editor.grid_start(grid.num_steps)
+    if start:  # the editor skips the noisiest steps: it inverts and samples on the rest of the grid
+        grid = schedules.tail(grid, grid.num_steps - start)
+    return Run(
+        z0=z0, cond=cond, uncond=uncond, inv_cond=inv_cond, grid=grid, editor=editor, guidance=guidance,
+        source_branch=source_branch, noise=noise, latent_mask=latent_mask, mask_nfe=mask_nfe, start=start,
+        recorder=recorder, merger=make_merger(backbone, cfg),
+    )  # fmt: skip
+
+
+def invert(
+    backbone: Backbone,
+    cfg: EditConfig,
+    res: Resolved,
+    run: Run,
+    state: EditState,
+    generator: torch.Generator,
+    progress: Progress | None,
+) -> Trajectory:
+    """Invert the image latent on the run's grid (the editor installed: it may record features) and hand the
+    trajectory to the editor."""
+    n_run = run.grid.num_steps
+    state.phase = "invert"
+    uncond = run.uncond.select([0]) if run.uncond is not None else None
+    model = GuidedModel(backbone, run.grid, run.inv_cond, uncond, cfg.inversion.guidance, state)
+    if progress:  # inversions walk the grid from point N (clean) to 0 (noise)
+        model.on_eval = lambda k: progress("invert", n_run - k, n_run)
+    traj = run_inversion(
+        run.z0, run.grid, model, cfg.inversion, res.base_inversion, generator,
+        uncond=uncond, guidance=res.guidance, noise=run.noise,
+    )  # fmt: skip
+    run.editor.begin(traj)
+    if progress:
+        progress("invert", n_run, n_run)  # close the bar whatever the last k was
+    return traj
+
+
+def sample(
+    backbone: Backbone,
+    res: Resolved,
+    run: Run,
+    traj: Trajectory,
+    state: EditState,
+    generator: torch.Generator,
+    *,
+    on_step: Callable[[int, Tensor], None] | None,
+    progress: Progress | None,
+) -> tuple[Tensor, HookedModel, float | tuple[float, ...]]:
+    """Sample the branches under the editor; returns the final latents, the model function (its NFE) and the
+    guidance the branches ran with."""
+    state.phase = "sample"
+    cond = run.editor.prepare_conditioning(run.cond, run.uncond)  # e.g. Pix2Pix-Zero's edit direction
+    uncond, guidance = run.uncond, run.guidance
+    if not run.source_branch:  # the reference runs the target alone (e.g. RF-Inversion's own pipeline)
+        cond = cond.select([1])
+        uncond = uncond.select([1]) if uncond is not None else None
+        guidance = guidance[1:] if isinstance(guidance, tuple) else guidance
+    guided = GuidedModel(backbone, run.grid, cond, uncond, guidance, state)
+    x, model = sample_branches(
+        run.editor, guided, traj, run.grid, res, state, generator, run.noise, run.z0,
+        latent_mask=run.latent_mask, source_branch=run.source_branch, on_step=on_step, progress=progress,
+    )  # fmt: skip
+    state.step = -1
+    state.phase = "other"
+    return x, model, guidance
+
+
+def decode(
+    backbone: Backbone, x: Tensor, traj: Trajectory, run: Run, size_note: dict[str, Any]
+) -> tuple[Image.Image | None, Image.Image]:
+    """The source branch's reconstruction (None without one) and the edited image, at the output size; with a
+    mask, pixels outside it come from the image's own VAE round trip."""
+    decoded = backbone.decode(x.to(backbone.dtype)).float()
+    if run.latent_mask is not None:
+        round_trip = backbone.decode(traj.latents[-1].to(backbone.dtype)).float()
+        decoded = masks.composite(decoded, round_trip, run.latent_mask, first_target=int(run.source_branch))
+    recon = restore_size(io.tensor_to_pil(decoded[0]), size_note) if run.source_branch else None
+    return recon, restore_size(io.tensor_to_pil(decoded[-1]), size_note)
+
+
+def make_report(
+    backbone: Backbone,
+    cfg: EditConfig,
+    res: Resolved,
+    run: Run,
+    traj: Trajectory,
+    *,
+    sampling_nfe: int,
+    guidance: float | tuple[float, ...],
+    state: EditState,
+    timings: dict[str, float],
+    size_note: dict[str, Any],
+    estimate: Any,
+    mask_spec: masks.MaskSpec | None,
+    source_text: str,
+) -> dict[str, Any]:
+    """The run's report (the sidecar JSON): what ran, its NFE, timings, sizes, memory and mask."""
+    report = {
+        "model": backbone.name,
+        "family": backbone.family,
+        "method": cfg.method,
+        "editor": res.editor,
+        "inversion": res.inversion,
+        "solver": res.solver.name,
+        "seed": cfg.seed,
+        "num_steps": res.num_steps,
+        "guidance": list(guidance) if isinstance(guidance, tuple) else res.guidance,
+        "source_branch": run.source_branch,
+        "source_branch_prompt": source_text,
+        "nfe": {
+            "inversion": traj.nfe,
+            "sampling": sampling_nfe,
+            "total": traj.nfe + sampling_nfe + run.mask_nfe,
+        },  # fmt: skip
+        "timings": {k: round(v, 4) for k, v in timings.items()},
+        "size": size_note,
+        "memory_estimate": estimate.to_dict(),
+        "attention_calls": {
+            "total": state.calls,
+            "materialised": state.prob_calls,
+            "block": state.block_calls,
+        },
+        "merge": run.merger.report() if run.merger is not None else None,
+        "inversion_extras": {k: v for k, v in traj.extras.items() if isinstance(v, (int, float, tuple, list))},
+        "config": cfg.to_dict(),
+        "device": str(backbone.device),
+        "dtype": str(backbone.dtype).removeprefix("torch."),
+    }
+    if run.mask_nfe:
+        report["nfe"]["mask"] = run.mask_nfe
+    if run.start:
+        report["start_step"] = run.start
+    if run.latent_mask is not None or mask_spec is not None:
+        report["mask"] = {
+            "source": mask_spec.describe() if mask_spec is not None else None,
+            "coverage": masks.coverage(run.latent_mask) if run.latent_mask is not None else None,
+            "latent_hw": [run.z0.shape[-2], run.z0.shape[-1]],
+        }
+    return report
+
+
 def _edit(
     backbone: Backbone,
     cfg: EditConfig,
@@ -491,149 +704,39 @@ def _edit(
     noise: Noise | None,
     on_step: Callable[[int, Tensor], None] | None,
 ) -> EditResult:
+    """encode -> plan -> install -> invert -> sample -> decode -> report."""
     source_text = cfg.source_prompt if res.source_branch_prompt is None else res.source_branch_prompt
     timings: dict[str, float] = {}
     t_start = time.perf_counter()
+    hw = (img.size[1], img.size[0])
     with torch.no_grad():
         with _timed(timings, "encode"):
-            hw = (img.size[1], img.size[0])
-            z0, cond, uncond, inv_cond = encode_inputs(backbone, cfg, res, img, source_text, generator, latent)
-
-        latent_hw = (z0.shape[-2], z0.shape[-1])
-        total = schedules.skipped_steps(res.num_steps, cfg.inversion.skip or 0.0)
-        grid = backbone.grid(res.solver.grid, total, latent_hw)
-        if total != res.num_steps:  # skip: start part-way down the schedule
-            grid = schedules.tail(grid, res.num_steps)
-        editor = get_editor(res.editor, backbone.family).build(backbone, cfg, dict(cfg.options))
-        if noise is None:
-
-            def noise(shape: Sequence[int]) -> Tensor:
-                return backbone.randn_latent(shape, generator).to(backbone.device)
-
-        if editor is None:
-            editor = IdentityEditor()
-        per_branch = editor.branch_guidance(res.guidance)
-        guidance: float | tuple[float, ...] = res.guidance
-        if per_branch is not None:  # e.g. FlowEdit: its own guidance scale for each branch
-            guidance = tuple(per_branch)
-            with torch.no_grad():
-                cond = Conditioning.cat(
-                    [backbone.encode_prompt([p], image_size=hw, guidance=g)
-                     for p, g in zip((source_text, cfg.target_prompt), guidance, strict=True)]
-                )  # fmt: skip
-        source_branch = bool(editor.source_branch)
-        if not source_branch and res.source_correction:
-            raise ValueError(
-                f"method {cfg.method!r} runs without a source branch; it cannot pin one (Direct Inversion)"
-            )
-        recorder = None
-        if record_attention:
-            from retouch.control.compose import ComposedEditor
-            from retouch.control.recorder import AttentionRecorder
-
-            recorder = AttentionRecorder(backbone.text_segments()[0], [cfg.source_prompt, cfg.target_prompt])
-            editor = ComposedEditor([editor, recorder])
-
-        latent_mask, mask_nfe = None, 0
-        if mask_spec is not None:
-            with _timed(timings, "mask"):
-                latent_mask, mask_nfe = run_mask(backbone, mask_spec, cfg, z0, cond, grid, hw)
-        latent_mask = editor.set_mask(latent_mask)  # editors built on a mask (KV-Edit) check and shape it
-        start = editor.grid_start(grid.num_steps)
-        if start:  # the editor skips the noisiest steps: it inverts and samples on the rest of the grid
-            grid = schedules.tail(grid, grid.num_steps - start)
-        n_run = grid.num_steps
-
-        merger = make_merger(backbone, cfg)
-        with attention_editing(backbone, editor, merger=merger) as state, ExitStack() as hooks:
-            state.num_steps = n_run
-            hooks.enter_context(editor.install(backbone, state))  # e.g. feature injection (reversible)
+            encoded = encode_inputs(backbone, cfg, res, img, source_text, generator, latent)
+        run = plan_run(
+            backbone, cfg, res, encoded, hw, source_text, generator, timings,
+            mask_spec=mask_spec, noise=noise, record_attention=record_attention,
+        )  # fmt: skip
+        with attention_editing(backbone, run.editor, merger=run.merger) as state, ExitStack() as hooks:
+            state.num_steps = run.grid.num_steps
+            hooks.enter_context(run.editor.install(backbone, state))  # e.g. feature injection (reversible)
             with _timed(timings, "invert"):
-                state.phase = "invert"
-                inv_model = GuidedModel(
-                    backbone,
-                    grid,
-                    inv_cond,
-                    uncond.select([0]) if uncond is not None else None,
-                    cfg.inversion.guidance,
-                    state,
-                )
-                if progress:  # inversions walk the grid from point N (clean) to 0 (noise)
-                    inv_model.on_eval = lambda k: progress("invert", n_run - k, n_run)
-                traj = run_inversion(
-                    z0, grid, inv_model, cfg.inversion, res.base_inversion, generator,
-                    uncond=uncond.select([0]) if uncond is not None else None, guidance=res.guidance, noise=noise,
-                )  # fmt: skip
-            editor.begin(traj)
-            if progress:
-                progress("invert", n_run, n_run)  # close the bar whatever the last k was
-
+                traj = invert(backbone, cfg, res, run, state, generator, progress)
             with _timed(timings, "sample"):
-                state.phase = "sample"
-                cond = editor.prepare_conditioning(cond, uncond)  # e.g. Pix2Pix-Zero's edit direction
-                if not source_branch:  # the reference runs the target alone (e.g. RF-Inversion's own pipeline)
-                    cond = cond.select([1])
-                    uncond = uncond.select([1]) if uncond is not None else None
-                    guidance = guidance[1:] if isinstance(guidance, tuple) else guidance
-                guided = GuidedModel(backbone, grid, cond, uncond, guidance, state)
-                x, model = sample_branches(
-                    editor, guided, traj, grid, res, state, generator, noise, z0,
-                    latent_mask=latent_mask, source_branch=source_branch, on_step=on_step, progress=progress,
-                )  # fmt: skip
-                state.step = -1
-                state.phase = "other"
-
+                x, model, guidance = sample(
+                    backbone, res, run, traj, state, generator, on_step=on_step, progress=progress
+                )
         with _timed(timings, "decode"):
-            decoded = backbone.decode(x.to(backbone.dtype)).float()
-            if latent_mask is not None:
-                round_trip = backbone.decode(traj.latents[-1].to(backbone.dtype)).float()
-                decoded = masks.composite(decoded, round_trip, latent_mask, first_target=int(source_branch))
-            recon_img = restore_size(io.tensor_to_pil(decoded[0]), size_note) if source_branch else None
-            edited_img = restore_size(io.tensor_to_pil(decoded[-1]), size_note)
-
+            recon_img, edited_img = decode(backbone, x, traj, run, size_note)
     timings["total"] = time.perf_counter() - t_start
-    report = {
-        "model": backbone.name,
-        "family": backbone.family,
-        "method": cfg.method,
-        "editor": res.editor,
-        "inversion": res.inversion,
-        "solver": res.solver.name,
-        "seed": cfg.seed,
-        "num_steps": res.num_steps,
-        "guidance": list(guidance) if isinstance(guidance, tuple) else res.guidance,
-        "source_branch": source_branch,
-        "source_branch_prompt": source_text,
-        "nfe": {"inversion": traj.nfe, "sampling": model.nfe, "total": traj.nfe + model.nfe + mask_nfe},
-        "timings": {k: round(v, 4) for k, v in timings.items()},
-        "size": size_note,
-        "memory_estimate": estimate.to_dict(),
-        "attention_calls": {
-            "total": state.calls,
-            "materialised": state.prob_calls,
-            "block": state.block_calls,
-        },
-        "merge": merger.report() if merger is not None else None,
-        "inversion_extras": {k: v for k, v in traj.extras.items() if isinstance(v, (int, float, tuple, list))},
-        "config": cfg.to_dict(),
-        "device": str(backbone.device),
-        "dtype": str(backbone.dtype).removeprefix("torch."),
-    }
-    if mask_nfe:
-        report["nfe"]["mask"] = mask_nfe
-    if start:
-        report["start_step"] = start
-    if latent_mask is not None or mask_spec is not None:
-        report["mask"] = {
-            "source": mask_spec.describe() if mask_spec is not None else None,
-            "coverage": masks.coverage(latent_mask) if latent_mask is not None else None,
-            "latent_hw": list(latent_hw),
-        }
+    report = make_report(
+        backbone, cfg, res, run, traj, sampling_nfe=model.nfe, guidance=guidance, state=state, timings=timings,
+        size_note=size_note, estimate=estimate, mask_spec=mask_spec, source_text=source_text,
+    )  # fmt: skip
     extras: dict[str, Any] = {}
-    if latent_mask is not None:
-        extras["mask"] = latent_mask
-    if recorder is not None:
-        extras["attention_maps"] = dict(zip(("source", "target"), recorder.maps(), strict=True))
+    if run.latent_mask is not None:
+        extras["mask"] = run.latent_mask
+    if run.recorder is not None:
+        extras["attention_maps"] = dict(zip(("source", "target"), run.recorder.maps(), strict=True))
     return EditResult(
         extras=extras,
         image=edited_img,
