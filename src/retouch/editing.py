@@ -339,66 +339,6 @@ def encode_inputs(
     return z0, cond, uncond, inv_cond
 
 
-def sample_branches(
-    editor: Editor,
-    guided: GuidedModel,
-    traj: Trajectory,
-    grid: NoiseGrid,
-    res: Resolved,
-    state: EditState,
-    generator: torch.Generator,
-    noise: Noise,
-    z0: Tensor,
-    *,
-    latent_mask: Tensor | None,
-    source_branch: bool,
-    on_step: Callable[[int, Tensor], None] | None = None,
-    progress: Progress | None = None,
-) -> tuple[Tensor, HookedModel]:
-    """Sample every branch from the inversion's noise over ``grid`` with the shared loop
-    (:func:`retouch.solvers.sample`) and the editor's step hooks, or with the editor's own loop where it has
-    one; returns the final latents and the model function (which counted the NFE)."""
-    n_run = grid.num_steps
-    latent_hw = (traj.noise.shape[-2], traj.noise.shape[-1])
-    cond = guided.cond
-    # e.g. LEDITS++: its own batch of edit-concept rows; then the editor's prediction hook
-    model = HookedModel(editor.wrap_model(guided), guided, editor, n_run, latent_mask)
-    own = editor.sample(model, z0, grid, noise)  # a loop of its own (FlowEdit's inversion-free ODE)
-    if own is not None:
-        return own, model
-    solver_state: dict[str, Any] = {"generator": generator}
-    if "noise_maps" in traj.extras:  # edit-friendly DDPM inversion: the ddpm solver replays them
-        solver_state["noise_maps"] = traj.extras["noise_maps"]
-    per_step_uncond = traj.extras.get("uncond_per_step")
-    current: list[StepContext] = []
-
-    def before(i: int, x: Tensor) -> Tensor | None:
-        state.step = i
-        if per_step_uncond is not None:  # null-text / negative-prompt inversion
-            guided.set_uncond(per_step_uncond[i].repeat(cond.batch_size))
-        step_cond = editor.step_conditioning(guided.context(i, n_run, latent_hw, latent_mask), cond)
-        guided.set_cond(cond if step_cond is None else step_cond)  # e.g. per-step embedding mixing
-        current[:] = [guided.context(i, n_run, latent_hw, latent_mask)]
-        return editor.before_step(current[0], x, model)  # e.g. latent guidance (Pix2Pix-Zero)
-
-    def after(i: int, x: Tensor) -> Tensor:
-        if res.source_correction:  # Direct Inversion: pin the source branch to z*_{i+1}
-            x = torch.cat([traj.latents[i + 1], x[1:]])
-        out = editor.after_step(current[0], x)
-        x = x if out is None else out
-        if latent_mask is not None:  # keep the source trajectory outside the mask
-            x = masks.blend(x, traj.latents[i + 1], latent_mask, range(int(source_branch), x.shape[0]))
-        if on_step is not None:
-            on_step(i, x)
-        if progress:
-            progress("sample", i + 1, n_run)
-        return x
-
-    x = traj.noise.repeat(cond.batch_size, 1, 1, 1)
-    x = solvers.sample(model, x, grid, res.solver, before=before, callback=after, state=solver_state)
-    return x, model
-
-
 def edit(
     backbone: Backbone,
     image: Image.Image,
@@ -594,20 +534,55 @@ def sample(
     on_step: Callable[[int, Tensor], None] | None,
     progress: Progress | None,
 ) -> tuple[Tensor, HookedModel, float | tuple[float, ...]]:
-    """Sample the branches under the editor; returns the final latents, the model function (its NFE) and the
-    guidance the branches ran with."""
+    """Sample every branch from the inversion's noise over the run's grid with the shared loop
+    (:func:`retouch.solvers.sample`) and the editor's step hooks, or with the editor's own loop where it has
+    one; returns the final latents, the model function (which counted the NFE) and the guidance the branches
+    ran with."""
     state.phase = "sample"
-    cond = run.editor.prepare_conditioning(run.cond, run.uncond)  # e.g. Pix2Pix-Zero's edit direction
+    editor, grid, latent_mask = run.editor, run.grid, run.latent_mask
+    cond = editor.prepare_conditioning(run.cond, run.uncond)  # e.g. Pix2Pix-Zero's edit direction
     uncond, guidance = run.uncond, run.guidance
     if not run.source_branch:  # the reference runs the target alone (e.g. RF-Inversion's own pipeline)
         cond = cond.select([1])
         uncond = uncond.select([1]) if uncond is not None else None
         guidance = guidance[1:] if isinstance(guidance, tuple) else guidance
-    guided = GuidedModel(backbone, run.grid, cond, uncond, guidance, state)
-    x, model = sample_branches(
-        run.editor, guided, traj, run.grid, res, state, generator, run.noise, run.z0,
-        latent_mask=run.latent_mask, source_branch=run.source_branch, on_step=on_step, progress=progress,
-    )  # fmt: skip
+    guided = GuidedModel(backbone, grid, cond, uncond, guidance, state)
+    n_run = grid.num_steps
+    latent_hw = (traj.noise.shape[-2], traj.noise.shape[-1])
+    # e.g. LEDITS++: its own batch of edit-concept rows; then the editor's prediction hook
+    model = HookedModel(editor.wrap_model(guided), guided, editor, n_run, latent_mask)
+    x = editor.sample(model, run.z0, grid, run.noise)  # a loop of its own (FlowEdit's inversion-free ODE)
+    if x is None:
+        solver_state: dict[str, Any] = {"generator": generator}
+        if "noise_maps" in traj.extras:  # edit-friendly DDPM inversion: the ddpm solver replays them
+            solver_state["noise_maps"] = traj.extras["noise_maps"]
+        per_step_uncond = traj.extras.get("uncond_per_step")
+        current: list[StepContext] = []
+
+        def before(i: int, x: Tensor) -> Tensor | None:
+            state.step = i
+            if per_step_uncond is not None:  # null-text / negative-prompt inversion
+                guided.set_uncond(per_step_uncond[i].repeat(cond.batch_size))
+            step_cond = editor.step_conditioning(guided.context(i, n_run, latent_hw, latent_mask), cond)
+            guided.set_cond(cond if step_cond is None else step_cond)  # e.g. per-step embedding mixing
+            current[:] = [guided.context(i, n_run, latent_hw, latent_mask)]
+            return editor.before_step(current[0], x, model)  # e.g. latent guidance (Pix2Pix-Zero)
+
+        def after(i: int, x: Tensor) -> Tensor:
+            if res.source_correction:  # Direct Inversion: pin the source branch to z*_{i+1}
+                x = torch.cat([traj.latents[i + 1], x[1:]])
+            out = editor.after_step(current[0], x)
+            x = x if out is None else out
+            if latent_mask is not None:  # keep the source trajectory outside the mask
+                x = masks.blend(x, traj.latents[i + 1], latent_mask, range(int(run.source_branch), x.shape[0]))
+            if on_step is not None:
+                on_step(i, x)
+            if progress:
+                progress("sample", i + 1, n_run)
+            return x
+
+        x = traj.noise.repeat(cond.batch_size, 1, 1, 1)
+        x = solvers.sample(model, x, grid, res.solver, before=before, callback=after, state=solver_state)
     state.step = -1
     state.phase = "other"
     return x, model, guidance
