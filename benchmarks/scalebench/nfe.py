@@ -194,19 +194,19 @@ def time_nfes(
                 editor = plan.editor if plan else None
                 state = stack.enter_context(attention_editing(bb, editor, merger=merger))
                 state.num_steps, state.phase, state.step = num_steps, "sample", v.step
-                if editor is not None and hasattr(editor, "install"):
+                if editor is not None:
                     stack.enter_context(editor.install(bb, state))
                 if _mask_editor(editor) and not getattr(editor, "inversion_free", True):  # fill KV-Edit's cache
                     state.phase = "invert"
                     inv_guidance = plan.resolved.config.inversion.guidance
                     inv_uncond = uncond.select([0]) if uncond is not None else None
-                    GuidedModel(bb, grid, cond.select([0]), inv_uncond, inv_guidance, state)(x[:1], v.step)
+                    GuidedModel(bb, grid, cond.select([0]), inv_uncond, inv_guidance, state)(x[:1], grid.at(v.step))
                     state.phase, state.calls = "sample", 0
             model = GuidedModel(bb, grid, cond, uncond, guidance, state)
             with meter.measure() as mem:
                 _sync(device)
                 t = time.perf_counter()
-                pred = model(x, v.step)
+                pred = model(x, grid.at(v.step))
                 _sync(device)
                 elapsed = time.perf_counter() - t
             if not record:
