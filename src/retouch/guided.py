@@ -96,7 +96,7 @@ class GuidedModel:
         """The :class:`StepContext` of sampling step ``step`` with this model's layout and conditioning."""
         return StepContext(
             step=step, num_steps=num_steps, grid=self.grid, layout=self.layout, latent_hw=latent_hw,
-            cond=self.cond, mask=mask,
+            cond=self.cond, mask=mask, uncond=self.uncond if self.cfg else None,
         )  # fmt: skip
 
     def _forward(self, inp: Tensor, timestep: Tensor, cond: Conditioning) -> Tensor:

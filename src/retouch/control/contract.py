@@ -33,6 +33,7 @@ function they are handed (:class:`GuidedPrediction`), never through another obje
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -57,7 +58,8 @@ class StepContext:
     ``step`` is the loop's step index ``i`` (0 = noisiest); the step goes from grid point ``i`` to ``i + 1``
     of ``grid`` (so :attr:`sigma` / :attr:`sigma_next` are the step's two ends). ``layout`` is the model
     batch's layout (branch 0 the source), ``cond`` the conditioning the step runs with (after
-    ``step_conditioning``), ``mask`` the run's latent mask (None without one).
+    ``step_conditioning``), ``uncond`` the unconditional conditioning of its classifier-free guidance (None
+    without guidance), ``mask`` the run's latent mask (None without one).
     """
 
     step: int
@@ -68,6 +70,7 @@ class StepContext:
     cond: Conditioning | None = None
     mask: Tensor | None = None
     phase: str = "sample"
+    uncond: Conditioning | None = None
 
     def __post_init__(self) -> None:
         if not 0 <= self.step <= self.grid.num_steps:
@@ -97,10 +100,7 @@ class StepContext:
 
     def at(self, step: int) -> StepContext:
         """The same context at another grid point (a prediction hook is called at every evaluated point)."""
-        return StepContext(
-            step=step, num_steps=self.num_steps, grid=self.grid, layout=self.layout, latent_hw=self.latent_hw,
-            cond=self.cond, mask=self.mask, phase=self.phase,
-        )  # fmt: skip
+        return dataclasses.replace(self, step=step)
 
 
 class GuidedPrediction(Protocol):

@@ -150,7 +150,6 @@ class PixToPixZero(Editor):
         self.released_guidance = released_guidance
         self.negative = negative  # every row's unconditional conditioning (negative_source), or None
         self._cond_latents: Tensor | None = None  # released_guidance: the conditional half's guided latents
-        self._guided: GuidedModel | None = None  # the run's guided model (handed to wrap_model)
         self._maps: dict[str, Tensor] | None = None  # set while recording one forward
         self._source_step: Tensor | None = None
         self.last_loss: tuple[float, float] | None = None  # (map distance, squared gradient norm) of the last step
@@ -232,11 +231,10 @@ class PixToPixZero(Editor):
     def _released_step(self, ctx: StepContext, x: Tensor, model: GuidedPrediction) -> Tensor:
         """The released code's SGD step on the CFG batch (module docstring): returns the unconditional half's
         guided latents and keeps the conditional half's for :meth:`wrap_model`'s prediction."""
-        guided = self._guided
-        if guided is None or guided.uncond is None or not guided.cfg or ctx.cond is None:
+        if ctx.uncond is None or ctx.cond is None:
             raise ValueError("released_guidance needs classifier-free guidance (guidance != 1)")
         t = ctx.timestep
-        halves = (guided.uncond, ctx.cond)
+        halves = (ctx.uncond, ctx.cond)
         with torch.no_grad():
             refs = [self._text_maps(model, x[:1], t, h.select([0])) for h in halves]
         moved: list[list[Tensor]] = [[x[:1]], [x[:1]]]
@@ -255,7 +253,6 @@ class PixToPixZero(Editor):
         return torch.cat(moved[0])
 
     def wrap_model(self, model: GuidedModel) -> GuidedPrediction:
-        self._guided = model
         if self.negative is not None:
             if model.uncond is None:
                 raise ValueError("negative_source needs classifier-free guidance (guidance != 1)")
