@@ -5,8 +5,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
+from typing import Any
 
-from retouch.types import Trajectory
+from torch import Tensor
+
+from retouch.solvers import ModelFn
+from retouch.types import NoiseGrid, Trajectory
 
 Inverter = Callable[..., Trajectory]
 
@@ -21,8 +25,22 @@ class Inversion:
     source_correction: bool = False  # the sampling loop pins the source branch to the trajectory
 
 
+def direct_inversion(
+    model_fn: ModelFn, z0: Tensor, grid: NoiseGrid, *, base: str = "ddim", **kwargs: Any
+) -> Trajectory:
+    """Direct Inversion (:mod:`retouch.inversion.direct`): the base inversion's trajectory, marked for source
+    correction."""
+    traj = get_inversion(base).invert(model_fn, z0, grid, **kwargs)
+    return Trajectory(
+        latents=traj.latents,
+        grid=traj.grid,
+        nfe=traj.nfe,
+        extras={**traj.extras, "source_correction": True, "base": base},
+    )
+
+
 def _registry() -> dict[str, Inversion]:
-    from retouch.inversion import ddpm, direct, dpm, naive, null_text, p2pzero, rf
+    from retouch.inversion import ddpm, dpm, naive, null_text, p2pzero, rf
 
     items = (
         Inversion(
@@ -93,7 +111,7 @@ def _registry() -> dict[str, Inversion]:
         ),
         Inversion(
             "direct",
-            direct.direct_inversion,
+            direct_inversion,
             "*",
             ("sd", "pixart", "sd3", "flux", "qwenimage", "sana", "flux2", "zimage"),
             "Direct Inversion (Ju et al. 2024): the sampler's own inversion, then the source branch is "
