@@ -24,9 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from retouch.control.contract import GuidedPrediction
 from retouch.inversion.checks import check_start
 from retouch.schedules import released_inverse_alphas
-from retouch.solvers import ModelFn
 from retouch.types import NoiseGrid, Trajectory
 
 
@@ -73,7 +73,7 @@ def regularise(
 
 
 def released_ddim_inversion(
-    model_fn: ModelFn,
+    model_fn: GuidedPrediction,
     z0: Tensor,
     grid: NoiseGrid,
     *,
@@ -84,12 +84,9 @@ def released_ddim_inversion(
     reg_seed: int = 0,
 ) -> Trajectory:
     """Pix2Pix-Zero's released inversion (module docstring) on the sampling grid's timesteps. The scheduler's
-    ``alphas_cumprod`` table comes from the model's backbone (``model_fn.backbone.scheduler_config``)."""
+    ``alphas_cumprod`` table comes from the guided model's backbone (``model_fn.backbone.scheduler_config``)."""
     check_start(z0, grid)
-    backbone = getattr(model_fn, "backbone", None)
-    if backbone is None:
-        raise ValueError("Pix2Pix-Zero's released inversion needs a model with a backbone (its scheduler config)")
-    scheduler_config = backbone.scheduler_config
+    scheduler_config = model_fn.backbone.scheduler_config
     if grid.kind != "vp":
         raise ValueError("Pix2Pix-Zero's released inversion is a DDIM (VP) inversion")
     for label, v in (("lambda_ac", lambda_ac), ("lambda_kl", lambda_kl)):
