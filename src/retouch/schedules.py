@@ -146,6 +146,8 @@ def released_inverse_alphas(config: Mapping[str, Any], timesteps: Tensor) -> tup
 def tail(grid: NoiseGrid, num_steps: int) -> NoiseGrid:
     """The last ``num_steps`` steps of ``grid`` (its last ``num_steps + 1`` points): a run that starts part-way
     down the schedule, as LEDITS++ and edit-friendly DDPM inversion do with their ``skip``."""
+    if grid.flipped:
+        raise ValueError("tail() takes the end of a sampling grid, not of a flipped one")
     if not 1 <= num_steps <= grid.num_steps:
         raise ValueError(f"cannot take {num_steps} steps from a {grid.num_steps}-step grid")
     start = grid.num_steps - num_steps
