@@ -351,8 +351,11 @@ def _check_vocabulary(model: str, prompts: Sequence[str], strict: bool) -> None:
 
 
 def _check_method_options(spec: Any, options: dict[str, Any], method: str) -> None:
+    from retouch.presets import get_preset
+
+    preset = get_preset(method)  # the rules that relate options see the preset's values beside the user's
     try:
-        spec.check_options(options, f"method {method!r}")
+        spec.check_options({**(preset.options if preset is not None else {}), **options}, f"method {method!r}")
     except ValueError as exc:
         raise CliError(f"--option: {exc}") from None
 
