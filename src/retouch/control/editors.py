@@ -66,7 +66,7 @@ class EditorSpec:
     def make_options(self, options: Mapping[str, Any], owner: str | None = None) -> EditorOptions:
         """The options object: unknown names and wrong types raise ``ValueError`` naming ``owner`` (default the
         method), then the dataclass's value rules run."""
-        check_options(option_types(self.options), options, owner or f"method {self.name!r}")
+        self.check_options(options, owner)
         return self.options(**options)
 
     def build(self, backbone: Backbone, config: Any, options: Mapping[str, Any]) -> AttentionEditor | None:
@@ -76,9 +76,8 @@ class EditorSpec:
         return self.factory(backbone, config, opts)
 
     def check_options(self, options: Mapping[str, Any], owner: str | None = None) -> None:
-        """Option names, value types and value rules (:mod:`retouch.control.options`), before any model loads.
-        ``options`` may be partial: omitted options take their defaults."""
-        self.make_options(options, owner)
+        """Option names and value types only (the value rules run in :meth:`make_options`)."""
+        check_options(option_types(self.options), options, owner or f"method {self.name!r}")
 
 
 def _identity(backbone: Backbone, config: Any, materialize: bool = False) -> AttentionEditor:

@@ -206,6 +206,20 @@ class EditorOptions:
             raise self.error(name, f"must be {'>' if strict else '>='} {low}, got {value!r}")
 
 
+def describe_options(cls: type) -> list[dict[str, Any]]:
+    """``[{"name", "type", "default"}]`` of an options dataclass (``type`` in words, as the messages say it;
+    no ``default`` key for a required option), for ``retouch methods --json`` and forms."""
+    out = []
+    for f in dataclasses.fields(cls):
+        entry: dict[str, Any] = {"name": f.name, "type": _describe(field_types(cls)[f.name])}
+        if f.default is not dataclasses.MISSING:
+            entry["default"] = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            entry["default"] = f.default_factory()
+        out.append(entry)
+    return out
+
+
 @functools.cache
 def field_types(cls: type) -> dict[str, Any]:
     """``{field name: declared type}`` of an options dataclass, in field order."""
