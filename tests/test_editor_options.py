@@ -75,15 +75,13 @@ BAD = [
     ("ledits", {"edit_prompts": ["big", " "]}, "edit_prompts"),
     ("ledits", {"edit_prompts": ["big"], "reverse": [True, False]}, "reverse"),
     ("ledits", {"scales": [1.0, 2.0], "thresholds": [0.5]}, "thresholds"),
-    ("ledits", {"scales": -1.0}, "scales"),
-    ("ledits", {"thresholds": [0.5, 1.5]}, "thresholds"),
-    ("ledits", {"warmup": -1}, "warmup"),
-    ("ledits", {"cooldown": [2, -1]}, "cooldown"),
     ("ledits", {"masks": "box"}, "masks"),
     ("ledits", {"attention_tokens": "all"}, "attention_tokens"),
     ("ledits", {"concepts": "nouns"}, "concepts"),
     ("kv_edit", {"skip": -1}, "skip"),
     ("kv_edit", {"skip": 1.5}, "skip"),
+    ("kv_edit", {"attn_scale": float("nan")}, "attn_scale"),
+    ("kv_edit", {"inversion_free": True, "re_init": True}, "re_init"),
 ]
 
 

@@ -88,12 +88,7 @@ class KVEdit(Editor):
         seed: int = 0,
         source_cond: Any = None,
     ) -> None:
-        if skip < 0:
-            raise ValueError(f"kv_edit skip must be >= 0, got {skip}")
-        if not attn_scale == attn_scale or abs(attn_scale) > 1e3:
-            raise ValueError(f"kv_edit attn_scale must be a finite number, got {attn_scale}")
-        if inversion_free and re_init:
-            raise ValueError("re_init applies to the inversion-based KV-Edit; the inversion-free one has no inversion")
+        # the values are checked by KVEditOptions
         self.skip = skip
         self.re_init = re_init
         self.attn_mask = attn_mask
@@ -305,6 +300,12 @@ class KVEditOptions(EditorOptions):
 
     def validate(self) -> None:
         self.check_steps("skip")
+        if not abs(self.attn_scale) <= 1e3:  # NaN fails too
+            raise self.error("attn_scale", f"must be a finite number (|x| <= 1000), got {self.attn_scale}")
+        if self.inversion_free and self.re_init:
+            raise self.error(
+                "re_init", "applies to the inversion-based KV-Edit; the inversion-free one has no inversion"
+            )
 
 
 @takes_options(KVEditOptions)

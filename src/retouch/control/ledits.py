@@ -134,8 +134,6 @@ class SemanticGuidance(Editor):
     ) -> None:
         if not concepts:
             raise ValueError("LEDITS++ needs at least one edit concept")
-        if masks not in MASKS:
-            raise ValueError(f"masks must be one of {MASKS}, got {masks!r}")
         if len(token_positions) != len(concepts) or any(not p for p in token_positions):
             raise ValueError("every edit concept needs the token positions of its attention map")
         self.concepts = list(concepts)
@@ -322,11 +320,6 @@ class LeditsOptions(EditorOptions):
             first, *others = lengths.items()
             name, n = next((k, v) for k, v in others if v != first[1])
             raise self.error(name, f"has {n} values but {first[0]} has {first[1]}: give one value per edit concept")
-        for name, low, high in (("scales", 0, None), ("thresholds", 0, 1), ("warmup", 0, None), ("cooldown", 0, None)):
-            for v in _per_concept(getattr(self, name), 1):
-                if v is not None and (v < low or high is not None and v > high):
-                    span = f"in [{low}, {high}]" if high is not None else f">= {low}"
-                    raise self.error(name, f"must be {span} (each value), got {v!r}")
         self.check_choice("masks", MASKS)
         self.check_choice("attention_tokens", ATTENTION_TOKENS)
         self.check_choice("concepts", ("words", "prompts"))

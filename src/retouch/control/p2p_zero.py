@@ -133,8 +133,6 @@ class PixToPixZero(Editor):
         released_guidance: bool = False,
         negative: Conditioning | None = None,
     ) -> None:
-        if xa_guidance < 0:
-            raise ValueError(f"xa_guidance must be >= 0, got {xa_guidance}")
         self.direction = direction
         self.xa_guidance = xa_guidance
         self.guidance_steps = guidance_steps

@@ -134,8 +134,6 @@ class PlugAndPlay(Editor):
         source_prompt: str | None = None,
         negative_prompt: str | None = None,
     ) -> None:
-        if feature_steps < 0 or attn_steps < 0:
-            raise ValueError("feature_steps and attn_steps must be >= 0")
         if (source_prompt is not None or negative_prompt is not None) and backbone is None:
             raise ValueError("source_prompt / negative_prompt need the backbone to encode them")
         self.hook_paths = dict(hook_paths or {})  # feature block -> module hooked (its residual branch)
