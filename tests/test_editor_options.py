@@ -41,6 +41,7 @@ BAD = [
     ("p2p", {"self_steps": -0.1}, "self_steps"),
     ("p2p", {"blend_words": "cat"}, "blend_words"),
     ("p2p", {"blend_words": ["cat", "dog", "cow"]}, "blend_words"),
+    ("p2p", {"blend_words": [1, 2]}, "blend_words"),
     ("unified", {"blend_words": "one two three"}, "blend_words"),
     ("unified", {"start_step": 1.5}, "start_step"),
     ("unified", {"start_layer": -1}, "start_layer"),

@@ -99,8 +99,8 @@ def _text_rules(o: P2POptions | UnifiedOptions) -> None:
         if len(words.split()) != 2:
             raise o.error("blend_words", f"as a string is 'source_word target_word', got {words!r}")
         o.normalise("blend_words", tuple((w,) for w in words.split()))
-    elif len(words) != 2:
-        raise o.error("blend_words", f"as a list is [source words, target words], got {len(words)} entries")
+    elif len(words) != 2 or not all(isinstance(w, (str, list, tuple)) for w in words):
+        raise o.error("blend_words", f"as a list is [source words, target words], got {words!r}")
     else:
         o.normalise("blend_words", tuple(tuple(w.split() if isinstance(w, str) else map(str, w)) for w in words))
 
