@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import importlib
 import re
+import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -28,9 +30,15 @@ def run_blocks(heading: str) -> dict:
     body = sections(DOC.read_text())[heading]
     blocks = python_blocks(body)
     assert blocks, f"{heading} has no Python example"
-    namespace: dict = {"__name__": "extending_doc"}
-    for i, block in enumerate(blocks):
-        exec(compile(block, f"{DOC.name}:{heading}:block{i}", "exec"), namespace)  # noqa: S102
+    # a module of its own, as a user's file would be (dataclasses look their module up in sys.modules)
+    module = types.ModuleType("extending_doc")
+    namespace: dict = module.__dict__
+    sys.modules[module.__name__] = module
+    try:
+        for i, block in enumerate(blocks):
+            exec(compile(block, f"{DOC.name}:{heading}:block{i}", "exec"), namespace)  # noqa: S102
+    finally:
+        del sys.modules[module.__name__]
     return namespace
 
 

@@ -193,6 +193,7 @@ def models_info() -> dict[str, Any]:
 def methods_info() -> dict[str, Any]:
     from retouch.backbones import FAMILIES
     from retouch.control.editors import EDITORS
+    from retouch.control.options import describe_options
     from retouch.inversion import INVERSIONS
     from retouch.presets import PRESETS
     from retouch.solvers import SOLVERS
@@ -231,7 +232,13 @@ def methods_info() -> dict[str, Any]:
             for s in SOLVERS.values()
         ],
         "editors": [
-            {"name": e.name, "families": list(e.families), "description": e.description} for e in EDITORS.values()
+            {
+                "name": e.name,
+                "families": list(e.families),
+                "description": e.description,
+                "options": describe_options(e.options),
+            }
+            for e in EDITORS.values()
         ],
     }
 
@@ -351,8 +358,11 @@ def _check_vocabulary(model: str, prompts: Sequence[str], strict: bool) -> None:
 
 
 def _check_method_options(spec: Any, options: dict[str, Any], method: str) -> None:
+    from retouch.presets import get_preset
+
+    preset = get_preset(method)  # the rules that relate options see the preset's values beside the user's
     try:
-        spec.check_options(options, f"method {method!r}")
+        spec.make_options({**(preset.options if preset is not None else {}), **options}, f"method {method!r}")
     except ValueError as exc:
         raise CliError(f"--option: {exc}") from None
 

@@ -103,12 +103,7 @@ class FlowEditMethod(Editor):
     """
 
     def __init__(self, *, n_max: int, n_min: int = 0, n_avg: int = 1, source_guidance: float = 1.5) -> None:
-        if n_max < 0 or n_min < 0 or n_min > n_max:
-            raise ValueError(f"FlowEdit needs 0 <= n_min <= n_max, got n_min={n_min}, n_max={n_max}")
-        if n_avg < 1:
-            raise ValueError(f"n_avg must be >= 1, got {n_avg}")
-        if source_guidance < 0:
-            raise ValueError(f"source_guidance must be >= 0, got {source_guidance}")
+        # values checked by FlowEditOptions (retouch.control.editors); flowedit() checks them against the grid
         self.n_max, self.n_min, self.n_avg = n_max, n_min, n_avg
         self.source_guidance = source_guidance
         self.trace: dict[int, Tensor] = {}  # edit latent after each step (parity tests read a few)

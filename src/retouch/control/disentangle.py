@@ -48,7 +48,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -58,6 +58,7 @@ from torch.utils.checkpoint import checkpoint
 from retouch.backbones.base import Backbone
 from retouch.control.contract import Editor, StepContext
 from retouch.control.installer import EditState
+from retouch.control.options import EditorOptions, takes_options
 from retouch.control.steps import to_steps
 from retouch.guided import GuidedModel, frozen
 from retouch.solvers import sample
@@ -457,21 +458,38 @@ class EmbeddingMixing(Editor):
         return Conditioning.cat([neutral, *mixed])
 
 
-def make_disentangle(
-    backbone: Backbone,
-    config: Any,
-    weights: str | None = None,
-    lambdas: Sequence[float] | None = None,
-    t_star: float | int = 0.4,
-    lambda_after: float = 0.0,
-    epochs: int = 10,
-    lr: float = 0.05,
-    content_weight: float = 0.05,
-    clip_model: Any = None,
-    checkpointing: bool = True,
-    save_to: str | None = None,
-    on_weights: Callable[[MixingWeights], None] | None = None,
-) -> EmbeddingMixing:
+@dataclass(frozen=True, kw_only=True)
+class DisentangleOptions(EditorOptions):
+    """Embedding disentanglement (:func:`make_disentangle`); ``lambdas`` is normalised to a tuple of floats."""
+
+    method: ClassVar[str] = "disentangle"
+    weights: str | None = None
+    lambdas: Sequence[float] | None = None
+    t_star: float | int = 0.4
+    lambda_after: float = 0.0
+    epochs: int = 10
+    lr: float = 0.05
+    content_weight: float = 0.05
+    clip_model: Any = None
+    checkpointing: bool = True
+    save_to: str | None = None
+    on_weights: Callable[[MixingWeights], None] | None = None
+
+    def validate(self) -> None:
+        if self.weights is not None and self.lambdas is not None:
+            raise self.error(
+                "weights", "cannot be given with lambdas: give either weights= (a file) or lambdas= (values), not both"
+            )
+        if self.lambdas is not None:
+            self.normalise("lambdas", tuple(float(v) for v in self.lambdas))
+        self.check_steps("t_star")
+        self.check_min("epochs", 0)
+        self.check_min("lr", 0, strict=True)
+        self.check_min("content_weight", 0)
+
+
+@takes_options(DisentangleOptions)
+def make_disentangle(backbone: Backbone, config: Any, o: DisentangleOptions) -> EmbeddingMixing:
     """Text-embedding disentanglement (Wu et al. 2023): mix the source (neutral) and target embeddings per step.
 
     Options:
@@ -485,6 +503,7 @@ def make_disentangle(
         save_to: write the ``λ`` used (optimised or not) to this path (``.json`` or safetensors).
         on_weights: Python API: called with the :class:`MixingWeights` once they are known.
     """
+    weights = o.weights
     num_steps = int(config.num_steps)
     meta = {
         "source_prompt": config.source_prompt,
@@ -494,11 +513,9 @@ def make_disentangle(
         "guidance": config.guidance,
         "model": backbone.name,
         "family": backbone.family,
-        "t_star": t_star,
-        "lambda_after": lambda_after,
+        "t_star": o.t_star,
+        "lambda_after": o.lambda_after,
     }
-    if weights is not None and lambdas is not None:
-        raise ValueError("give either weights= (a file) or lambdas= (values), not both")
     fixed: Tensor | None = None
     if weights is not None:
         saved = MixingWeights.load(weights)
@@ -512,14 +529,12 @@ def make_disentangle(
                 log.warning("applying mixing weights learned for %s %r to %r", key, saved.meta.get(key), meta[key])
         fixed = saved.lambdas
         meta["weights_from"] = str(weights)
-    elif lambdas is not None:
-        fixed = torch.tensor([float(v) for v in lambdas], dtype=torch.float32)
-        if fixed.shape[0] != num_steps:
+    elif o.lambdas is not None:
+        fixed = torch.tensor(o.lambdas, dtype=torch.float32)
+        if fixed.shape[0] != num_steps:  # a rule on the run's step count
             raise ValueError(f"lambdas has {fixed.shape[0]} values for {num_steps} steps")
-    if epochs < 0 or lr <= 0 or content_weight < 0:
-        raise ValueError("epochs must be >= 0, lr > 0 and content_weight >= 0")
     return EmbeddingMixing(
-        backbone, config, lambdas=fixed, init=init_lambdas(num_steps, t_star, lambda_after), epochs=int(epochs),
-        lr=float(lr), content_weight=float(content_weight), clip_model=clip_model, checkpointing=bool(checkpointing),
-        save_to=save_to, on_weights=on_weights, meta=meta,
+        backbone, config, lambdas=fixed, init=init_lambdas(num_steps, o.t_star, o.lambda_after), epochs=o.epochs,
+        lr=float(o.lr), content_weight=float(o.content_weight), clip_model=o.clip_model,
+        checkpointing=o.checkpointing, save_to=o.save_to, on_weights=o.on_weights, meta=meta,
     )  # fmt: skip

@@ -34,7 +34,8 @@ layers' :class:`~retouch.backbones.base.LayerInfo` and the context, never from t
 from __future__ import annotations
 
 import logging
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +43,8 @@ from torch import Tensor
 
 from retouch.control.context import AttnContext, BatchLayout
 from retouch.control.contract import Editor, GuidedPrediction, StepContext
+from retouch.control.options import EditorOptions, takes_options
+from retouch.control.steps import count_of
 
 log = logging.getLogger(__name__)
 
@@ -85,12 +88,7 @@ class KVEdit(Editor):
         seed: int = 0,
         source_cond: Any = None,
     ) -> None:
-        if skip < 0:
-            raise ValueError(f"kv_edit skip must be >= 0, got {skip}")
-        if not attn_scale == attn_scale or abs(attn_scale) > 1e3:
-            raise ValueError(f"kv_edit attn_scale must be a finite number, got {attn_scale}")
-        if inversion_free and re_init:
-            raise ValueError("re_init applies to the inversion-based KV-Edit; the inversion-free one has no inversion")
+        # the values are checked by KVEditOptions
         self.skip = skip
         self.re_init = re_init
         self.attn_mask = attn_mask
@@ -287,38 +285,48 @@ def _device(cond: Any) -> torch.device:
     return next(iter(cond.tensors.values())).device
 
 
-def make_kv_edit(
-    backbone: Any,
-    config: Any,
-    skip: int | float = 4,
-    re_init: bool = False,
-    attn_mask: bool = False,
-    attn_scale: float = 1.0,
-    inversion_free: bool = False,
-    cache_device: str | None = None,
-    source_guidance: float | None = None,
-) -> KVEdit:
-    """KV-Edit. ``skip``: steps (int) or fraction of the steps (float < 1) not run at the noisy end;
+@dataclass(frozen=True, kw_only=True)
+class KVEditOptions(EditorOptions):
+    """KV-Edit (:func:`make_kv_edit`); ``skip`` is a step count or a fraction (``control/steps.py``)."""
+
+    method: ClassVar[str] = "kv_edit"
+    skip: int | float = 4
+    re_init: bool = False
+    attn_mask: bool = False
+    attn_scale: float = 1.0
+    inversion_free: bool = False
+    cache_device: str | None = None
+    source_guidance: float | None = None
+
+    def validate(self) -> None:
+        self.check_steps("skip")
+        if not abs(self.attn_scale) <= 1e3:  # NaN fails too
+            raise self.error("attn_scale", f"must be a finite number (|x| <= 1000), got {self.attn_scale}")
+        if self.inversion_free and self.re_init:
+            raise self.error(
+                "re_init", "applies to the inversion-based KV-Edit; the inversion-free one has no inversion"
+            )
+
+
+@takes_options(KVEditOptions)
+def make_kv_edit(backbone: Any, config: Any, o: KVEditOptions) -> KVEdit:
+    """KV-Edit. ``skip``: steps (int) or fraction of the steps (float) not run at the noisy end;
     ``re_init``: start the foreground from freshly noised input instead of the inverted latent; ``attn_mask``:
     mask-guided inversion; ``attn_scale``: logit bias towards the background keys; ``inversion_free``: the
     inversion-free variant (flow families); ``cache_device``: where the background K/V cache lives (e.g. "cpu"
     to keep accelerator memory flat); ``source_guidance``: inversion-free, the source row's embedded guidance
     (guidance-distilled models; CFG models use the sampling guidance for both rows)."""
     check_backbone(backbone)
-    num_steps = int(config.num_steps)
-    if isinstance(skip, bool) or skip < 0:
-        raise ValueError(f"kv_edit skip must be a step count or a fraction in [0, 1), got {skip!r}")
-    steps = int(round(skip * num_steps)) if isinstance(skip, float) and skip < 1 else int(skip)
     source_cond = None
-    if inversion_free and source_guidance is not None:
-        source_cond = backbone.encode_prompt([config.source_prompt], guidance=float(source_guidance))
+    if o.inversion_free and o.source_guidance is not None:
+        source_cond = backbone.encode_prompt([config.source_prompt], guidance=float(o.source_guidance))
     return KVEdit(
-        skip=steps,
-        re_init=bool(re_init),
-        attn_mask=bool(attn_mask),
-        attn_scale=float(attn_scale),
-        inversion_free=bool(inversion_free),
-        cache_device=cache_device,
+        skip=count_of(o.skip, int(config.num_steps)),
+        re_init=o.re_init,
+        attn_mask=o.attn_mask,
+        attn_scale=float(o.attn_scale),
+        inversion_free=o.inversion_free,
+        cache_device=o.cache_device,
         seed=int(config.seed),
         source_cond=source_cond,
     )

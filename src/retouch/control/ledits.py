@@ -28,7 +28,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -38,6 +38,7 @@ from retouch.backbones.base import Backbone, LayerInfo
 from retouch.control import tokens
 from retouch.control.context import AttnContext
 from retouch.control.contract import Editor, GuidedPrediction, WrappedModel
+from retouch.control.options import EditorOptions, takes_options
 from retouch.types import Conditioning, Point, Pred, to_x0_eps
 
 log = logging.getLogger(__name__)
@@ -133,8 +134,6 @@ class SemanticGuidance(Editor):
     ) -> None:
         if not concepts:
             raise ValueError("LEDITS++ needs at least one edit concept")
-        if masks not in MASKS:
-            raise ValueError(f"masks must be one of {MASKS}, got {masks!r}")
         if len(token_positions) != len(concepts) or any(not p for p in token_positions):
             raise ValueError("every edit concept needs the token positions of its attention map")
         self.concepts = list(concepts)
@@ -256,12 +255,9 @@ def map_layer_selector(backbone: Backbone, downsample: int | None = None) -> Cal
     return select
 
 
-def _per_concept(value: Any, n: int, label: str) -> list[Any]:
-    if isinstance(value, (list, tuple)):
-        if len(value) != n:
-            raise ValueError(f"{label} has {len(value)} values for {n} edit concepts")
-        return list(value)
-    return [value] * n
+def _per_concept(value: Any, n: int) -> list[Any]:
+    """One value per concept: a checked list as it is, a single value repeated."""
+    return list(value) if isinstance(value, (list, tuple)) else [value] * n
 
 
 def concept_token_positions(backbone: Backbone, prompt: str, mode: str) -> list[int]:
@@ -277,22 +273,53 @@ def concept_token_positions(backbone: Backbone, prompt: str, mode: str) -> list[
     raise ValueError(f"attention_tokens must be one of {ATTENTION_TOKENS}, got {mode!r}")
 
 
-def make_ledits(
-    backbone: Backbone,
-    config: Any,
-    edit_prompts: str | Sequence[str] | None = None,
-    reverse: bool | Sequence[bool] = False,
-    scales: float | Sequence[float] = 10.0,
-    thresholds: float | Sequence[float] = 0.75,
-    warmup: int | Sequence[int] = 0,
-    cooldown: int | Sequence[int | None] | None = None,
-    masks: str = "intersect",
-    noise_mask_after: float = 800.0,
-    map_downsample: int | None = None,
-    attention_tokens: str = "concept",
-    concepts: str = "words",
-    base_prompt: str = "",
-) -> SemanticGuidance:
+PER_CONCEPT = ("reverse", "scales", "thresholds", "warmup", "cooldown")
+
+
+@dataclass(frozen=True, kw_only=True)
+class LeditsOptions(EditorOptions):
+    """LEDITS++ (:func:`make_ledits`). ``edit_prompts`` is normalised to a tuple; each per-concept option is one
+    value for all concepts or a list (normalised to a tuple) with one per concept."""
+
+    method: ClassVar[str] = "ledits"
+    edit_prompts: str | Sequence[str] | None = None
+    reverse: bool | Sequence[bool] = False
+    scales: float | Sequence[float] = 10.0
+    thresholds: float | Sequence[float] = 0.75
+    warmup: int | Sequence[int] = 0
+    cooldown: int | Sequence[int | None] | None = None
+    masks: str = "intersect"
+    noise_mask_after: float = 800.0
+    map_downsample: int | None = None
+    attention_tokens: str = "concept"
+    concepts: str = "words"
+    base_prompt: str = ""
+
+    def validate(self) -> None:
+        if self.edit_prompts is not None:
+            prompts = (self.edit_prompts,) if isinstance(self.edit_prompts, str) else tuple(self.edit_prompts)
+            if not prompts or not all(p.strip() for p in prompts):
+                raise self.error("edit_prompts", f"must be one or more non-empty prompts, got {self.edit_prompts!r}")
+            self.normalise("edit_prompts", prompts)
+        lengths: dict[str, int] = {}
+        for name in PER_CONCEPT:
+            value = getattr(self, name)
+            if isinstance(value, (list, tuple)):
+                self.normalise(name, tuple(value))
+                lengths[name] = len(value)
+        if self.edit_prompts is not None:
+            lengths = {"edit_prompts": len(self.edit_prompts), **lengths}
+        if len(set(lengths.values())) > 1:
+            first, *others = lengths.items()
+            name, n = next((k, v) for k, v in others if v != first[1])
+            raise self.error(name, f"has {n} values but {first[0]} has {first[1]}: give one value per edit concept")
+        self.check_choice("masks", MASKS)
+        self.check_choice("attention_tokens", ATTENTION_TOKENS)
+        self.check_choice("concepts", ("words", "prompts"))
+
+
+@takes_options(LeditsOptions)
+def make_ledits(backbone: Backbone, config: Any, o: LeditsOptions) -> SemanticGuidance:
     """LEDITS++ semantic guidance. ``edit_prompts``: one concept or a list (default: the target prompt's new
     words, plus the source prompt's dropped words as a concept to remove); ``reverse``, ``scales``,
     ``thresholds``, ``warmup``, ``cooldown``: one value for all concepts or one per concept (``reverse=true``
@@ -302,38 +329,39 @@ def make_ledits(
     empty; ``"source"`` means the source prompt — then invert under it too, ``--inversion-prompt``)."""
     if not backbone.uses_cfg:
         raise ValueError(f"LEDITS++ guides with unconditional predictions; {backbone.family} has none (no CFG)")
-    if edit_prompts is None:
-        pairs = derive_concepts(config.source_prompt, config.target_prompt, concepts)
+    if o.edit_prompts is None:
+        pairs = derive_concepts(config.source_prompt, config.target_prompt, o.concepts)
         prompts = [p for p, _ in pairs]
         directions = [r for _, r in pairs]
-        if reverse is not False:
-            directions = _per_concept(reverse, len(prompts), "reverse")
+        for name in PER_CONCEPT:  # the lists agree with each other (LeditsOptions); here with the derived count
+            value = getattr(o, name)
+            if isinstance(value, tuple) and len(value) != len(prompts):
+                raise ValueError(f"{name} has {len(value)} values for {len(prompts)} edit concepts (derived from "
+                                 f"the prompts: {prompts})")  # fmt: skip
+        if o.reverse is not False:
+            directions = _per_concept(o.reverse, len(prompts))
     else:
-        prompts = [edit_prompts] if isinstance(edit_prompts, str) else [str(p) for p in edit_prompts]
-        if not prompts:
-            raise ValueError("edit_prompts is empty")
-        directions = _per_concept(reverse, len(prompts), "reverse")
-    backbone.check_prompts(prompts)
+        prompts = list(o.edit_prompts)
+        directions = _per_concept(o.reverse, len(prompts))
     n = len(prompts)
+    backbone.check_prompts(prompts)
     values = zip(
         prompts,
         directions,
-        _per_concept(scales, n, "scales"),
-        _per_concept(thresholds, n, "thresholds"),
-        _per_concept(warmup, n, "warmup"),
-        _per_concept(cooldown, n, "cooldown"),
+        _per_concept(o.scales, n),
+        _per_concept(o.thresholds, n),
+        _per_concept(o.warmup, n),
+        _per_concept(o.cooldown, n),
         strict=True,
     )
     concepts = [
         Concept(p, reverse=bool(r), scale=float(s), threshold=float(t), warmup=int(w), cooldown=c)
         for p, r, s, t, w, c in values
     ]
-    if attention_tokens not in ATTENTION_TOKENS:
-        raise ValueError(f"attention_tokens must be one of {ATTENTION_TOKENS}, got {attention_tokens!r}")
-    positions = [concept_token_positions(backbone, c.prompt, attention_tokens) for c in concepts]
-    selector = map_layer_selector(backbone, map_downsample) if masks != "noise" else (lambda info: False)
+    positions = [concept_token_positions(backbone, c.prompt, o.attention_tokens) for c in concepts]
+    selector = map_layer_selector(backbone, o.map_downsample) if o.masks != "noise" else (lambda info: False)
     log.info("LEDITS++ concepts: %s", [(c.prompt, "-" if c.reverse else "+") for c in concepts])
-    base = config.source_prompt if base_prompt == "source" else base_prompt
+    base = config.source_prompt if o.base_prompt == "source" else o.base_prompt
     return SemanticGuidance(
-        concepts, positions, selector, masks=masks, noise_mask_after=noise_mask_after, base_prompt=base
+        concepts, positions, selector, masks=o.masks, noise_mask_after=o.noise_mask_after, base_prompt=base
     )

@@ -37,11 +37,7 @@ class MutualSelfAttention(Editor):
         layers: Callable[[LayerInfo], bool] | None = None,
         share: str = "kv",
     ) -> None:
-        if share not in ("kv", "v"):
-            raise ValueError(f"share must be 'kv' (MasaCtrl) or 'v' (RF-Solver-Edit's value injection), got {share!r}")
-        self.share = share
-        if start_step < 0:
-            raise ValueError(f"start_step must be >= 0, got {start_step}")
+        self.share = share  # kv (MasaCtrl) or v (RF-Solver-Edit's value injection); checked by MasaCtrlOptions
         self.start_step = start_step
         self.end_step = end_step
         self.layers = layers or (lambda info: True)

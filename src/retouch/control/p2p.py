@@ -228,9 +228,6 @@ class PromptToPrompt(Editor):
         self_max_tokens: int | None = None,
         local_blend: LocalBlend | None = None,
     ) -> None:
-        for label, v in (("cross_steps", cross_steps), ("self_steps", self_steps)):
-            if not 0.0 <= v <= 1.0:
-                raise ValueError(f"{label} must be a fraction in [0, 1], got {v}")
         self.alignment = alignment
         self.cross_steps = cross_steps
         self.self_steps = self_steps

@@ -49,7 +49,8 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -58,7 +59,8 @@ from torch.utils.checkpoint import checkpoint
 from retouch.backbones.base import Backbone, LayerInfo
 from retouch.control.context import AttnContext
 from retouch.control.contract import Editor, GuidedPrediction, StepContext, WrappedModel
-from retouch.control.steps import to_steps
+from retouch.control.options import EditorOptions, takes_options
+from retouch.control.steps import count_of
 from retouch.solvers import ddim_update
 from retouch.types import Conditioning, Point, Pred
 
@@ -72,15 +74,6 @@ TEXT_KINDS = ("cross", "joint", "single")
 
 class _StopForward(Exception):
     """Raised by the recorder once the last selected layer has been seen (the rest of the forward is unused)."""
-
-
-def _sentences(value: str | Sequence[str] | None, default: str, label: str) -> list[str]:
-    if value is None:
-        return [default]
-    out = [value] if isinstance(value, str) else [str(s) for s in value]
-    if not out:
-        raise ValueError(f"{label} must hold at least one sentence")
-    return out
 
 
 def edit_direction(backbone: Backbone, source: Sequence[str], target: Sequence[str]) -> dict[str, Tensor]:
@@ -140,8 +133,6 @@ class PixToPixZero(Editor):
         released_guidance: bool = False,
         negative: Conditioning | None = None,
     ) -> None:
-        if xa_guidance < 0:
-            raise ValueError(f"xa_guidance must be >= 0, got {xa_guidance}")
         self.direction = direction
         self.xa_guidance = xa_guidance
         self.guidance_steps = guidance_steps
@@ -306,25 +297,41 @@ def _text_layers(backbone: Backbone, start_layer: float | int) -> list[LayerInfo
     if not layers:
         raise ValueError(f"the {backbone.family} backbone has no text-attention layer for Pix2Pix-Zero guidance")
     depth = max(i.depth for i in layers) + 1
-    first = to_steps(start_layer, depth, "start_layer")
+    first = count_of(start_layer, depth)
     chosen = [i for i in layers if i.depth >= first]
     if not chosen:
         raise ValueError(f"start_layer={start_layer!r} selects no text-attention layer ({depth} blocks)")
     return chosen
 
 
-def make_p2p_zero(
-    backbone: Backbone,
-    config: Any,
-    source_sentences: str | Sequence[str] | None = None,
-    target_sentences: str | Sequence[str] | None = None,
-    xa_guidance: float = 0.1,
-    guidance_steps: float | int = 1.0,
-    start_layer: float | int = 0,
-    add_source_offset: bool = False,
-    released_guidance: bool = False,
-    negative_source: bool = False,
-) -> PixToPixZero:
+@dataclass(frozen=True, kw_only=True)
+class P2PZeroOptions(EditorOptions):
+    """Pix2Pix-Zero (:func:`make_p2p_zero`); a sentence bank is normalised to a non-empty tuple of sentences."""
+
+    method: ClassVar[str] = "p2p_zero"
+    source_sentences: str | Sequence[str] | None = None
+    target_sentences: str | Sequence[str] | None = None
+    xa_guidance: float = 0.1
+    guidance_steps: float | int = 1.0
+    start_layer: float | int = 0
+    add_source_offset: bool = False
+    released_guidance: bool = False
+    negative_source: bool = False
+
+    def validate(self) -> None:
+        for name in ("source_sentences", "target_sentences"):
+            value = getattr(self, name)
+            if value is not None:
+                bank = (value,) if isinstance(value, str) else tuple(str(v) for v in value)
+                if not bank:
+                    raise self.error(name, "must hold at least one sentence")
+                self.normalise(name, bank)
+        self.check_min("xa_guidance", 0)
+        self.check_steps("guidance_steps", "start_layer")
+
+
+@takes_options(P2PZeroOptions)
+def make_p2p_zero(backbone: Backbone, config: Any, o: P2PZeroOptions) -> PixToPixZero:
     """Pix2Pix-Zero (Parmar et al. 2023).
 
     Options:
@@ -340,9 +347,9 @@ def make_p2p_zero(
         negative_source: the unconditional rows use the source prompt (the caption), as PnP-Inversion's
             ``run_editing_pix2pix_zero.py`` passes ``negative_prompt=prompt_str``.
     """
-    src = _sentences(source_sentences, config.source_prompt, "source_sentences")
-    tgt = _sentences(target_sentences, config.target_prompt, "target_sentences")
-    if add_source_offset:
+    src = list(o.source_sentences or (config.source_prompt,))
+    tgt = list(o.target_sentences or (config.target_prompt,))
+    if o.add_source_offset:  # a rule on the run's configuration (its inversion and solver), not on the options
         inv = getattr(getattr(config, "inversion", None), "name", None)
         from retouch.inversion import get_inversion
 
@@ -354,12 +361,12 @@ def make_p2p_zero(
             )
     return PixToPixZero(
         edit_direction(backbone, src, tgt),
-        xa_guidance=float(xa_guidance),
-        guidance_steps=to_steps(guidance_steps, int(config.num_steps), "guidance_steps"),
-        layers=_text_layers(backbone, start_layer),
-        add_source_offset=bool(add_source_offset),
-        released_guidance=bool(released_guidance),
-        negative=_encode_one(backbone, config.source_prompt) if negative_source else None,
+        xa_guidance=float(o.xa_guidance),
+        guidance_steps=count_of(o.guidance_steps, int(config.num_steps)),
+        layers=_text_layers(backbone, o.start_layer),
+        add_source_offset=o.add_source_offset,
+        released_guidance=o.released_guidance,
+        negative=_encode_one(backbone, config.source_prompt) if o.negative_source else None,
     )
 
 

@@ -45,7 +45,8 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -53,7 +54,8 @@ from torch import Tensor
 from retouch.backbones.base import Backbone, LayerInfo
 from retouch.control.context import AttnContext, BatchLayout
 from retouch.control.contract import Editor
-from retouch.control.steps import to_steps
+from retouch.control.options import EditorOptions, takes_options
+from retouch.control.steps import count_of
 from retouch.types import Conditioning
 
 log = logging.getLogger(__name__)
@@ -75,7 +77,7 @@ def copy_source_rows(t: Tensor, layout: BatchLayout, positions: slice | None = N
 
 def _depth_select(infos: Sequence[LayerInfo], first: float | int) -> list[LayerInfo]:
     max_depth = max(i.depth for i in infos) + 1
-    start = to_steps(first, max_depth, "layer depth") if isinstance(first, float) else int(first)
+    start = count_of(first, max_depth)  # checked by PnPOptions
     return [i for i in infos if i.depth >= start]
 
 
@@ -132,8 +134,6 @@ class PlugAndPlay(Editor):
         source_prompt: str | None = None,
         negative_prompt: str | None = None,
     ) -> None:
-        if feature_steps < 0 or attn_steps < 0:
-            raise ValueError("feature_steps and attn_steps must be >= 0")
         if (source_prompt is not None or negative_prompt is not None) and backbone is None:
             raise ValueError("source_prompt / negative_prompt need the backbone to encode them")
         self.hook_paths = dict(hook_paths or {})  # feature block -> module hooked (its residual branch)
@@ -228,17 +228,32 @@ class PlugAndPlay(Editor):
                 h.remove()
 
 
-def make_pnp(
-    backbone: Backbone,
-    config: Any,
-    feature_steps: float | int = 0.8,
-    attn_steps: float | int = 0.5,
-    feature_layers: LayerSpec = None,
-    attn_layers: LayerSpec = None,
-    feature_point: str = "residual",
-    source_prompt: str | None = None,
-    negative_prompt: str | None = None,
-) -> PlugAndPlay:
+@dataclass(frozen=True, kw_only=True)
+class PnPOptions(EditorOptions):
+    """Plug-and-Play (:func:`make_pnp`); the layer options are resolved against the model by the factory."""
+
+    method: ClassVar[str] = "pnp"
+    feature_steps: float | int = 0.8
+    attn_steps: float | int = 0.5
+    feature_layers: LayerSpec = None
+    attn_layers: LayerSpec = None
+    feature_point: str = "residual"
+    source_prompt: str | None = None
+    negative_prompt: str | None = None
+
+    def validate(self) -> None:
+        self.check_steps("feature_steps", "attn_steps")
+        for name in ("feature_layers", "attn_layers"):  # a depth (count or fraction), or module path(s)
+            value = getattr(self, name)
+            if isinstance(value, (int, float)):
+                self.check_steps(name)
+            elif value is not None and not isinstance(value, str):
+                self.normalise(name, tuple(str(v) for v in value))
+        self.check_choice("feature_point", ("residual", "output"))
+
+
+@takes_options(PnPOptions)
+def make_pnp(backbone: Backbone, config: Any, o: PnPOptions) -> PlugAndPlay:
     """Plug-and-Play (Tumanyan et al. 2023).
 
     Options:
@@ -254,11 +269,7 @@ def make_pnp(
         negative_prompt: the target's unconditional prompt (the released code's
             ``"ugly, blurry, black, low res, unrealistic"``); ``None``: the engine's empty prompt.
     """
-    if feature_point not in ("residual", "output"):
-        raise ValueError(f"feature_point must be 'residual' or 'output', got {feature_point!r}")
-    for label, text in (("source_prompt", source_prompt), ("negative_prompt", negative_prompt)):
-        if text is not None and not isinstance(text, str):
-            raise ValueError(f"{label} must be a string, got {type(text).__name__}")
+    feature_layers, attn_layers = o.feature_layers, o.attn_layers
     try:
         blocks = backbone.feature_blocks()
     except NotImplementedError as exc:
@@ -273,19 +284,19 @@ def make_pnp(
     )
     log.debug("PnP on %s: features %s, Q/K on %d layers", backbone.family, feats, len(attn))
     hook_paths = {}
-    if feature_point == "residual":
+    if o.feature_point == "residual":
         for n in feats:
             branch = backbone.residual_branch(n) if blocks[n].kind == "resnet" else None
             if branch is not None:
                 hook_paths[n] = branch
     return PlugAndPlay(
         feature_layers={n: blocks[n].kind for n in feats},
-        feature_steps=to_steps(feature_steps, num_steps, "feature_steps"),
+        feature_steps=count_of(o.feature_steps, num_steps),
         attn_layers=attn,
-        attn_steps=to_steps(attn_steps, num_steps, "attn_steps"),
+        attn_steps=count_of(o.attn_steps, num_steps),
         sequence_layers={n: blocks[n] for n in feats if blocks[n].kind == "sequence"},
         hook_paths=hook_paths,
-        backbone=backbone if source_prompt is not None or negative_prompt is not None else None,
-        source_prompt=source_prompt,
-        negative_prompt=negative_prompt,
+        backbone=backbone if o.source_prompt is not None or o.negative_prompt is not None else None,
+        source_prompt=o.source_prompt,
+        negative_prompt=o.negative_prompt,
     )

@@ -11,16 +11,25 @@ step 1; no shipped preset or default passed such a value, so every preset keeps 
 
 from __future__ import annotations
 
-__all__ = ["to_steps"]
+__all__ = ["check_steps", "count_of", "to_steps"]
+
+
+def check_steps(value: float | int, label: str) -> None:
+    """Refuse what is neither an int count ``>= 0`` nor a float fraction in ``[0, 1]``; ``label`` names the
+    option in the error. Editor options run this when they are built (:mod:`retouch.control.options`)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+        raise ValueError(f"{label} must be a step count or a fraction in [0, 1], got {value!r}")
+    if isinstance(value, float) and value > 1:
+        raise ValueError(f"{label} as a fraction must be in [0, 1], got {value} (an int is a count)")
+
+
+def count_of(value: float | int, total: int) -> int:
+    """An already checked ``value`` (:func:`check_steps`) as a count of ``total``."""
+    return int(round(value * total)) if isinstance(value, float) else int(value)
 
 
 def to_steps(value: float | int, total: int, label: str) -> int:
     """``value`` (an int count, or a float fraction in [0, 1] of ``total``) as a count; ``label`` names the
     option in the error."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-        raise ValueError(f"{label} must be a step count or a fraction in [0, 1], got {value!r}")
-    if isinstance(value, float):
-        if value > 1:
-            raise ValueError(f"{label} as a fraction must be in [0, 1], got {value} (an int is a count)")
-        return int(round(value * total))
-    return int(value)
+    check_steps(value, label)
+    return count_of(value, total)

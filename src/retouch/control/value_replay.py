@@ -40,8 +40,6 @@ class InversionValueReplay(Editor):
     source_branch = False  # the reference samples the target prompt alone
 
     def __init__(self, *, inject: int, layers: Callable[[LayerInfo], bool]) -> None:
-        if inject < 0:
-            raise ValueError(f"inject must be >= 0 steps, got {inject}")
         self.inject = inject
         self.layers = layers
         self.store: dict[tuple[int, str, str], Tensor] = {}
