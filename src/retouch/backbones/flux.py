@@ -148,6 +148,4 @@ class FluxBackbone(Backbone):
         return out
 
     def make_processor(self, layer: LayerInfo, attend, merge=None) -> Any:
-        if merge is None:
-            return FluxProcessor(layer, attend)
         return FluxProcessor(layer, attend, merge)

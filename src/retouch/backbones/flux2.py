@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 from retouch.backbones.base import Backbone, LayerInfo, SizePolicy
 from retouch.backbones.flowgrid import ChatTemplateText, explicit_sigma_flow_grid
-from retouch.backbones.processors import Attend, Merge, _no_merge, routing_kwargs
+from retouch.backbones.processors import Attend, Merge, RoutingProcessor, routing_kwargs, unmerge_after_text
 from retouch.types import Conditioning, NoiseGrid, Prediction
 
 _NAME = re.compile(r"^(transformer_blocks|single_transformer_blocks)\.(\d+)\.attn$")
@@ -73,7 +73,7 @@ def image_ids(h: int, w: int, device: torch.device) -> Tensor:
     return ids.reshape(-1, 4).to(device)
 
 
-class Flux2Processor:
+class Flux2Processor(RoutingProcessor):
     """For Flux.2 double-stream (``Flux2Attention``) and single-stream (``Flux2ParallelSelfAttention``)
     attention; mirrors diffusers 0.42.1's ``Flux2AttnProcessor`` / ``Flux2ParallelSelfAttnProcessor`` and
     routes the attention product through ``attend``. Sequence = [text; image].
@@ -84,25 +84,6 @@ class Flux2Processor:
     ``joint_attention_kwargs``, :func:`~retouch.backbones.processors.routing_kwargs`); without it (a forward
     from the stock pipeline) it counts as 0.
     """
-
-    def __init__(self, layer: LayerInfo, attend: Attend, merge: Merge = _no_merge) -> None:
-        self.layer = layer
-        self.attend = attend
-        self.merge = merge
-
-    def _merge(self, hidden: Tensor, n_txt: int, rotary: Any, rot_txt: int) -> tuple[Tensor, Any, Any]:
-        """Merge the image tokens after the ``n_txt`` text tokens of ``hidden``; the rotary tables cover
-        ``rot_txt`` text tokens then the image."""
-        image = hidden[:, n_txt:]
-        merged, plan = self.merge(image, self.layer)
-        if plan is None:
-            return hidden, None, rotary
-        hidden = torch.cat([hidden[:, :n_txt], merged], dim=1)
-        if rotary is not None:
-            keep = plan.kept_index[0].to(rotary[0].device) + rot_txt
-            idx = torch.cat([torch.arange(rot_txt, device=keep.device), keep])
-            rotary = tuple(e[idx] for e in rotary)
-        return hidden, plan, rotary
 
     def __call__(
         self,
@@ -122,7 +103,9 @@ class Flux2Processor:
         # then unknown and the whole sequence counts as image tokens (editors that slice text see none)
         n_txt = encoder_hidden_states.shape[1] if double else int(num_text or 0)
         n_txt_in_hidden = 0 if double else n_txt
-        hidden_states, plan, image_rotary_emb = self._merge(hidden_states, n_txt_in_hidden, image_rotary_emb, n_txt)
+        hidden_states, plan, image_rotary_emb = self.merge_after_text(
+            hidden_states, n_txt_in_hidden, image_rotary_emb, n_txt
+        )
 
         if double:
             from diffusers.models.transformers.transformer_flux2 import _get_qkv_projections
@@ -147,11 +130,8 @@ class Flux2Processor:
             query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
             key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
 
-        out = self.attend(
-            query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), self.layer,
-            attn_mask=attention_mask, num_text=n_txt,
-        )  # fmt: skip  # [B, h, N, d]
-        hidden = out.transpose(1, 2).flatten(2, 3).to(query.dtype)
+        out = self.attend_tokens(query, key, value, attn_mask=attention_mask, num_text=n_txt)  # [B, N, h, d]
+        hidden = out.flatten(2, 3).to(query.dtype)
 
         if double:
             txt, img = hidden.split_with_sizes([n_txt, hidden.shape[1] - n_txt], dim=1)
@@ -161,9 +141,7 @@ class Flux2Processor:
                 img = plan.unmerge(img)
             return img, txt
         hidden = attn.to_out(torch.cat([hidden, attn.mlp_act_fn(mlp_hidden)], dim=-1))
-        if plan is not None:
-            hidden = torch.cat([hidden[:, :n_txt], plan.unmerge(hidden[:, n_txt:])], dim=1)
-        return hidden
+        return unmerge_after_text(hidden, plan, n_txt)
 
 
 class Flux2Backbone(ChatTemplateText, Backbone):
@@ -306,7 +284,7 @@ class Flux2Backbone(ChatTemplateText, Backbone):
         return out
 
     def make_processor(self, layer: LayerInfo, attend: Attend, merge: Merge | None = None) -> Any:
-        return Flux2Processor(layer, attend, merge or _no_merge)
+        return Flux2Processor(layer, attend, merge)
 
     def describe(self) -> dict[str, Any]:
         out = super().describe()

@@ -114,7 +114,7 @@ class PixArtBackbone(Backbone):
         }
 
     def make_processor(self, layer: LayerInfo, attend, merge=None) -> Any:
-        return StandardProcessor(layer, attend) if merge is None else StandardProcessor(layer, attend, merge)
+        return StandardProcessor(layer, attend, merge)
 
 
 def _match(name: str) -> re.Match[str]:

@@ -32,21 +32,16 @@ from torch import Tensor, nn
 
 from retouch.backbones.base import Backbone, LayerInfo, SizePolicy, TextSegment
 from retouch.backbones.flux import pack, unpack
-from retouch.backbones.processors import Attend, Merge, _no_merge
+from retouch.backbones.processors import RoutingProcessor, norm_qk, project_out
 from retouch.types import Conditioning, Prediction
 
 _NAME = re.compile(r"^transformer_blocks\.(\d+)\.attn$")
 
 
-class QwenImageProcessor:
+class QwenImageProcessor(RoutingProcessor):
     """For Qwen-Image's joint attention; mirrors diffusers 0.42.1 ``QwenDoubleStreamAttnProcessor2_0``.
     Sequence = [text; image]; the text padding mask becomes a key mask over the joint sequence. Token merging
     acts on the image stream, and the image RoPE follows the kept tokens."""
-
-    def __init__(self, layer: LayerInfo, attend: Attend, merge: Merge = _no_merge) -> None:
-        self.layer = layer
-        self.attend = attend
-        self.merge = merge
 
     def __call__(
         self,
@@ -78,30 +73,19 @@ class QwenImageProcessor:
         tq = attn.add_q_proj(encoder_hidden_states).unflatten(-1, (-1, head_dim))  # [B, T, h, d]
         tk = attn.add_k_proj(encoder_hidden_states).unflatten(-1, (-1, head_dim))
         tv = attn.add_v_proj(encoder_hidden_states).unflatten(-1, (-1, head_dim))
-        if attn.norm_q is not None:
-            q = attn.norm_q(q)
-        if attn.norm_k is not None:
-            k = attn.norm_k(k)
-        if attn.norm_added_q is not None:
-            tq = attn.norm_added_q(tq)
-        if attn.norm_added_k is not None:
-            tk = attn.norm_added_k(tk)
+        q, k = norm_qk(q, k, attn.norm_q, attn.norm_k)
+        tq, tk = norm_qk(tq, tk, attn.norm_added_q, attn.norm_added_k)
         if image_rotary_emb is not None:
             img_freqs, txt_freqs = image_rotary_emb
             q = apply_rotary_emb_qwen(q, img_freqs, use_real=False)
             k = apply_rotary_emb_qwen(k, img_freqs, use_real=False)
             tq = apply_rotary_emb_qwen(tq, txt_freqs, use_real=False)
             tk = apply_rotary_emb_qwen(tk, txt_freqs, use_real=False)
-        query = torch.cat([tq, q], dim=1).transpose(1, 2)  # [B, h, T + N, d]
-        key = torch.cat([tk, k], dim=1).transpose(1, 2)
-        value = torch.cat([tv, v], dim=1).transpose(1, 2)
+        query, key, value = (torch.cat(pair, dim=1) for pair in ((tq, q), (tk, k), (tv, v)))  # [B, T + N, h, d]
 
-        out = self.attend(query, key, value, self.layer, attn_mask=mask, num_text=n_txt)  # [B, h, T + N, d]
-        out = out.transpose(1, 2).flatten(2, 3).to(query.dtype)
+        out = self.attend_tokens(query, key, value, attn_mask=mask, num_text=n_txt).flatten(2, 3).to(query.dtype)
         txt_out, img_out = out[:, :n_txt], out[:, n_txt:]
-        img_out = attn.to_out[0](img_out.contiguous())
-        if len(attn.to_out) > 1:
-            img_out = attn.to_out[1](img_out)
+        img_out = project_out(attn, img_out.contiguous())
         if plan is not None:
             img_out = plan.unmerge(img_out)
         txt_out = attn.to_add_out(txt_out.contiguous())
@@ -252,4 +236,4 @@ class QwenImageBackbone(Backbone):
         }
 
     def make_processor(self, layer: LayerInfo, attend, merge=None) -> Any:
-        return QwenImageProcessor(layer, attend) if merge is None else QwenImageProcessor(layer, attend, merge)
+        return QwenImageProcessor(layer, attend, merge)

@@ -146,7 +146,7 @@ class SDBackbone(Backbone):
         return conv2
 
     def make_processor(self, layer: LayerInfo, attend, merge=None) -> Any:
-        return StandardProcessor(layer, attend) if merge is None else StandardProcessor(layer, attend, merge)
+        return StandardProcessor(layer, attend, merge)
 
     def pnp_feature_layers(self) -> list[str]:
         """PnP's feature block (the paper's decoder ``up_blocks.1.resnets.1``)."""

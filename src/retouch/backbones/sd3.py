@@ -143,4 +143,4 @@ class SD3Backbone(Backbone):
         return {**super().describe(), "variant": self.variant}
 
     def make_processor(self, layer: LayerInfo, attend, merge=None) -> Any:
-        return JointProcessor(layer, attend) if merge is None else JointProcessor(layer, attend, merge)
+        return JointProcessor(layer, attend, merge)

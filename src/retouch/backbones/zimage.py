@@ -38,7 +38,7 @@ from torch import Tensor, nn
 
 from retouch.backbones.base import Backbone, LayerInfo, SizePolicy
 from retouch.backbones.flowgrid import ChatTemplateText, explicit_sigma_flow_grid
-from retouch.backbones.processors import Attend, Merge, _no_merge
+from retouch.backbones.processors import Attend, Merge, RoutingProcessor, norm_qk, project_out
 from retouch.schedules import flux_shift_mu
 from retouch.types import Conditioning, NoiseGrid, Prediction
 
@@ -52,18 +52,16 @@ def _rotary(x: Tensor, freqs_cis: Tensor) -> Tensor:
     return torch.view_as_real(out * freqs_cis.unsqueeze(2)).flatten(3).type_as(x)
 
 
-class ZImageProcessor:
+class ZImageProcessor(RoutingProcessor):
     """For Z-Image's ``Attention`` modules; mirrors diffusers 0.42.1's ``ZSingleStreamAttnProcessor`` and routes
     the attention product through ``attend`` (see the module docstring for the token order editors see).
 
     Token merging acts on the real image tokens; rotary frequencies and the key mask follow the kept tokens.
     """
 
-    def __init__(self, layer: LayerInfo, attend: Attend, image_tokens: Any, merge: Merge = _no_merge) -> None:
-        self.layer = layer
-        self.attend = attend
+    def __init__(self, layer: LayerInfo, attend: Attend, image_tokens: Any, merge: Merge | None = None) -> None:
+        super().__init__(layer, attend, merge)
         self.image_tokens = image_tokens  # () -> (real image tokens N, padded image tokens X)
-        self.merge = merge
 
     def __call__(
         self,
@@ -93,10 +91,7 @@ class ZImageProcessor:
         query = attn.to_q(hidden_states).unflatten(-1, (attn.heads, -1))  # [B, S, h, d]
         key = attn.to_k(hidden_states).unflatten(-1, (attn.heads, -1))
         value = attn.to_v(hidden_states).unflatten(-1, (attn.heads, -1))
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
+        query, key = norm_qk(query, key, attn.norm_q, attn.norm_k)
         if freqs_cis is not None:
             query, key = _rotary(query, freqs_cis), _rotary(key, freqs_cis)
         if attention_mask is not None and attention_mask.ndim == 2:
@@ -115,17 +110,11 @@ class ZImageProcessor:
             if attention_mask is not None:
                 attention_mask = attention_mask[..., order]
         num_text = s - n_real if self.layer.kind == "single" else 0
-        out = self.attend(
-            query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), self.layer,
-            attn_mask=attention_mask, num_text=num_text,
-        )  # fmt: skip  # [B, h, S, d]
-        out = out.transpose(1, 2)
+        out = self.attend_tokens(query, key, value, attn_mask=attention_mask, num_text=num_text)  # [B, S, h, d]
         if order is not None:
             out = out[:, torch.argsort(order)]
         hidden = out.flatten(2, 3).to(query.dtype)
-        hidden = attn.to_out[0](hidden)
-        if len(attn.to_out) > 1:
-            hidden = attn.to_out[1](hidden)
+        hidden = project_out(attn, hidden)
         if plan is not None:
             hidden = torch.cat([plan.unmerge(hidden[:, :n_real]), hidden[:, n_real:]], dim=1)
         return hidden
@@ -254,7 +243,7 @@ class ZImageBackbone(ChatTemplateText, Backbone):
         }
 
     def make_processor(self, layer: LayerInfo, attend: Attend, merge: Merge | None = None) -> Any:
-        return ZImageProcessor(layer, attend, lambda: self._image_tokens, merge or _no_merge)
+        return ZImageProcessor(layer, attend, lambda: self._image_tokens, merge)
 
     def describe(self) -> dict[str, Any]:
         out = super().describe()
