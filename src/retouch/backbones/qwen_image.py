@@ -28,9 +28,17 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from retouch.backbones.base import Backbone, LayerInfo, SizePolicy, TextSegment
+from retouch.backbones.base import LayerInfo, SizePolicy, TextSegment
+from retouch.backbones.common import (
+    TransformerBackbone,
+    flow_timestep,
+    numbered_blocks,
+    pad_tokens,
+    parse_layer_names,
+    square_size_policy,
+)
 from retouch.backbones.flux import pack, unpack
 from retouch.backbones.processors import RoutingProcessor, norm_qk, project_out
 from retouch.types import Conditioning, Prediction
@@ -92,7 +100,7 @@ class QwenImageProcessor(RoutingProcessor):
         return img_out, txt_out
 
 
-class QwenImageBackbone(Backbone):
+class QwenImageBackbone(TransformerBackbone):
     family = "qwenimage"
     prediction = Prediction.FLOW
     default_solver = "flow_euler"
@@ -107,14 +115,6 @@ class QwenImageBackbone(Backbone):
                 "this Qwen-Image transformer sets guidance_embeds, which diffusers' Qwen-Image time embedding "
                 "does not implement; retouch supports the released (true-CFG) Qwen-Image models"
             )
-
-    @property
-    def denoiser(self) -> nn.Module:
-        return self.pipe.transformer
-
-    @property
-    def tokenizer(self) -> Any:
-        return self.pipe.tokenizer
 
     @property
     def _suffix_tokens(self) -> int:
@@ -141,7 +141,7 @@ class QwenImageBackbone(Backbone):
     def size_policy(self) -> SizePolicy:
         mult = self.vae_scale_factor * 2
         native = int(getattr(self.pipe, "default_sample_size", 128)) * self.vae_scale_factor
-        return SizePolicy(multiple=mult, min_side=mult, max_side=4096, native=(native, native))
+        return square_size_policy(mult, native, 4096)
 
     # --- latents --------------------------------------------------------------------------------------
     def _latent_stats(self, like: Tensor) -> tuple[Tensor, Tensor]:
@@ -178,9 +178,7 @@ class QwenImageBackbone(Backbone):
                 f"prompt is too long: {n} tokens with the template's suffix, Qwen-Image takes "
                 f"{self.max_sequence_length} here"
             )
-        pad = self.max_sequence_length - n
-        emb = torch.cat([emb, emb.new_zeros(emb.shape[0], pad, emb.shape[2])], dim=1)
-        mask = torch.cat([mask, mask.new_zeros(mask.shape[0], pad)], dim=1)
+        emb, mask = pad_tokens(emb, self.max_sequence_length), pad_tokens(mask, self.max_sequence_length)
         return Conditioning({"encoder_hidden_states": emb, "encoder_hidden_states_mask": mask})
 
     def combine_guidance(self, uncond: Tensor, cond: Tensor, guidance: float) -> Tensor:
@@ -200,7 +198,7 @@ class QwenImageBackbone(Backbone):
 
     def predict(self, x: Tensor, timestep: Tensor, cond: Conditioning) -> Tensor:
         b, _, h, w = x.shape
-        t = (timestep.to(x.device, torch.float32) / 1000).reshape(1).expand(b).to(self.dtype)
+        t = flow_timestep(timestep, b, x.device, self.dtype)
         out = self.pipe.transformer(
             hidden_states=pack(x.to(self.dtype)),
             timestep=t,
@@ -213,13 +211,8 @@ class QwenImageBackbone(Backbone):
 
     # --- attention ------------------------------------------------------------------------------------
     def attention_layers(self) -> dict[str, LayerInfo]:
-        entries = []
-        for key in self.pipe.transformer.attn_processors:
-            name = key.removesuffix(".processor")
-            m = _NAME.match(name)
-            if m is None:
-                raise RuntimeError(f"unexpected attention module path in the Qwen-Image transformer: {name}")
-            entries.append((int(m.group(1)), name))
+        parsed = parse_layer_names(self.pipe.transformer.attn_processors, _NAME, "Qwen-Image transformer")
+        entries = [(int(m.group(1)), name) for m, name in parsed]
         return {
             name: LayerInfo(name=name, kind="joint", depth=depth, place="joint", downsample=2, text_first=True)
             for depth, name in sorted(entries)
@@ -228,12 +221,8 @@ class QwenImageBackbone(Backbone):
     def feature_blocks(self) -> dict[str, LayerInfo]:
         """``transformer_blocks.*`` (kind ``"joint"``); each returns ``(encoder_hidden_states, hidden_states)``:
         the packed image stream ``[B, N_img, D]`` is element 1."""
-        return {
-            f"transformer_blocks.{i}": LayerInfo(
-                name=f"transformer_blocks.{i}", kind="joint", depth=i, place="joint", downsample=2
-            )
-            for i in range(len(self.pipe.transformer.transformer_blocks))
-        }
+        n = len(self.pipe.transformer.transformer_blocks)
+        return numbered_blocks("transformer_blocks", n, kind="joint", place="joint", downsample=2)
 
     def make_processor(self, layer: LayerInfo, attend, merge=None) -> Any:
         return QwenImageProcessor(layer, attend, merge)

@@ -31,9 +31,10 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from retouch.backbones.base import Backbone, LayerInfo, SizePolicy, TextSegment
+from retouch.backbones.base import LayerInfo, SizePolicy, TextSegment
+from retouch.backbones.common import TransformerBackbone, numbered_blocks, parse_layer_names, sample_size_policy
 from retouch.backbones.processors import RoutingProcessor, norm_qk, project_out, split_heads
 from retouch.types import Conditioning, NoiseGrid, Prediction
 
@@ -84,7 +85,7 @@ class SanaCrossProcessor(RoutingProcessor):
         return project_out(attn, hidden_states) / attn.rescale_output_factor
 
 
-class SanaBackbone(Backbone):
+class SanaBackbone(TransformerBackbone):
     family = "sana"
     prediction = Prediction.FLOW
     default_solver = "dpmpp"
@@ -103,14 +104,6 @@ class SanaBackbone(Backbone):
             pipe.tokenizer.padding_side = "right"  # the pipeline sets it too, before every encode
 
     @property
-    def denoiser(self) -> nn.Module:
-        return self.pipe.transformer
-
-    @property
-    def tokenizer(self) -> Any:
-        return self.pipe.tokenizer
-
-    @property
     def max_prompt_tokens(self) -> int:
         return self.max_sequence_length - 1  # bos + instruction tail + prompt fit in 300
 
@@ -124,9 +117,7 @@ class SanaBackbone(Backbone):
 
     @property
     def size_policy(self) -> SizePolicy:
-        mult = self.vae_scale_factor * self.patch_size
-        native = int(self.pipe.transformer.config.sample_size) * self.vae_scale_factor
-        return SizePolicy(multiple=mult, min_side=mult, max_side=max(4 * native, 4096), native=(native, native))
+        return sample_size_policy(self)
 
     @property
     def instruction(self) -> list[str]:
@@ -225,15 +216,9 @@ class SanaBackbone(Backbone):
 
     # --- attention ------------------------------------------------------------------------------------
     def attention_layers(self) -> dict[str, LayerInfo]:
-        entries = []
-        for key in self.pipe.transformer.attn_processors:
-            name = key.removesuffix(".processor")
-            m = _NAME.match(name)
-            if m is None:
-                raise RuntimeError(f"unexpected attention module path in the Sana transformer: {name}")
-            entries.append((int(m.group(1)), m.group(2), name))
+        parsed = parse_layer_names(self.pipe.transformer.attn_processors, _NAME, "Sana transformer")
         out: dict[str, LayerInfo] = {}
-        for depth, which, name in sorted(entries):
+        for depth, which, name in sorted((int(m.group(1)), m.group(2), name) for m, name in parsed):
             linear = which == "attn1"
             out[name] = LayerInfo(name=name, kind="self" if linear else "cross", depth=depth, place="dit",
                                   downsample=self.patch_size, linear=linear)  # fmt: skip
@@ -241,12 +226,8 @@ class SanaBackbone(Backbone):
 
     def feature_blocks(self) -> dict[str, LayerInfo]:
         """``transformer_blocks.*``; each returns the image tokens ``[B, N_img, D]`` (kind ``"dit"``)."""
-        return {
-            f"transformer_blocks.{i}": LayerInfo(
-                name=f"transformer_blocks.{i}", kind="dit", depth=i, place="dit", downsample=self.patch_size
-            )
-            for i in range(len(self.pipe.transformer.transformer_blocks))
-        }
+        n = len(self.pipe.transformer.transformer_blocks)
+        return numbered_blocks("transformer_blocks", n, kind="dit", place="dit", downsample=self.patch_size)
 
     def make_processor(self, layer: LayerInfo, attend, merge=None) -> Any:
         return (SanaLinearProcessor if layer.linear else SanaCrossProcessor)(layer, attend, merge)

@@ -34,9 +34,16 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from retouch.backbones.base import Backbone, LayerInfo, SizePolicy
+from retouch.backbones.base import LayerInfo, SizePolicy
+from retouch.backbones.common import (
+    TransformerBackbone,
+    numbered_blocks,
+    pad_tokens,
+    parse_layer_names,
+    square_size_policy,
+)
 from retouch.backbones.flowgrid import ChatTemplateText, explicit_sigma_flow_grid
 from retouch.backbones.processors import Attend, Merge, RoutingProcessor, norm_qk, project_out
 from retouch.schedules import flux_shift_mu
@@ -120,7 +127,7 @@ class ZImageProcessor(RoutingProcessor):
         return hidden
 
 
-class ZImageBackbone(ChatTemplateText, Backbone):
+class ZImageBackbone(ChatTemplateText, TransformerBackbone):
     family = "zimage"
     chat_model = "Z-Image"
     prediction = Prediction.FLOW
@@ -139,21 +146,13 @@ class ZImageBackbone(ChatTemplateText, Backbone):
         self.default_guidance = 1.0 if self.step_distilled else 6.0
 
     @property
-    def denoiser(self) -> nn.Module:
-        return self.pipe.transformer
-
-    @property
     def patch_size(self) -> int:
         return int(self.pipe.transformer.config.all_patch_size[0])
 
     @property
     def size_policy(self) -> SizePolicy:
         mult = self.vae_scale_factor * self.patch_size
-        return SizePolicy(multiple=mult, min_side=mult, max_side=4096, native=(1024, 1024))
-
-    @property
-    def tokenizer(self) -> Any:
-        return self.pipe.tokenizer
+        return square_size_policy(mult, 1024, 4096)
 
     def _template_ids(self, prompt: str) -> list[int]:
         text = self.tokenizer.apply_chat_template(
@@ -168,10 +167,7 @@ class ZImageBackbone(ChatTemplateText, Backbone):
             prompt=list(prompts), device=self.device, do_classifier_free_guidance=False,
             max_sequence_length=self.max_sequence_length,
         )  # fmt: skip
-        width = embeds[0].shape[-1]
-        caps = embeds[0].new_zeros(len(embeds), self.max_sequence_length, width)
-        for i, e in enumerate(embeds):
-            caps[i, : e.shape[0]] = e
+        caps = torch.cat([pad_tokens(e[None], self.max_sequence_length) for e in embeds])
         lengths = torch.tensor([e.shape[0] for e in embeds], device=caps.device)
         return Conditioning({"cap_feats": caps.to(self.dtype), "cap_lengths": lengths})
 
@@ -218,14 +214,9 @@ class ZImageBackbone(ChatTemplateText, Backbone):
 
     def attention_layers(self) -> dict[str, LayerInfo]:
         order = {"noise_refiner": 0, "layers": 1}
-        entries = []
-        for key in self.attn_processors():
-            name = key.removesuffix(".processor")
-            m = _NAME.match(name)
-            if m is None:
-                raise RuntimeError(f"unexpected attention module path in the Z-Image transformer: {name}")
-            if m.group(1) in order:  # context_refiner: text-only attention, no editor acts on it
-                entries.append((order[m.group(1)], int(m.group(2)), name))
+        parsed = parse_layer_names(self.attn_processors(), _NAME, "Z-Image transformer")
+        # context_refiner: text-only attention, no editor acts on it
+        entries = [(order[m.group(1)], int(m.group(2)), name) for m, name in parsed if m.group(1) in order]
         out: dict[str, LayerInfo] = {}
         for depth, (stage, _, name) in enumerate(sorted(entries)):
             kind, place = ("self", "refiner") if stage == 0 else ("single", "single")
@@ -235,12 +226,8 @@ class ZImageBackbone(ChatTemplateText, Backbone):
     def feature_blocks(self) -> dict[str, LayerInfo]:
         """``layers.*`` return the unified ``[image; caption]`` sequence ``[B, S, D]`` (kind ``"sequence"``,
         image first: its first ``h*w`` tokens are the image)."""
-        return {
-            f"layers.{i}": LayerInfo(
-                name=f"layers.{i}", kind="sequence", depth=i, place="single", downsample=self.patch_size
-            )  # fmt: skip
-            for i in range(len(self.pipe.transformer.layers))
-        }
+        n = len(self.pipe.transformer.layers)
+        return numbered_blocks("layers", n, kind="sequence", place="single", downsample=self.patch_size)
 
     def make_processor(self, layer: LayerInfo, attend: Attend, merge: Merge | None = None) -> Any:
         return ZImageProcessor(layer, attend, lambda: self._image_tokens, merge)
