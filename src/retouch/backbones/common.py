@@ -106,6 +106,20 @@ def stream_feature_blocks(
     }  # fmt: skip
 
 
+def pack(latents: Tensor) -> Tensor:
+    """``[B, C, h, w] -> [B, (h/2)(w/2), 4C]`` (the 2x2 patch packing of Flux and Qwen-Image)."""
+    b, c, h, w = latents.shape
+    x = latents.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
+    return x.reshape(b, (h // 2) * (w // 2), c * 4)
+
+
+def unpack(tokens: Tensor, h: int, w: int) -> Tensor:
+    """Inverse of :func:`pack` for a latent of spatial size ``(h, w)``."""
+    b, _, c4 = tokens.shape
+    x = tokens.view(b, h // 2, w // 2, c4 // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
+    return x.reshape(b, c4 // 4, h, w)
+
+
 def flow_timestep(timestep: Tensor, batch: int, device: torch.device, dtype: torch.dtype) -> Tensor:
     """A grid timestep ``1000 σ`` as the ``σ`` Flux-style transformers take, one per row: ``[batch]``."""
     return (timestep.to(device, torch.float32) / 1000).reshape(1).expand(batch).to(dtype)

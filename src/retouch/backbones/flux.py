@@ -1,4 +1,7 @@
-"""Flux (FluxTransformer2DModel): packed 2x2 latents, image ids, guidance embedding, no CFG batch."""
+"""Flux (FluxTransformer2DModel): packed 2x2 latents, image ids, guidance embedding, no CFG batch.
+
+The 2x2 packing (:func:`pack` / :func:`unpack`) is shared with Qwen-Image and written in ``common.py``.
+"""
 
 from __future__ import annotations
 
@@ -14,26 +17,14 @@ from retouch.backbones.common import (
     flow_timestep,
     grid_position_ids,
     guidance_tensor,
+    pack,
     square_size_policy,
     stream_attention_layers,
     stream_feature_blocks,
+    unpack,
 )
 from retouch.backbones.processors import FluxProcessor, routing_kwargs
 from retouch.types import Conditioning, Prediction
-
-
-def pack(latents: Tensor) -> Tensor:
-    """``[B, C, h, w] -> [B, (h/2)(w/2), 4C]`` (Flux's 2x2 patch packing)."""
-    b, c, h, w = latents.shape
-    x = latents.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
-    return x.reshape(b, (h // 2) * (w // 2), c * 4)
-
-
-def unpack(tokens: Tensor, h: int, w: int) -> Tensor:
-    """Inverse of :func:`pack` for a latent of spatial size ``(h, w)``."""
-    b, _, c4 = tokens.shape
-    x = tokens.view(b, h // 2, w // 2, c4 // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
-    return x.reshape(b, c4 // 4, h, w)
 
 
 def image_ids(h: int, w: int, device: torch.device, dtype: torch.dtype) -> Tensor:

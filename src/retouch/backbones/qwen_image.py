@@ -35,11 +35,12 @@ from retouch.backbones.common import (
     TransformerBackbone,
     flow_timestep,
     numbered_blocks,
+    pack,
     pad_tokens,
     parse_layer_names,
     square_size_policy,
+    unpack,
 )
-from retouch.backbones.flux import pack, unpack
 from retouch.backbones.processors import RoutingProcessor, norm_qk, project_out
 from retouch.types import Conditioning, Prediction
 
