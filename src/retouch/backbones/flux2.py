@@ -39,7 +39,14 @@ from retouch.backbones.common import (
     stream_feature_blocks,
 )
 from retouch.backbones.flowgrid import ChatTemplateText, explicit_sigma_flow_grid
-from retouch.backbones.processors import Attend, Merge, RoutingProcessor, routing_kwargs, unmerge_after_text
+from retouch.backbones.processors import (
+    Attend,
+    Merge,
+    RoutingProcessor,
+    routing_kwargs,
+    text_first_heads,
+    unmerge_after_text,
+)
 from retouch.types import Conditioning, NoiseGrid, Prediction
 
 
@@ -97,8 +104,6 @@ class Flux2Processor(RoutingProcessor):
         image_rotary_emb: Any = None,
         num_text: int | None = None,
     ) -> Any:
-        from diffusers.models.embeddings import apply_rotary_emb
-
         double = hasattr(attn, "to_q")
         if not double:  # Flux2ParallelSelfAttention(attn, hidden_states, attention_mask, image_rotary_emb)
             encoder_hidden_states, attention_mask, image_rotary_emb = None, encoder_hidden_states, attention_mask
@@ -121,17 +126,8 @@ class Flux2Processor(RoutingProcessor):
             local_qkv = proj.shape[-1] * qkv_dim // (qkv_dim + mlp_dim)
             qkv, mlp_hidden = torch.split(proj, [local_qkv, proj.shape[-1] - local_qkv], dim=-1)
             query, key, value = qkv.chunk(3, dim=-1)
-        query = attn.norm_q(query.unflatten(-1, (-1, attn.head_dim)))  # [B, N, h, d]
-        key = attn.norm_k(key.unflatten(-1, (-1, attn.head_dim)))
-        value = value.unflatten(-1, (-1, attn.head_dim))
-        if double and attn.added_kv_proj_dim is not None:
-            eq = attn.norm_added_q(eq.unflatten(-1, (-1, attn.head_dim)))
-            ek = attn.norm_added_k(ek.unflatten(-1, (-1, attn.head_dim)))
-            ev = ev.unflatten(-1, (-1, attn.head_dim))
-            query, key, value = (torch.cat([e, x], dim=1) for e, x in ((eq, query), (ek, key), (ev, value)))
-        if image_rotary_emb is not None:
-            query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
-            key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
+        text = (eq, ek, ev) if double and attn.added_kv_proj_dim is not None else None
+        query, key, value = text_first_heads(attn, (query, key, value), text, image_rotary_emb)  # [B, N, h, d]
 
         out = self.attend_tokens(query, key, value, attn_mask=attention_mask, num_text=n_txt)  # [B, N, h, d]
         hidden = out.flatten(2, 3).to(query.dtype)

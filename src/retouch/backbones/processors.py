@@ -49,6 +49,30 @@ def project_out(attn: Any, hidden: Tensor) -> Tensor:
     return hidden
 
 
+def text_first_heads(
+    attn: Any, qkv: tuple[Tensor, Tensor, Tensor], text_qkv: tuple[Tensor, Tensor, Tensor] | None, rotary: Any
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The attention inputs of Flux-style blocks (Flux.1 and Flux.2, as their diffusers processors): projections
+    ``[B, S, heads * d]`` split into heads ``[B, S, heads, d]`` and QK-normed; in double-stream blocks the text
+    projections ``text_qkv`` (normed with the added norms) go first; then the rotary embedding on queries and keys."""
+    from diffusers.models.embeddings import apply_rotary_emb
+
+    query, key, value = qkv
+    query = attn.norm_q(query.unflatten(-1, (-1, attn.head_dim)))  # [B, N, h, d]
+    key = attn.norm_k(key.unflatten(-1, (-1, attn.head_dim)))
+    value = value.unflatten(-1, (-1, attn.head_dim))
+    if text_qkv is not None:
+        eq, ek, ev = text_qkv
+        eq = attn.norm_added_q(eq.unflatten(-1, (-1, attn.head_dim)))
+        ek = attn.norm_added_k(ek.unflatten(-1, (-1, attn.head_dim)))
+        ev = ev.unflatten(-1, (-1, attn.head_dim))
+        query, key, value = (torch.cat([e, x], dim=1) for e, x in ((eq, query), (ek, key), (ev, value)))
+    if rotary is not None:
+        query = apply_rotary_emb(query, rotary, sequence_dim=1)
+        key = apply_rotary_emb(key, rotary, sequence_dim=1)
+    return query, key, value  # [B, T + N, h, d]
+
+
 class RoutingProcessor:
     """Base of retouch's attention processors: ``layer`` is the :class:`LayerInfo` handed to ``attend`` (and to
     ``merge``), ``attend(q, k, v, layer, **kw)`` computes attention on ``[B, heads, S, d]`` tensors, ``merge``
@@ -216,7 +240,6 @@ class FluxProcessor(RoutingProcessor):
         image_rotary_emb: Tensor | None = None,
         num_text: int | None = None,
     ):
-        from diffusers.models.embeddings import apply_rotary_emb
         from diffusers.models.transformers.transformer_flux import _get_qkv_projections
 
         # token merging on the image tokens; rotary position inputs follow the kept tokens. num_text None: a
@@ -228,19 +251,8 @@ class FluxProcessor(RoutingProcessor):
         )
 
         query, key, value, eq, ek, ev = _get_qkv_projections(attn, hidden_states, encoder_hidden_states)
-        query = attn.norm_q(query.unflatten(-1, (-1, attn.head_dim)))  # [B, N, h, d]
-        key = attn.norm_k(key.unflatten(-1, (-1, attn.head_dim)))
-        value = value.unflatten(-1, (-1, attn.head_dim))
-        if attn.added_kv_proj_dim is not None:
-            eq = attn.norm_added_q(eq.unflatten(-1, (-1, attn.head_dim)))
-            ek = attn.norm_added_k(ek.unflatten(-1, (-1, attn.head_dim)))
-            ev = ev.unflatten(-1, (-1, attn.head_dim))
-            query = torch.cat([eq, query], dim=1)
-            key = torch.cat([ek, key], dim=1)
-            value = torch.cat([ev, value], dim=1)
-        if image_rotary_emb is not None:
-            query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
-            key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
+        text = (eq, ek, ev) if attn.added_kv_proj_dim is not None else None
+        query, key, value = text_first_heads(attn, (query, key, value), text, image_rotary_emb)  # [B, N, h, d]
 
         out = self.attend_tokens(query, key, value, attn_mask=attention_mask, num_text=n_txt)  # [B, N, h, d]
         hidden_states = out.flatten(2, 3).to(query.dtype)
