@@ -1,54 +1,44 @@
-"""Flux (FluxTransformer2DModel): packed 2x2 latents, image ids, guidance embedding, no CFG batch."""
+"""Flux (FluxTransformer2DModel): packed 2x2 latents, image ids, guidance embedding, no CFG batch.
+
+The 2x2 packing (:func:`pack` / :func:`unpack`) is shared with Qwen-Image and written in ``common.py``.
+"""
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from retouch.backbones.base import Backbone, LayerInfo, SizePolicy
+from retouch.backbones.base import LayerInfo, SizePolicy
+from retouch.backbones.common import (
+    TransformerBackbone,
+    flow_timestep,
+    grid_position_ids,
+    guidance_tensor,
+    pack,
+    square_size_policy,
+    stream_attention_layers,
+    stream_feature_blocks,
+    unpack,
+)
 from retouch.backbones.processors import FluxProcessor, routing_kwargs
 from retouch.types import Conditioning, Prediction
-
-_NAME = re.compile(r"^(transformer_blocks|single_transformer_blocks)\.(\d+)\.attn$")
-
-
-def pack(latents: Tensor) -> Tensor:
-    """``[B, C, h, w] -> [B, (h/2)(w/2), 4C]`` (Flux's 2x2 patch packing)."""
-    b, c, h, w = latents.shape
-    x = latents.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
-    return x.reshape(b, (h // 2) * (w // 2), c * 4)
-
-
-def unpack(tokens: Tensor, h: int, w: int) -> Tensor:
-    """Inverse of :func:`pack` for a latent of spatial size ``(h, w)``."""
-    b, _, c4 = tokens.shape
-    x = tokens.view(b, h // 2, w // 2, c4 // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
-    return x.reshape(b, c4 // 4, h, w)
 
 
 def image_ids(h: int, w: int, device: torch.device, dtype: torch.dtype) -> Tensor:
     """Position ids ``(0, row, col)`` of the packed ``(h/2) x (w/2)`` token grid, ``[N, 3]``."""
-    ids = torch.zeros(h // 2, w // 2, 3)
-    ids[..., 1] = torch.arange(h // 2)[:, None]
-    ids[..., 2] = torch.arange(w // 2)[None, :]
-    return ids.reshape(-1, 3).to(device=device, dtype=dtype)
+    return grid_position_ids(h // 2, w // 2, 3, torch.float32).to(device=device, dtype=dtype)
 
 
-class FluxBackbone(Backbone):
+class FluxBackbone(TransformerBackbone):
     family = "flux"
     prediction = Prediction.FLOW
     uses_cfg = False
     default_solver = "flow_euler"
     default_guidance = 3.5
     default_steps = 28
-
-    @property
-    def denoiser(self) -> nn.Module:
-        return self.pipe.transformer
 
     @property
     def tokenizer(self) -> Any:
@@ -70,7 +60,7 @@ class FluxBackbone(Backbone):
         native = getattr(self.vae.config, "sample_size", None)
         if not isinstance(native, int) or native <= 0:
             native = int(getattr(self.pipe, "default_sample_size", 128)) * self.vae_scale_factor
-        return SizePolicy(multiple=mult, min_side=mult, max_side=4096, native=(native, native))
+        return square_size_policy(mult, native, 4096)
 
     def encode_prompt(
         self,
@@ -87,8 +77,7 @@ class FluxBackbone(Backbone):
         )
         tensors = {"encoder_hidden_states": emb, "pooled_projections": pooled}
         if self.pipe.transformer.config.guidance_embeds:
-            g = self.default_guidance if guidance is None else guidance
-            tensors["guidance"] = torch.full((emb.shape[0],), float(g), device=emb.device, dtype=torch.float32)
+            tensors["guidance"] = guidance_tensor(guidance, self.default_guidance, emb.shape[0], emb.device)
         return Conditioning(tensors, static={"txt_ids": text_ids})
 
     def randn_latent(self, shape: Sequence[int], generator: torch.Generator | None = None) -> Tensor:
@@ -105,7 +94,7 @@ class FluxBackbone(Backbone):
     def predict(self, x: Tensor, timestep: Tensor, cond: Conditioning) -> Tensor:
         b, _, h, w = x.shape
         emb = cond.tensors["encoder_hidden_states"]
-        t = (timestep.to(x.device, torch.float32) / 1000).reshape(1).expand(b).to(self.dtype)
+        t = flow_timestep(timestep, b, x.device, self.dtype)
         out = self.pipe.transformer(
             hidden_states=pack(x.to(self.dtype)),
             timestep=t,
@@ -120,34 +109,13 @@ class FluxBackbone(Backbone):
         return unpack(out, h, w)
 
     def attention_layers(self) -> dict[str, LayerInfo]:
-        entries = []
-        for key in self.pipe.transformer.attn_processors:
-            name = key.removesuffix(".processor")
-            m = _NAME.match(name)
-            if m is None:
-                raise RuntimeError(f"unexpected attention module path in the Flux transformer: {name}")
-            entries.append((0 if m.group(1) == "transformer_blocks" else 1, int(m.group(2)), name))
-        entries.sort()
-        out: dict[str, LayerInfo] = {}
-        for depth, (stream, _, name) in enumerate(entries):
-            kind, place = ("joint", "double") if stream == 0 else ("single", "single")
-            out[name] = LayerInfo(name=name, kind=kind, depth=depth, place=place, downsample=2, text_first=True)
-        return out
+        return stream_attention_layers(self.pipe.transformer.attn_processors, "Flux transformer", downsample=2)
 
     def feature_blocks(self) -> dict[str, LayerInfo]:
         """Double-stream ``transformer_blocks.*`` (kind ``"joint"``) then single-stream
         ``single_transformer_blocks.*`` (kind ``"single"``); both return ``(encoder_hidden_states,
         hidden_states)`` in diffusers >= 0.35: the packed image stream ``[B, N_img, D]`` is element 1."""
-        tr = self.pipe.transformer
-        out: dict[str, LayerInfo] = {}
-        for attr, kind, place in (("transformer_blocks", "joint", "double"),
-                                  ("single_transformer_blocks", "single", "single")):  # fmt: skip
-            for i in range(len(getattr(tr, attr))):
-                name = f"{attr}.{i}"
-                out[name] = LayerInfo(name=name, kind=kind, depth=len(out), place=place, downsample=2)
-        return out
+        return stream_feature_blocks(self.pipe.transformer, single_kind="single", downsample=2, text_first=False)
 
     def make_processor(self, layer: LayerInfo, attend, merge=None) -> Any:
-        if merge is None:
-            return FluxProcessor(layer, attend)
         return FluxProcessor(layer, attend, merge)

@@ -22,19 +22,32 @@ What differs from Flux.1 (``backbones/flux.py``), read from diffusers 0.42.1:
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from retouch.backbones.base import Backbone, LayerInfo, SizePolicy
+from retouch.backbones.base import LayerInfo, SizePolicy
+from retouch.backbones.common import (
+    TransformerBackbone,
+    flow_timestep,
+    grid_position_ids,
+    guidance_tensor,
+    square_size_policy,
+    stream_attention_layers,
+    stream_feature_blocks,
+)
 from retouch.backbones.flowgrid import ChatTemplateText, explicit_sigma_flow_grid
-from retouch.backbones.processors import Attend, Merge, _no_merge, routing_kwargs
+from retouch.backbones.processors import (
+    Attend,
+    Merge,
+    RoutingProcessor,
+    routing_kwargs,
+    text_first_heads,
+    unmerge_after_text,
+)
 from retouch.types import Conditioning, NoiseGrid, Prediction
-
-_NAME = re.compile(r"^(transformer_blocks|single_transformer_blocks)\.(\d+)\.attn$")
 
 
 def empirical_mu(image_seq_len: int, num_steps: int) -> float:
@@ -67,13 +80,10 @@ def unpatchify(latents: Tensor) -> Tensor:
 
 def image_ids(h: int, w: int, device: torch.device) -> Tensor:
     """``(t, h, w, l) = (0, row, col, 0)`` for an ``h x w`` token grid, ``[h*w, 4]``."""
-    ids = torch.zeros(h, w, 4, dtype=torch.long)
-    ids[..., 1] = torch.arange(h)[:, None]
-    ids[..., 2] = torch.arange(w)[None, :]
-    return ids.reshape(-1, 4).to(device)
+    return grid_position_ids(h, w, 4, torch.long).to(device)
 
 
-class Flux2Processor:
+class Flux2Processor(RoutingProcessor):
     """For Flux.2 double-stream (``Flux2Attention``) and single-stream (``Flux2ParallelSelfAttention``)
     attention; mirrors diffusers 0.42.1's ``Flux2AttnProcessor`` / ``Flux2ParallelSelfAttnProcessor`` and
     routes the attention product through ``attend``. Sequence = [text; image].
@@ -85,25 +95,6 @@ class Flux2Processor:
     from the stock pipeline) it counts as 0.
     """
 
-    def __init__(self, layer: LayerInfo, attend: Attend, merge: Merge = _no_merge) -> None:
-        self.layer = layer
-        self.attend = attend
-        self.merge = merge
-
-    def _merge(self, hidden: Tensor, n_txt: int, rotary: Any, rot_txt: int) -> tuple[Tensor, Any, Any]:
-        """Merge the image tokens after the ``n_txt`` text tokens of ``hidden``; the rotary tables cover
-        ``rot_txt`` text tokens then the image."""
-        image = hidden[:, n_txt:]
-        merged, plan = self.merge(image, self.layer)
-        if plan is None:
-            return hidden, None, rotary
-        hidden = torch.cat([hidden[:, :n_txt], merged], dim=1)
-        if rotary is not None:
-            keep = plan.kept_index[0].to(rotary[0].device) + rot_txt
-            idx = torch.cat([torch.arange(rot_txt, device=keep.device), keep])
-            rotary = tuple(e[idx] for e in rotary)
-        return hidden, plan, rotary
-
     def __call__(
         self,
         attn: Any,
@@ -113,8 +104,6 @@ class Flux2Processor:
         image_rotary_emb: Any = None,
         num_text: int | None = None,
     ) -> Any:
-        from diffusers.models.embeddings import apply_rotary_emb
-
         double = hasattr(attn, "to_q")
         if not double:  # Flux2ParallelSelfAttention(attn, hidden_states, attention_mask, image_rotary_emb)
             encoder_hidden_states, attention_mask, image_rotary_emb = None, encoder_hidden_states, attention_mask
@@ -122,7 +111,9 @@ class Flux2Processor:
         # then unknown and the whole sequence counts as image tokens (editors that slice text see none)
         n_txt = encoder_hidden_states.shape[1] if double else int(num_text or 0)
         n_txt_in_hidden = 0 if double else n_txt
-        hidden_states, plan, image_rotary_emb = self._merge(hidden_states, n_txt_in_hidden, image_rotary_emb, n_txt)
+        hidden_states, plan, image_rotary_emb = self.merge_after_text(
+            hidden_states, n_txt_in_hidden, image_rotary_emb, n_txt
+        )
 
         if double:
             from diffusers.models.transformers.transformer_flux2 import _get_qkv_projections
@@ -135,23 +126,11 @@ class Flux2Processor:
             local_qkv = proj.shape[-1] * qkv_dim // (qkv_dim + mlp_dim)
             qkv, mlp_hidden = torch.split(proj, [local_qkv, proj.shape[-1] - local_qkv], dim=-1)
             query, key, value = qkv.chunk(3, dim=-1)
-        query = attn.norm_q(query.unflatten(-1, (-1, attn.head_dim)))  # [B, N, h, d]
-        key = attn.norm_k(key.unflatten(-1, (-1, attn.head_dim)))
-        value = value.unflatten(-1, (-1, attn.head_dim))
-        if double and attn.added_kv_proj_dim is not None:
-            eq = attn.norm_added_q(eq.unflatten(-1, (-1, attn.head_dim)))
-            ek = attn.norm_added_k(ek.unflatten(-1, (-1, attn.head_dim)))
-            ev = ev.unflatten(-1, (-1, attn.head_dim))
-            query, key, value = (torch.cat([e, x], dim=1) for e, x in ((eq, query), (ek, key), (ev, value)))
-        if image_rotary_emb is not None:
-            query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
-            key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
+        text = (eq, ek, ev) if double and attn.added_kv_proj_dim is not None else None
+        query, key, value = text_first_heads(attn, (query, key, value), text, image_rotary_emb)  # [B, N, h, d]
 
-        out = self.attend(
-            query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), self.layer,
-            attn_mask=attention_mask, num_text=n_txt,
-        )  # fmt: skip  # [B, h, N, d]
-        hidden = out.transpose(1, 2).flatten(2, 3).to(query.dtype)
+        out = self.attend_tokens(query, key, value, attn_mask=attention_mask, num_text=n_txt)  # [B, N, h, d]
+        hidden = out.flatten(2, 3).to(query.dtype)
 
         if double:
             txt, img = hidden.split_with_sizes([n_txt, hidden.shape[1] - n_txt], dim=1)
@@ -161,12 +140,10 @@ class Flux2Processor:
                 img = plan.unmerge(img)
             return img, txt
         hidden = attn.to_out(torch.cat([hidden, attn.mlp_act_fn(mlp_hidden)], dim=-1))
-        if plan is not None:
-            hidden = torch.cat([hidden[:, :n_txt], plan.unmerge(hidden[:, n_txt:])], dim=1)
-        return hidden
+        return unmerge_after_text(hidden, plan, n_txt)
 
 
-class Flux2Backbone(ChatTemplateText, Backbone):
+class Flux2Backbone(ChatTemplateText, TransformerBackbone):
     family = "flux2"
     chat_model = "Flux.2"
     prediction = Prediction.FLOW
@@ -187,10 +164,6 @@ class Flux2Backbone(ChatTemplateText, Backbone):
         self.default_guidance = 1.0 if self.step_distilled else 4.0
 
     @property
-    def denoiser(self) -> nn.Module:
-        return self.pipe.transformer
-
-    @property
     def vae_scale_factor(self) -> int:
         return 2 ** (len(self.vae.config.block_out_channels) - 1) * 2
 
@@ -202,7 +175,7 @@ class Flux2Backbone(ChatTemplateText, Backbone):
     def size_policy(self) -> SizePolicy:
         mult = self.vae_scale_factor
         native = int(getattr(self.pipe, "default_sample_size", 128)) * (mult // 2)
-        return SizePolicy(multiple=mult, min_side=mult, max_side=4096, native=(native, native))
+        return square_size_policy(mult, native, 4096)
 
     @property
     def tokenizer(self) -> Any:
@@ -235,23 +208,27 @@ class Flux2Backbone(ChatTemplateText, Backbone):
         )
         tensors = {"encoder_hidden_states": emb.to(self.dtype)}
         if self.guidance_embedded:
-            g = self.default_guidance if guidance is None else guidance
-            tensors["guidance"] = torch.full((emb.shape[0],), float(g), device=emb.device, dtype=torch.float32)
+            tensors["guidance"] = guidance_tensor(guidance, self.default_guidance, emb.shape[0], emb.device)
         return Conditioning(tensors, static={"txt_ids": text_ids[0]})
 
     def encode_image(self, pixels: Tensor) -> Tensor:
         vae = self.vae
         lat = patchify(vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.mode())
-        mean = vae.bn.running_mean.view(1, -1, 1, 1).to(lat)
-        std = torch.sqrt(vae.bn.running_var.view(1, -1, 1, 1) + vae.config.batch_norm_eps).to(lat)
+        mean, std = self._latent_stats(lat)
         return ((lat - mean) / std).to(self.dtype)
 
     def decode(self, latents: Tensor) -> Tensor:
         vae = self.vae
         lat = latents.to(vae.dtype)
-        mean = vae.bn.running_mean.view(1, -1, 1, 1).to(lat)
-        std = torch.sqrt(vae.bn.running_var.view(1, -1, 1, 1) + vae.config.batch_norm_eps).to(lat)
+        mean, std = self._latent_stats(lat)
         return vae.decode(unpatchify(lat * std + mean)).sample
+
+    def _latent_stats(self, like: Tensor) -> tuple[Tensor, Tensor]:
+        """The VAE batch norm's running mean and standard deviation ``[1, 4C, 1, 1]``, as ``like``."""
+        bn = self.vae.bn
+        mean = bn.running_mean.view(1, -1, 1, 1).to(like)
+        std = torch.sqrt(bn.running_var.view(1, -1, 1, 1) + self.vae.config.batch_norm_eps).to(like)
+        return mean, std
 
     def grid(self, kind: str, num_steps: int, latent_hw: tuple[int, int]) -> NoiseGrid:
         from retouch import schedules
@@ -263,7 +240,7 @@ class Flux2Backbone(ChatTemplateText, Backbone):
     def predict(self, x: Tensor, timestep: Tensor, cond: Conditioning) -> Tensor:
         b, c, h, w = x.shape
         emb = cond.tensors["encoder_hidden_states"]
-        t = (timestep.to(x.device, torch.float32) / 1000).reshape(1).expand(b).to(self.dtype)
+        t = flow_timestep(timestep, b, x.device, self.dtype)
         tokens = x.to(self.dtype).reshape(b, c, h * w).permute(0, 2, 1)  # [B, hw, 4C_vae]
         out = self.pipe.transformer(
             hidden_states=tokens,
@@ -278,35 +255,16 @@ class Flux2Backbone(ChatTemplateText, Backbone):
         return out.permute(0, 2, 1).reshape(b, c, h, w)
 
     def attention_layers(self) -> dict[str, LayerInfo]:
-        entries = []
-        for key in self.pipe.transformer.attn_processors:
-            name = key.removesuffix(".processor")
-            m = _NAME.match(name)
-            if m is None:
-                raise RuntimeError(f"unexpected attention module path in the Flux.2 transformer: {name}")
-            entries.append((0 if m.group(1) == "transformer_blocks" else 1, int(m.group(2)), name))
-        out: dict[str, LayerInfo] = {}
-        for depth, (stream, _, name) in enumerate(sorted(entries)):
-            kind, place = ("joint", "double") if stream == 0 else ("single", "single")
-            out[name] = LayerInfo(name=name, kind=kind, depth=depth, place=place, downsample=1, text_first=True)
-        return out
+        return stream_attention_layers(self.pipe.transformer.attn_processors, "Flux.2 transformer", downsample=1)
 
     def feature_blocks(self) -> dict[str, LayerInfo]:
         """Double-stream ``transformer_blocks.*`` return ``(encoder_hidden_states, hidden_states)`` (kind
         ``"joint"``: image stream is element 1); single-stream ``single_transformer_blocks.*`` return the
         concatenated ``[text; image]`` sequence ``[B, T + N, D]`` (kind ``"sequence"``, ``text_first``)."""
-        tr = self.pipe.transformer
-        out: dict[str, LayerInfo] = {}
-        for attr, kind, place in (("transformer_blocks", "joint", "double"),
-                                  ("single_transformer_blocks", "sequence", "single")):  # fmt: skip
-            for i in range(len(getattr(tr, attr))):
-                name = f"{attr}.{i}"
-                out[name] = LayerInfo(name=name, kind=kind, depth=len(out), place=place, downsample=1,
-                                      text_first=True)  # fmt: skip
-        return out
+        return stream_feature_blocks(self.pipe.transformer, single_kind="sequence", downsample=1, text_first=True)
 
     def make_processor(self, layer: LayerInfo, attend: Attend, merge: Merge | None = None) -> Any:
-        return Flux2Processor(layer, attend, merge or _no_merge)
+        return Flux2Processor(layer, attend, merge)
 
     def describe(self) -> dict[str, Any]:
         out = super().describe()

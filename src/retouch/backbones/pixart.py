@@ -7,30 +7,23 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from retouch.backbones.base import Backbone, LayerInfo, SizePolicy
+from retouch.backbones.base import LayerInfo, SizePolicy
+from retouch.backbones.common import TransformerBackbone, numbered_blocks, parse_layer_names, sample_size_policy
 from retouch.backbones.processors import StandardProcessor
 from retouch.types import Conditioning, Prediction
 
 _NAME = re.compile(r"^transformer_blocks\.(\d+)\.(attn\d)$")
 
 
-class PixArtBackbone(Backbone):
+class PixArtBackbone(TransformerBackbone):
     family = "pixart"
     latent_shift = False  # the diffusers pipeline ignores the VAE shift_factor
     prediction = Prediction.EPSILON
     default_solver = "dpmpp"
     default_guidance = 4.5
     default_steps = 20
-
-    @property
-    def denoiser(self) -> nn.Module:
-        return self.pipe.transformer
-
-    @property
-    def tokenizer(self) -> Any:
-        return self.pipe.tokenizer
 
     @property
     def max_prompt_tokens(self) -> int:
@@ -47,9 +40,7 @@ class PixArtBackbone(Backbone):
 
     @property
     def size_policy(self) -> SizePolicy:
-        mult = self.vae_scale_factor * self.patch_size
-        native = int(self.pipe.transformer.config.sample_size) * self.vae_scale_factor
-        return SizePolicy(multiple=mult, min_side=mult, max_side=max(4 * native, 4096), native=(native, native))
+        return sample_size_policy(self)
 
     def encode_prompt(
         self,
@@ -93,32 +84,17 @@ class PixArtBackbone(Backbone):
         return out
 
     def attention_layers(self) -> dict[str, LayerInfo]:
+        parsed = parse_layer_names(self.pipe.transformer.attn_processors, _NAME, "PixArt transformer")
         out: dict[str, LayerInfo] = {}
-        keys = sorted(
-            (k.removesuffix(".processor") for k in self.pipe.transformer.attn_processors),
-            key=lambda n: (int(_match(n).group(1)), _match(n).group(2)),
-        )
-        for name in keys:
-            m = _match(name)
-            kind = "self" if m.group(2) == "attn1" else "cross"
-            out[name] = LayerInfo(name=name, kind=kind, depth=int(m.group(1)), place="dit", downsample=self.patch_size)
+        for depth, which, name in sorted((int(m.group(1)), m.group(2), name) for m, name in parsed):
+            kind = "self" if which == "attn1" else "cross"
+            out[name] = LayerInfo(name=name, kind=kind, depth=depth, place="dit", downsample=self.patch_size)
         return out
 
     def feature_blocks(self) -> dict[str, LayerInfo]:
         """``transformer_blocks.*``; each returns the image tokens ``[B, N_img, D]`` (kind ``"dit"``)."""
-        return {
-            f"transformer_blocks.{i}": LayerInfo(
-                name=f"transformer_blocks.{i}", kind="dit", depth=i, place="dit", downsample=self.patch_size
-            )
-            for i in range(len(self.pipe.transformer.transformer_blocks))
-        }
+        n = len(self.pipe.transformer.transformer_blocks)
+        return numbered_blocks("transformer_blocks", n, kind="dit", place="dit", downsample=self.patch_size)
 
     def make_processor(self, layer: LayerInfo, attend, merge=None) -> Any:
-        return StandardProcessor(layer, attend) if merge is None else StandardProcessor(layer, attend, merge)
-
-
-def _match(name: str) -> re.Match[str]:
-    m = _NAME.match(name)
-    if m is None:
-        raise RuntimeError(f"unexpected attention module path in the PixArt transformer: {name}")
-    return m
+        return StandardProcessor(layer, attend, merge)

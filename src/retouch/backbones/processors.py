@@ -4,6 +4,9 @@ Each class reproduces one diffusers processor's projections exactly (adapted fro
 ``AttnProcessor2_0``, ``JointAttnProcessor2_0`` and ``FluxAttnProcessor``) and replaces only the call to
 ``scaled_dot_product_attention`` with ``attend(q, k, v, layer, attn_mask=..., num_text=...)`` on
 ``[B, heads, S, d]`` tensors. ``tests/test_parity.py`` fails if upstream's output drifts from ours.
+
+:class:`RoutingProcessor` holds what every routing processor (these and the newer families' in their adapters)
+shares: the layer, the ``attend`` callback, the token-merging callback, and the small steps around them.
 """
 
 from __future__ import annotations
@@ -24,17 +27,97 @@ def _no_merge(hidden: Tensor, layer: LayerInfo) -> tuple[Tensor, Any]:
     return hidden, None
 
 
-class StandardProcessor:
+def split_heads(x: Tensor, heads: int, head_dim: int) -> Tensor:
+    """``[B, N, heads * d] -> [B, heads, N, d]`` (diffusers' ``view(...).transpose(1, 2)``)."""
+    return x.view(x.shape[0], -1, heads, head_dim).transpose(1, 2)
+
+
+def norm_qk(q: Tensor, k: Tensor, norm_q: Any, norm_k: Any) -> tuple[Tensor, Tensor]:
+    """The optional query / key norms of an attention module (``None``: no norm)."""
+    if norm_q is not None:
+        q = norm_q(q)
+    if norm_k is not None:
+        k = norm_k(k)
+    return q, k
+
+
+def project_out(attn: Any, hidden: Tensor) -> Tensor:
+    """``attn.to_out``: the output projection, then its dropout where the module has one."""
+    hidden = attn.to_out[0](hidden)
+    if len(attn.to_out) > 1:
+        hidden = attn.to_out[1](hidden)
+    return hidden
+
+
+def text_first_heads(
+    attn: Any, qkv: tuple[Tensor, Tensor, Tensor], text_qkv: tuple[Tensor, Tensor, Tensor] | None, rotary: Any
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The attention inputs of Flux-style blocks (Flux.1 and Flux.2, as their diffusers processors): projections
+    ``[B, S, heads * d]`` split into heads ``[B, S, heads, d]`` and QK-normed; in double-stream blocks the text
+    projections ``text_qkv`` (normed with the added norms) go first; then the rotary embedding on queries and keys."""
+    from diffusers.models.embeddings import apply_rotary_emb
+
+    query, key, value = qkv
+    query = attn.norm_q(query.unflatten(-1, (-1, attn.head_dim)))  # [B, N, h, d]
+    key = attn.norm_k(key.unflatten(-1, (-1, attn.head_dim)))
+    value = value.unflatten(-1, (-1, attn.head_dim))
+    if text_qkv is not None:
+        eq, ek, ev = text_qkv
+        eq = attn.norm_added_q(eq.unflatten(-1, (-1, attn.head_dim)))
+        ek = attn.norm_added_k(ek.unflatten(-1, (-1, attn.head_dim)))
+        ev = ev.unflatten(-1, (-1, attn.head_dim))
+        query, key, value = (torch.cat([e, x], dim=1) for e, x in ((eq, query), (ek, key), (ev, value)))
+    if rotary is not None:
+        query = apply_rotary_emb(query, rotary, sequence_dim=1)
+        key = apply_rotary_emb(key, rotary, sequence_dim=1)
+    return query, key, value  # [B, T + N, h, d]
+
+
+class RoutingProcessor:
+    """Base of retouch's attention processors: ``layer`` is the :class:`LayerInfo` handed to ``attend`` (and to
+    ``merge``), ``attend(q, k, v, layer, **kw)`` computes attention on ``[B, heads, S, d]`` tensors, ``merge``
+    reduces image tokens ``[B, N, C] -> ([B, N', C], plan)`` (``plan`` None: nothing merged, else
+    ``plan.unmerge`` restores the token count and ``plan.kept_index`` names the kept tokens). Subclasses write
+    only their family's projections."""
+
+    def __init__(self, layer: LayerInfo, attend: Attend, merge: Merge | None = None) -> None:
+        self.layer = layer
+        self.attend = attend
+        self.merge = _no_merge if merge is None else merge
+
+    def attend_tokens(self, query: Tensor, key: Tensor, value: Tensor, **kwargs: Any) -> Tensor:
+        """``attend`` on token-major ``[B, S, heads, d]`` tensors; returns ``[B, S, heads, d]``."""
+        out = self.attend(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), self.layer, **kwargs)
+        return out.transpose(1, 2)  # [B, S, h, d]
+
+    def merge_after_text(self, hidden: Tensor, n_txt: int, rotary: Any, rot_txt: int) -> tuple[Tensor, Any, Any]:
+        """Merge the image tokens that follow the ``n_txt`` text tokens of ``hidden`` (a ``[text; image]``
+        sequence); the rotary tables (a tuple of ``[S, ...]`` tensors, or None) cover ``rot_txt`` text tokens then
+        the image, and keep the rows of the kept tokens. Returns ``(hidden, plan, rotary)``."""
+        merged, plan = self.merge(hidden[:, n_txt:], self.layer)
+        if plan is None:
+            return hidden, None, rotary
+        hidden = torch.cat([hidden[:, :n_txt], merged], dim=1)
+        if rotary is not None:
+            keep = plan.kept_index[0].to(rotary[0].device) + rot_txt
+            idx = torch.cat([torch.arange(rot_txt, device=keep.device), keep])
+            rotary = tuple(e[idx] for e in rotary)
+        return hidden, plan, rotary
+
+
+def unmerge_after_text(hidden: Tensor, plan: Any, n_txt: int) -> Tensor:
+    """Undo :meth:`RoutingProcessor.merge_after_text` on a block output ``[B, n_txt + N', C]``."""
+    if plan is None:
+        return hidden
+    return torch.cat([hidden[:, :n_txt], plan.unmerge(hidden[:, n_txt:])], dim=1)
+
+
+class StandardProcessor(RoutingProcessor):
     """For diffusers ``Attention`` modules (UNet self/cross, PixArt self/cross); mirrors ``AttnProcessor2_0``.
 
     In self-attention layers ``merge`` may reduce the image tokens before the projections (token merging);
     the output is unmerged back after ``to_out``.
     """
-
-    def __init__(self, layer: LayerInfo, attend: Attend, merge: Merge = _no_merge) -> None:
-        self.layer = layer
-        self.attend = attend
-        self.merge = merge
 
     def __call__(
         self,
@@ -74,20 +157,13 @@ class StandardProcessor:
         value = attn.to_v(encoder_hidden_states)
 
         head_dim = key.shape[-1] // attn.heads
-        query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)  # [B, h, N, d]
-        key = key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-        value = value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
+        query, key, value = (split_heads(x, attn.heads, head_dim) for x in (query, key, value))  # [B, h, N, d]
+        query, key = norm_qk(query, key, attn.norm_q, attn.norm_k)
 
         hidden_states = self.attend(query, key, value, self.layer, attn_mask=attention_mask)
 
         hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
-        hidden_states = hidden_states.to(query.dtype)
-        hidden_states = attn.to_out[0](hidden_states)
-        hidden_states = attn.to_out[1](hidden_states)
+        hidden_states = project_out(attn, hidden_states.to(query.dtype))
         if plan is not None:
             hidden_states = plan.unmerge(hidden_states)  # [B, N, C]
         if input_ndim == 4:
@@ -97,16 +173,11 @@ class StandardProcessor:
         return hidden_states / attn.rescale_output_factor
 
 
-class JointProcessor:
+class JointProcessor(RoutingProcessor):
     """For SD3's joint attention; mirrors ``JointAttnProcessor2_0``. Sequence = [image; text].
 
     Token merging acts on the image stream only (text tokens are never merged).
     """
-
-    def __init__(self, layer: LayerInfo, attend: Attend, merge: Merge = _no_merge) -> None:
-        self.layer = layer
-        self.attend = attend
-        self.merge = merge
 
     def __call__(
         self,
@@ -118,28 +189,18 @@ class JointProcessor:
         **kwargs,
     ):
         hidden_states, plan = self.merge(hidden_states, self.layer)  # image tokens [B, N', C]
-        residual = hidden_states
-        batch_size = hidden_states.shape[0]
-        query = attn.to_q(hidden_states)
-        key = attn.to_k(hidden_states)
-        value = attn.to_v(hidden_states)
+        n_img = hidden_states.shape[1]
+        query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
         head_dim = key.shape[-1] // attn.heads
-        query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)  # [B, h, N_img, d]
-        key = key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-        value = value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
+        query, key, value = (split_heads(x, attn.heads, head_dim) for x in (query, key, value))  # [B, h, N_img, d]
+        query, key = norm_qk(query, key, attn.norm_q, attn.norm_k)
         num_text = 0
         if encoder_hidden_states is not None:
-            cq = attn.add_q_proj(encoder_hidden_states).view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-            ck = attn.add_k_proj(encoder_hidden_states).view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-            cv = attn.add_v_proj(encoder_hidden_states).view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-            if attn.norm_added_q is not None:
-                cq = attn.norm_added_q(cq)
-            if attn.norm_added_k is not None:
-                ck = attn.norm_added_k(ck)
+            cq, ck, cv = (
+                split_heads(proj(encoder_hidden_states), attn.heads, head_dim)
+                for proj in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj)
+            )
+            cq, ck = norm_qk(cq, ck, attn.norm_added_q, attn.norm_added_k)
             num_text = cq.shape[2]
             query = torch.cat([query, cq], dim=2)  # [B, h, N_img + N_txt, d]
             key = torch.cat([key, ck], dim=2)
@@ -147,15 +208,13 @@ class JointProcessor:
 
         hidden_states = self.attend(query, key, value, self.layer, attn_mask=None, num_text=num_text)
 
-        hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
+        hidden_states = hidden_states.transpose(1, 2).reshape(hidden_states.shape[0], -1, attn.heads * head_dim)
         hidden_states = hidden_states.to(query.dtype)
         if encoder_hidden_states is not None:
-            n_img = residual.shape[1]
             hidden_states, encoder_hidden_states = hidden_states[:, :n_img], hidden_states[:, n_img:]
             if not attn.context_pre_only:
                 encoder_hidden_states = attn.to_add_out(encoder_hidden_states)
-        hidden_states = attn.to_out[0](hidden_states)
-        hidden_states = attn.to_out[1](hidden_states)
+        hidden_states = project_out(attn, hidden_states)
         if plan is not None:
             hidden_states = plan.unmerge(hidden_states)
         if encoder_hidden_states is not None:
@@ -163,7 +222,7 @@ class JointProcessor:
         return hidden_states
 
 
-class FluxProcessor:
+class FluxProcessor(RoutingProcessor):
     """For Flux double- and single-stream attention; mirrors ``FluxAttnProcessor``. Sequence = [text; image].
 
     Single-stream blocks receive the already concatenated sequence; the number of text tokens (the T5 length)
@@ -171,11 +230,6 @@ class FluxProcessor:
     ``joint_attention_kwargs`` (:func:`routing_kwargs`); without it (a forward from the stock pipeline) it
     counts as 0.
     """
-
-    def __init__(self, layer: LayerInfo, attend: Attend, merge: Merge = _no_merge) -> None:
-        self.layer = layer
-        self.attend = attend
-        self.merge = merge
 
     def __call__(
         self,
@@ -186,64 +240,33 @@ class FluxProcessor:
         image_rotary_emb: Tensor | None = None,
         num_text: int | None = None,
     ):
-        from diffusers.models.embeddings import apply_rotary_emb
         from diffusers.models.transformers.transformer_flux import _get_qkv_projections
 
         # token merging on the image tokens; rotary position inputs follow the kept tokens. num_text None: a
         # forward from outside the backbone's predict (the stock pipeline), the text length counts as 0
         n_txt_single = 0 if encoder_hidden_states is not None else int(num_text or 0)
-        image = hidden_states[:, n_txt_single:]
-        merged, plan = self.merge(image, self.layer)
-        if plan is not None:
-            hidden_states = torch.cat([hidden_states[:, :n_txt_single], merged], dim=1)
-            if image_rotary_emb is not None:
-                n_txt = encoder_hidden_states.shape[1] if encoder_hidden_states is not None else n_txt_single
-                keep = plan.kept_index[0].to(image_rotary_emb[0].device) + n_txt
-                idx = torch.cat([torch.arange(n_txt, device=keep.device), keep])
-                image_rotary_emb = tuple(e[idx] for e in image_rotary_emb)
+        n_txt = encoder_hidden_states.shape[1] if encoder_hidden_states is not None else n_txt_single
+        hidden_states, plan, image_rotary_emb = self.merge_after_text(
+            hidden_states, n_txt_single, image_rotary_emb, n_txt
+        )
 
         query, key, value, eq, ek, ev = _get_qkv_projections(attn, hidden_states, encoder_hidden_states)
-        query = attn.norm_q(query.unflatten(-1, (-1, attn.head_dim)))  # [B, N, h, d]
-        key = attn.norm_k(key.unflatten(-1, (-1, attn.head_dim)))
-        value = value.unflatten(-1, (-1, attn.head_dim))
-        if attn.added_kv_proj_dim is not None:
-            eq = attn.norm_added_q(eq.unflatten(-1, (-1, attn.head_dim)))
-            ek = attn.norm_added_k(ek.unflatten(-1, (-1, attn.head_dim)))
-            ev = ev.unflatten(-1, (-1, attn.head_dim))
-            query = torch.cat([eq, query], dim=1)
-            key = torch.cat([ek, key], dim=1)
-            value = torch.cat([ev, value], dim=1)
-        if image_rotary_emb is not None:
-            query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
-            key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
-        num_text = encoder_hidden_states.shape[1] if encoder_hidden_states is not None else n_txt_single
+        text = (eq, ek, ev) if attn.added_kv_proj_dim is not None else None
+        query, key, value = text_first_heads(attn, (query, key, value), text, image_rotary_emb)  # [B, N, h, d]
 
-        out = self.attend(
-            query.transpose(1, 2),
-            key.transpose(1, 2),
-            value.transpose(1, 2),
-            self.layer,
-            attn_mask=attention_mask,
-            num_text=num_text,
-        )  # [B, h, N, d]
-        hidden_states = out.transpose(1, 2).flatten(2, 3).to(query.dtype)
+        out = self.attend_tokens(query, key, value, attn_mask=attention_mask, num_text=n_txt)  # [B, N, h, d]
+        hidden_states = out.flatten(2, 3).to(query.dtype)
 
         if encoder_hidden_states is not None:
             encoder_hidden_states, hidden_states = hidden_states.split_with_sizes(
-                [encoder_hidden_states.shape[1], hidden_states.shape[1] - encoder_hidden_states.shape[1]],
-                dim=1,
+                [n_txt, hidden_states.shape[1] - n_txt], dim=1
             )
-            hidden_states = attn.to_out[0](hidden_states.contiguous())
-            hidden_states = attn.to_out[1](hidden_states)
+            hidden_states = project_out(attn, hidden_states.contiguous())
             encoder_hidden_states = attn.to_add_out(encoder_hidden_states.contiguous())
             if plan is not None:
                 hidden_states = plan.unmerge(hidden_states)
             return hidden_states, encoder_hidden_states
-        if plan is not None:
-            hidden_states = torch.cat(
-                [hidden_states[:, :n_txt_single], plan.unmerge(hidden_states[:, n_txt_single:])], dim=1
-            )
-        return hidden_states
+        return unmerge_after_text(hidden_states, plan, n_txt_single)
 
 
 def routing_kwargs(denoiser: Any, processor_type: type, num_text: int) -> dict[str, Any] | None:

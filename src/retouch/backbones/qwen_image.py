@@ -28,25 +28,29 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from retouch.backbones.base import Backbone, LayerInfo, SizePolicy, TextSegment
-from retouch.backbones.flux import pack, unpack
-from retouch.backbones.processors import Attend, Merge, _no_merge
+from retouch.backbones.base import LayerInfo, SizePolicy, TextSegment
+from retouch.backbones.common import (
+    TransformerBackbone,
+    flow_timestep,
+    numbered_blocks,
+    pack,
+    pad_tokens,
+    parse_layer_names,
+    square_size_policy,
+    unpack,
+)
+from retouch.backbones.processors import RoutingProcessor, norm_qk, project_out
 from retouch.types import Conditioning, Prediction
 
 _NAME = re.compile(r"^transformer_blocks\.(\d+)\.attn$")
 
 
-class QwenImageProcessor:
+class QwenImageProcessor(RoutingProcessor):
     """For Qwen-Image's joint attention; mirrors diffusers 0.42.1 ``QwenDoubleStreamAttnProcessor2_0``.
     Sequence = [text; image]; the text padding mask becomes a key mask over the joint sequence. Token merging
     acts on the image stream, and the image RoPE follows the kept tokens."""
-
-    def __init__(self, layer: LayerInfo, attend: Attend, merge: Merge = _no_merge) -> None:
-        self.layer = layer
-        self.attend = attend
-        self.merge = merge
 
     def __call__(
         self,
@@ -78,37 +82,26 @@ class QwenImageProcessor:
         tq = attn.add_q_proj(encoder_hidden_states).unflatten(-1, (-1, head_dim))  # [B, T, h, d]
         tk = attn.add_k_proj(encoder_hidden_states).unflatten(-1, (-1, head_dim))
         tv = attn.add_v_proj(encoder_hidden_states).unflatten(-1, (-1, head_dim))
-        if attn.norm_q is not None:
-            q = attn.norm_q(q)
-        if attn.norm_k is not None:
-            k = attn.norm_k(k)
-        if attn.norm_added_q is not None:
-            tq = attn.norm_added_q(tq)
-        if attn.norm_added_k is not None:
-            tk = attn.norm_added_k(tk)
+        q, k = norm_qk(q, k, attn.norm_q, attn.norm_k)
+        tq, tk = norm_qk(tq, tk, attn.norm_added_q, attn.norm_added_k)
         if image_rotary_emb is not None:
             img_freqs, txt_freqs = image_rotary_emb
             q = apply_rotary_emb_qwen(q, img_freqs, use_real=False)
             k = apply_rotary_emb_qwen(k, img_freqs, use_real=False)
             tq = apply_rotary_emb_qwen(tq, txt_freqs, use_real=False)
             tk = apply_rotary_emb_qwen(tk, txt_freqs, use_real=False)
-        query = torch.cat([tq, q], dim=1).transpose(1, 2)  # [B, h, T + N, d]
-        key = torch.cat([tk, k], dim=1).transpose(1, 2)
-        value = torch.cat([tv, v], dim=1).transpose(1, 2)
+        query, key, value = (torch.cat(pair, dim=1) for pair in ((tq, q), (tk, k), (tv, v)))  # [B, T + N, h, d]
 
-        out = self.attend(query, key, value, self.layer, attn_mask=mask, num_text=n_txt)  # [B, h, T + N, d]
-        out = out.transpose(1, 2).flatten(2, 3).to(query.dtype)
+        out = self.attend_tokens(query, key, value, attn_mask=mask, num_text=n_txt).flatten(2, 3).to(query.dtype)
         txt_out, img_out = out[:, :n_txt], out[:, n_txt:]
-        img_out = attn.to_out[0](img_out.contiguous())
-        if len(attn.to_out) > 1:
-            img_out = attn.to_out[1](img_out)
+        img_out = project_out(attn, img_out.contiguous())
         if plan is not None:
             img_out = plan.unmerge(img_out)
         txt_out = attn.to_add_out(txt_out.contiguous())
         return img_out, txt_out
 
 
-class QwenImageBackbone(Backbone):
+class QwenImageBackbone(TransformerBackbone):
     family = "qwenimage"
     prediction = Prediction.FLOW
     default_solver = "flow_euler"
@@ -123,14 +116,6 @@ class QwenImageBackbone(Backbone):
                 "this Qwen-Image transformer sets guidance_embeds, which diffusers' Qwen-Image time embedding "
                 "does not implement; retouch supports the released (true-CFG) Qwen-Image models"
             )
-
-    @property
-    def denoiser(self) -> nn.Module:
-        return self.pipe.transformer
-
-    @property
-    def tokenizer(self) -> Any:
-        return self.pipe.tokenizer
 
     @property
     def _suffix_tokens(self) -> int:
@@ -157,7 +142,7 @@ class QwenImageBackbone(Backbone):
     def size_policy(self) -> SizePolicy:
         mult = self.vae_scale_factor * 2
         native = int(getattr(self.pipe, "default_sample_size", 128)) * self.vae_scale_factor
-        return SizePolicy(multiple=mult, min_side=mult, max_side=4096, native=(native, native))
+        return square_size_policy(mult, native, 4096)
 
     # --- latents --------------------------------------------------------------------------------------
     def _latent_stats(self, like: Tensor) -> tuple[Tensor, Tensor]:
@@ -194,9 +179,7 @@ class QwenImageBackbone(Backbone):
                 f"prompt is too long: {n} tokens with the template's suffix, Qwen-Image takes "
                 f"{self.max_sequence_length} here"
             )
-        pad = self.max_sequence_length - n
-        emb = torch.cat([emb, emb.new_zeros(emb.shape[0], pad, emb.shape[2])], dim=1)
-        mask = torch.cat([mask, mask.new_zeros(mask.shape[0], pad)], dim=1)
+        emb, mask = pad_tokens(emb, self.max_sequence_length), pad_tokens(mask, self.max_sequence_length)
         return Conditioning({"encoder_hidden_states": emb, "encoder_hidden_states_mask": mask})
 
     def combine_guidance(self, uncond: Tensor, cond: Tensor, guidance: float) -> Tensor:
@@ -216,7 +199,7 @@ class QwenImageBackbone(Backbone):
 
     def predict(self, x: Tensor, timestep: Tensor, cond: Conditioning) -> Tensor:
         b, _, h, w = x.shape
-        t = (timestep.to(x.device, torch.float32) / 1000).reshape(1).expand(b).to(self.dtype)
+        t = flow_timestep(timestep, b, x.device, self.dtype)
         out = self.pipe.transformer(
             hidden_states=pack(x.to(self.dtype)),
             timestep=t,
@@ -229,13 +212,8 @@ class QwenImageBackbone(Backbone):
 
     # --- attention ------------------------------------------------------------------------------------
     def attention_layers(self) -> dict[str, LayerInfo]:
-        entries = []
-        for key in self.pipe.transformer.attn_processors:
-            name = key.removesuffix(".processor")
-            m = _NAME.match(name)
-            if m is None:
-                raise RuntimeError(f"unexpected attention module path in the Qwen-Image transformer: {name}")
-            entries.append((int(m.group(1)), name))
+        parsed = parse_layer_names(self.pipe.transformer.attn_processors, _NAME, "Qwen-Image transformer")
+        entries = [(int(m.group(1)), name) for m, name in parsed]
         return {
             name: LayerInfo(name=name, kind="joint", depth=depth, place="joint", downsample=2, text_first=True)
             for depth, name in sorted(entries)
@@ -244,12 +222,8 @@ class QwenImageBackbone(Backbone):
     def feature_blocks(self) -> dict[str, LayerInfo]:
         """``transformer_blocks.*`` (kind ``"joint"``); each returns ``(encoder_hidden_states, hidden_states)``:
         the packed image stream ``[B, N_img, D]`` is element 1."""
-        return {
-            f"transformer_blocks.{i}": LayerInfo(
-                name=f"transformer_blocks.{i}", kind="joint", depth=i, place="joint", downsample=2
-            )
-            for i in range(len(self.pipe.transformer.transformer_blocks))
-        }
+        n = len(self.pipe.transformer.transformer_blocks)
+        return numbered_blocks("transformer_blocks", n, kind="joint", place="joint", downsample=2)
 
     def make_processor(self, layer: LayerInfo, attend, merge=None) -> Any:
-        return QwenImageProcessor(layer, attend) if merge is None else QwenImageProcessor(layer, attend, merge)
+        return QwenImageProcessor(layer, attend, merge)

@@ -31,25 +31,21 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from retouch.backbones.base import Backbone, LayerInfo, SizePolicy, TextSegment
-from retouch.backbones.processors import Attend, Merge, _no_merge
+from retouch.backbones.base import LayerInfo, SizePolicy, TextSegment
+from retouch.backbones.common import TransformerBackbone, numbered_blocks, parse_layer_names, sample_size_policy
+from retouch.backbones.processors import RoutingProcessor, norm_qk, project_out, split_heads
 from retouch.types import Conditioning, NoiseGrid, Prediction
 
 _NAME = re.compile(r"^transformer_blocks\.(\d+)\.(attn\d)$")
 
 
-class SanaLinearProcessor:
+class SanaLinearProcessor(RoutingProcessor):
     """For Sana's linear self-attention; mirrors diffusers 0.42.1 ``SanaLinearAttnProcessor2_0`` (projections,
     optional QK norm over the flat width) and hands ``[B, heads, N, d]`` queries, keys and values to ``attend``,
     which runs the ReLU-kernel attention for a ``linear`` layer. Token merging reduces the image tokens before
     the projections and unmerges after ``to_out``."""
-
-    def __init__(self, layer: LayerInfo, attend: Attend, merge: Merge = _no_merge) -> None:
-        self.layer = layer
-        self.attend = attend
-        self.merge = merge
 
     def __call__(self, attn, hidden_states: Tensor, encoder_hidden_states: Tensor | None = None,
                  attention_mask: Tensor | None = None, *args, **kwargs) -> Tensor:  # fmt: skip
@@ -57,18 +53,10 @@ class SanaLinearProcessor:
         hidden_states, plan = self.merge(hidden_states, self.layer)  # [B, N', C]
         context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
         query, key, value = attn.to_q(hidden_states), attn.to_k(context), attn.to_v(context)
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
-        b = query.shape[0]
-        query = query.view(b, -1, attn.heads, query.shape[-1] // attn.heads).transpose(1, 2)  # [B, h, N, d]
-        key = key.view(b, -1, attn.heads, key.shape[-1] // attn.heads).transpose(1, 2)
-        value = value.view(b, -1, attn.heads, value.shape[-1] // attn.heads).transpose(1, 2)
+        query, key = norm_qk(query, key, attn.norm_q, attn.norm_k)
+        query, key, value = (split_heads(x, attn.heads, x.shape[-1] // attn.heads) for x in (query, key, value))
         out = self.attend(query, key, value, self.layer)  # [B, h, N, d]
-        hidden_states = out.transpose(1, 2).flatten(2, 3).to(original_dtype)
-        hidden_states = attn.to_out[0](hidden_states)
-        hidden_states = attn.to_out[1](hidden_states)
+        hidden_states = project_out(attn, out.transpose(1, 2).flatten(2, 3).to(original_dtype))
         if plan is not None:
             hidden_states = plan.unmerge(hidden_states)
         if original_dtype == torch.float16:
@@ -76,13 +64,10 @@ class SanaLinearProcessor:
         return hidden_states
 
 
-class SanaCrossProcessor:
+class SanaCrossProcessor(RoutingProcessor):
     """For Sana's softmax cross-attention; mirrors diffusers 0.42.1 ``SanaAttnProcessor2_0`` (QK norm, when
-    present, over the flat width before the head split) and routes the product through ``attend``."""
-
-    def __init__(self, layer: LayerInfo, attend: Attend, merge: Merge = _no_merge) -> None:
-        self.layer = layer
-        self.attend = attend
+    present, over the flat width before the head split) and routes the product through ``attend``. Text keys:
+    token merging does not apply."""
 
     def __call__(self, attn, hidden_states: Tensor, encoder_hidden_states: Tensor | None = None,
                  attention_mask: Tensor | None = None, *args, **kwargs) -> Tensor:  # fmt: skip
@@ -92,22 +77,15 @@ class SanaCrossProcessor:
             attention_mask = attn.prepare_attention_mask(attention_mask, n_ctx, b)
             attention_mask = attention_mask.view(b, attn.heads, -1, attention_mask.shape[-1])
         query, key, value = attn.to_q(hidden_states), attn.to_k(context), attn.to_v(context)
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
+        query, key = norm_qk(query, key, attn.norm_q, attn.norm_k)
         head_dim = key.shape[-1] // attn.heads
-        query = query.view(b, -1, attn.heads, head_dim).transpose(1, 2)  # [B, h, N, d]
-        key = key.view(b, -1, attn.heads, head_dim).transpose(1, 2)  # [B, h, T, d]
-        value = value.view(b, -1, attn.heads, head_dim).transpose(1, 2)
+        query, key, value = (split_heads(x, attn.heads, head_dim) for x in (query, key, value))  # [B, h, N|T, d]
         out = self.attend(query, key, value, self.layer, attn_mask=attention_mask)
         hidden_states = out.transpose(1, 2).reshape(b, -1, attn.heads * head_dim).to(query.dtype)
-        hidden_states = attn.to_out[0](hidden_states)
-        hidden_states = attn.to_out[1](hidden_states)
-        return hidden_states / attn.rescale_output_factor
+        return project_out(attn, hidden_states) / attn.rescale_output_factor
 
 
-class SanaBackbone(Backbone):
+class SanaBackbone(TransformerBackbone):
     family = "sana"
     prediction = Prediction.FLOW
     default_solver = "dpmpp"
@@ -126,14 +104,6 @@ class SanaBackbone(Backbone):
             pipe.tokenizer.padding_side = "right"  # the pipeline sets it too, before every encode
 
     @property
-    def denoiser(self) -> nn.Module:
-        return self.pipe.transformer
-
-    @property
-    def tokenizer(self) -> Any:
-        return self.pipe.tokenizer
-
-    @property
     def max_prompt_tokens(self) -> int:
         return self.max_sequence_length - 1  # bos + instruction tail + prompt fit in 300
 
@@ -147,9 +117,7 @@ class SanaBackbone(Backbone):
 
     @property
     def size_policy(self) -> SizePolicy:
-        mult = self.vae_scale_factor * self.patch_size
-        native = int(self.pipe.transformer.config.sample_size) * self.vae_scale_factor
-        return SizePolicy(multiple=mult, min_side=mult, max_side=max(4 * native, 4096), native=(native, native))
+        return sample_size_policy(self)
 
     @property
     def instruction(self) -> list[str]:
@@ -248,15 +216,9 @@ class SanaBackbone(Backbone):
 
     # --- attention ------------------------------------------------------------------------------------
     def attention_layers(self) -> dict[str, LayerInfo]:
-        entries = []
-        for key in self.pipe.transformer.attn_processors:
-            name = key.removesuffix(".processor")
-            m = _NAME.match(name)
-            if m is None:
-                raise RuntimeError(f"unexpected attention module path in the Sana transformer: {name}")
-            entries.append((int(m.group(1)), m.group(2), name))
+        parsed = parse_layer_names(self.pipe.transformer.attn_processors, _NAME, "Sana transformer")
         out: dict[str, LayerInfo] = {}
-        for depth, which, name in sorted(entries):
+        for depth, which, name in sorted((int(m.group(1)), m.group(2), name) for m, name in parsed):
             linear = which == "attn1"
             out[name] = LayerInfo(name=name, kind="self" if linear else "cross", depth=depth, place="dit",
                                   downsample=self.patch_size, linear=linear)  # fmt: skip
@@ -264,16 +226,11 @@ class SanaBackbone(Backbone):
 
     def feature_blocks(self) -> dict[str, LayerInfo]:
         """``transformer_blocks.*``; each returns the image tokens ``[B, N_img, D]`` (kind ``"dit"``)."""
-        return {
-            f"transformer_blocks.{i}": LayerInfo(
-                name=f"transformer_blocks.{i}", kind="dit", depth=i, place="dit", downsample=self.patch_size
-            )
-            for i in range(len(self.pipe.transformer.transformer_blocks))
-        }
+        n = len(self.pipe.transformer.transformer_blocks)
+        return numbered_blocks("transformer_blocks", n, kind="dit", place="dit", downsample=self.patch_size)
 
     def make_processor(self, layer: LayerInfo, attend, merge=None) -> Any:
-        cls = SanaLinearProcessor if layer.linear else SanaCrossProcessor
-        return cls(layer, attend) if merge is None else cls(layer, attend, merge)
+        return (SanaLinearProcessor if layer.linear else SanaCrossProcessor)(layer, attend, merge)
 
 
 def flow_sigma_grid(config: Any, num_steps: int) -> NoiseGrid:

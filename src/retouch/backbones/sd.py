@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from retouch.backbones.base import Backbone, LayerInfo, SizePolicy
+from retouch.backbones.common import parse_layer_names, square_size_policy
 from retouch.backbones.processors import StandardProcessor
 from retouch.types import Conditioning, Prediction
 
@@ -49,7 +50,7 @@ class SDBackbone(Backbone):
         n_down = len(self.pipe.unet.config.down_block_types)
         mult = self.vae_scale_factor * 2 ** (n_down - 1)
         native = int(self.pipe.unet.config.sample_size) * self.vae_scale_factor
-        return SizePolicy(multiple=mult, min_side=mult, max_side=max(4 * native, 2048), native=(native, native))
+        return square_size_policy(mult, native, max(4 * native, 2048))
 
     def encode_prompt(
         self,
@@ -96,11 +97,7 @@ class SDBackbone(Backbone):
         n_down = len(unet.config.down_block_types)
         n_up = len(unet.config.up_block_types)
         parsed = []
-        for key in unet.attn_processors:
-            name = key.removesuffix(".processor")
-            m = _NAME.match(name)
-            if m is None:
-                raise RuntimeError(f"unexpected attention module path in the UNet: {name}")
+        for m, name in parse_layer_names(unet.attn_processors, _NAME, "UNet"):
             group, bi, ai, ti, which = m.groups()
             place = {"down_blocks": "down", "mid_block": "mid", "up_blocks": "up"}[group]
             b = int(bi) if bi else 0
@@ -146,7 +143,7 @@ class SDBackbone(Backbone):
         return conv2
 
     def make_processor(self, layer: LayerInfo, attend, merge=None) -> Any:
-        return StandardProcessor(layer, attend) if merge is None else StandardProcessor(layer, attend, merge)
+        return StandardProcessor(layer, attend, merge)
 
     def pnp_feature_layers(self) -> list[str]:
         """PnP's feature block (the paper's decoder ``up_blocks.1.resnets.1``)."""

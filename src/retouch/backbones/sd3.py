@@ -6,16 +6,17 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
-from torch import Tensor, nn
+from torch import Tensor
 
-from retouch.backbones.base import Backbone, LayerInfo, SizePolicy, TextSegment
+from retouch.backbones.base import LayerInfo, SizePolicy, TextSegment
+from retouch.backbones.common import TransformerBackbone, numbered_blocks, parse_layer_names, sample_size_policy
 from retouch.backbones.processors import JointProcessor
 from retouch.types import Conditioning, Prediction
 
 _NAME = re.compile(r"^transformer_blocks\.(\d+)\.(attn2?)$")
 
 
-class SD3Backbone(Backbone):
+class SD3Backbone(TransformerBackbone):
     """SD3 and SD3.5. What SD3.5 changes, read from the transformer's config (never from the model's name):
 
     * ``qk_norm="rms_norm"`` (3.5 large and medium): RMS norm of the image and text queries/keys; the joint
@@ -53,30 +54,20 @@ class SD3Backbone(Backbone):
         return {"sd3": 28, "sd3.5-large": 28, "sd3.5-medium": 40}[self.variant]
 
     @property
-    def denoiser(self) -> nn.Module:
-        return self.pipe.transformer
-
-    @property
-    def tokenizer(self) -> Any:
-        return self.pipe.tokenizer  # CLIP-L: the 77 CLIP tokens lead SD3's text sequence
-
-    @property
     def patch_size(self) -> int:
         return int(self.pipe.transformer.config.patch_size)
 
     @property
     def size_policy(self) -> SizePolicy:
-        cfg = self.pipe.transformer.config
-        mult = self.vae_scale_factor * self.patch_size
-        native = int(cfg.sample_size) * self.vae_scale_factor
-        max_side = int(cfg.pos_embed_max_size or cfg.sample_size) * self.vae_scale_factor
-        return SizePolicy(multiple=mult, min_side=mult, max_side=max_side, native=(native, native))
+        cfg = self.pipe.transformer.config  # positions beyond pos_embed_max_size latents do not exist
+        return sample_size_policy(self, int(cfg.pos_embed_max_size or cfg.sample_size) * self.vae_scale_factor)
 
     def t5_length(self) -> int:
         t5 = getattr(self.pipe, "tokenizer_3", None)
         return min(self.max_sequence_length, int(t5.model_max_length)) if t5 is not None else 0
 
     def text_segments(self) -> list[TextSegment]:
+        # the 77 CLIP-L tokens (``tokenizer``) lead SD3's text sequence, T5's follow
         segs = [TextSegment(self.pipe.tokenizer, 0, 77)]
         if getattr(self.pipe, "text_encoder_3", None) is not None:
             segs.append(TextSegment(self.pipe.tokenizer_3, 77, self.t5_length()))
@@ -115,15 +106,9 @@ class SD3Backbone(Backbone):
         )[0]
 
     def attention_layers(self) -> dict[str, LayerInfo]:
+        parsed = parse_layer_names(self.pipe.transformer.attn_processors, _NAME, "SD3 transformer")
         out: dict[str, LayerInfo] = {}
-        names = []
-        for key in self.pipe.transformer.attn_processors:
-            name = key.removesuffix(".processor")
-            m = _NAME.match(name)
-            if m is None:
-                raise RuntimeError(f"unexpected attention module path in the SD3 transformer: {name}")
-            names.append((int(m.group(1)), m.group(2), name))
-        for depth, which, name in sorted(names):
+        for depth, which, name in sorted((int(m.group(1)), m.group(2), name) for m, name in parsed):
             # attn2 (SD3.5 "dual attention" blocks) is image-only self-attention
             kind = "joint" if which == "attn" else "self"
             out[name] = LayerInfo(name=name, kind=kind, depth=depth, place="joint", downsample=self.patch_size)
@@ -132,15 +117,11 @@ class SD3Backbone(Backbone):
     def feature_blocks(self) -> dict[str, LayerInfo]:
         """``transformer_blocks.*`` (kind ``"joint"``); each returns ``(encoder_hidden_states, hidden_states)``:
         the image stream ``[B, N_img, D]`` is element 1 (element 0 is ``None`` after the last block)."""
-        return {
-            f"transformer_blocks.{i}": LayerInfo(
-                name=f"transformer_blocks.{i}", kind="joint", depth=i, place="joint", downsample=self.patch_size
-            )
-            for i in range(len(self.pipe.transformer.transformer_blocks))
-        }
+        n = len(self.pipe.transformer.transformer_blocks)
+        return numbered_blocks("transformer_blocks", n, kind="joint", place="joint", downsample=self.patch_size)
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "variant": self.variant}
 
     def make_processor(self, layer: LayerInfo, attend, merge=None) -> Any:
-        return JointProcessor(layer, attend) if merge is None else JointProcessor(layer, attend, merge)
+        return JointProcessor(layer, attend, merge)

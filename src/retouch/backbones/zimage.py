@@ -34,11 +34,18 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from retouch.backbones.base import Backbone, LayerInfo, SizePolicy
+from retouch.backbones.base import LayerInfo, SizePolicy
+from retouch.backbones.common import (
+    TransformerBackbone,
+    numbered_blocks,
+    pad_tokens,
+    parse_layer_names,
+    square_size_policy,
+)
 from retouch.backbones.flowgrid import ChatTemplateText, explicit_sigma_flow_grid
-from retouch.backbones.processors import Attend, Merge, _no_merge
+from retouch.backbones.processors import Attend, Merge, RoutingProcessor, norm_qk, project_out
 from retouch.schedules import flux_shift_mu
 from retouch.types import Conditioning, NoiseGrid, Prediction
 
@@ -52,18 +59,16 @@ def _rotary(x: Tensor, freqs_cis: Tensor) -> Tensor:
     return torch.view_as_real(out * freqs_cis.unsqueeze(2)).flatten(3).type_as(x)
 
 
-class ZImageProcessor:
+class ZImageProcessor(RoutingProcessor):
     """For Z-Image's ``Attention`` modules; mirrors diffusers 0.42.1's ``ZSingleStreamAttnProcessor`` and routes
     the attention product through ``attend`` (see the module docstring for the token order editors see).
 
     Token merging acts on the real image tokens; rotary frequencies and the key mask follow the kept tokens.
     """
 
-    def __init__(self, layer: LayerInfo, attend: Attend, image_tokens: Any, merge: Merge = _no_merge) -> None:
-        self.layer = layer
-        self.attend = attend
+    def __init__(self, layer: LayerInfo, attend: Attend, image_tokens: Any, merge: Merge | None = None) -> None:
+        super().__init__(layer, attend, merge)
         self.image_tokens = image_tokens  # () -> (real image tokens N, padded image tokens X)
-        self.merge = merge
 
     def __call__(
         self,
@@ -93,10 +98,7 @@ class ZImageProcessor:
         query = attn.to_q(hidden_states).unflatten(-1, (attn.heads, -1))  # [B, S, h, d]
         key = attn.to_k(hidden_states).unflatten(-1, (attn.heads, -1))
         value = attn.to_v(hidden_states).unflatten(-1, (attn.heads, -1))
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
+        query, key = norm_qk(query, key, attn.norm_q, attn.norm_k)
         if freqs_cis is not None:
             query, key = _rotary(query, freqs_cis), _rotary(key, freqs_cis)
         if attention_mask is not None and attention_mask.ndim == 2:
@@ -115,23 +117,17 @@ class ZImageProcessor:
             if attention_mask is not None:
                 attention_mask = attention_mask[..., order]
         num_text = s - n_real if self.layer.kind == "single" else 0
-        out = self.attend(
-            query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), self.layer,
-            attn_mask=attention_mask, num_text=num_text,
-        )  # fmt: skip  # [B, h, S, d]
-        out = out.transpose(1, 2)
+        out = self.attend_tokens(query, key, value, attn_mask=attention_mask, num_text=num_text)  # [B, S, h, d]
         if order is not None:
             out = out[:, torch.argsort(order)]
         hidden = out.flatten(2, 3).to(query.dtype)
-        hidden = attn.to_out[0](hidden)
-        if len(attn.to_out) > 1:
-            hidden = attn.to_out[1](hidden)
+        hidden = project_out(attn, hidden)
         if plan is not None:
             hidden = torch.cat([plan.unmerge(hidden[:, :n_real]), hidden[:, n_real:]], dim=1)
         return hidden
 
 
-class ZImageBackbone(ChatTemplateText, Backbone):
+class ZImageBackbone(ChatTemplateText, TransformerBackbone):
     family = "zimage"
     chat_model = "Z-Image"
     prediction = Prediction.FLOW
@@ -150,21 +146,13 @@ class ZImageBackbone(ChatTemplateText, Backbone):
         self.default_guidance = 1.0 if self.step_distilled else 6.0
 
     @property
-    def denoiser(self) -> nn.Module:
-        return self.pipe.transformer
-
-    @property
     def patch_size(self) -> int:
         return int(self.pipe.transformer.config.all_patch_size[0])
 
     @property
     def size_policy(self) -> SizePolicy:
         mult = self.vae_scale_factor * self.patch_size
-        return SizePolicy(multiple=mult, min_side=mult, max_side=4096, native=(1024, 1024))
-
-    @property
-    def tokenizer(self) -> Any:
-        return self.pipe.tokenizer
+        return square_size_policy(mult, 1024, 4096)
 
     def _template_ids(self, prompt: str) -> list[int]:
         text = self.tokenizer.apply_chat_template(
@@ -179,10 +167,7 @@ class ZImageBackbone(ChatTemplateText, Backbone):
             prompt=list(prompts), device=self.device, do_classifier_free_guidance=False,
             max_sequence_length=self.max_sequence_length,
         )  # fmt: skip
-        width = embeds[0].shape[-1]
-        caps = embeds[0].new_zeros(len(embeds), self.max_sequence_length, width)
-        for i, e in enumerate(embeds):
-            caps[i, : e.shape[0]] = e
+        caps = torch.cat([pad_tokens(e[None], self.max_sequence_length) for e in embeds])
         lengths = torch.tensor([e.shape[0] for e in embeds], device=caps.device)
         return Conditioning({"cap_feats": caps.to(self.dtype), "cap_lengths": lengths})
 
@@ -229,14 +214,9 @@ class ZImageBackbone(ChatTemplateText, Backbone):
 
     def attention_layers(self) -> dict[str, LayerInfo]:
         order = {"noise_refiner": 0, "layers": 1}
-        entries = []
-        for key in self.attn_processors():
-            name = key.removesuffix(".processor")
-            m = _NAME.match(name)
-            if m is None:
-                raise RuntimeError(f"unexpected attention module path in the Z-Image transformer: {name}")
-            if m.group(1) in order:  # context_refiner: text-only attention, no editor acts on it
-                entries.append((order[m.group(1)], int(m.group(2)), name))
+        parsed = parse_layer_names(self.attn_processors(), _NAME, "Z-Image transformer")
+        # context_refiner: text-only attention, no editor acts on it
+        entries = [(order[m.group(1)], int(m.group(2)), name) for m, name in parsed if m.group(1) in order]
         out: dict[str, LayerInfo] = {}
         for depth, (stage, _, name) in enumerate(sorted(entries)):
             kind, place = ("self", "refiner") if stage == 0 else ("single", "single")
@@ -246,15 +226,11 @@ class ZImageBackbone(ChatTemplateText, Backbone):
     def feature_blocks(self) -> dict[str, LayerInfo]:
         """``layers.*`` return the unified ``[image; caption]`` sequence ``[B, S, D]`` (kind ``"sequence"``,
         image first: its first ``h*w`` tokens are the image)."""
-        return {
-            f"layers.{i}": LayerInfo(
-                name=f"layers.{i}", kind="sequence", depth=i, place="single", downsample=self.patch_size
-            )  # fmt: skip
-            for i in range(len(self.pipe.transformer.layers))
-        }
+        n = len(self.pipe.transformer.layers)
+        return numbered_blocks("layers", n, kind="sequence", place="single", downsample=self.patch_size)
 
     def make_processor(self, layer: LayerInfo, attend: Attend, merge: Merge | None = None) -> Any:
-        return ZImageProcessor(layer, attend, lambda: self._image_tokens, merge or _no_merge)
+        return ZImageProcessor(layer, attend, lambda: self._image_tokens, merge)
 
     def describe(self) -> dict[str, Any]:
         out = super().describe()
