@@ -243,6 +243,11 @@ class PixToPixZero(Editor):
         self._cond_latents = torch.cat(moved[1])
         return torch.cat(moved[0])
 
+    def take_cond_latents(self) -> Tensor | None:
+        """The conditional half's latents of the released guidance step, once (None when none is pending)."""
+        xc, self._cond_latents = self._cond_latents, None
+        return xc
+
     def wrap_model(self, model: GuidedModel) -> GuidedPrediction:
         if self.negative is not None:
             if model.uncond is None:
@@ -286,7 +291,7 @@ class _HalfLatents(WrappedModel):
         self._editor = editor
 
     def __call__(self, x: Tensor, at: Point) -> Pred:
-        xc, self._editor._cond_latents = self._editor._cond_latents, None
+        xc = self._editor.take_cond_latents()
         if xc is None or xc.shape != x.shape:
             return self._guided(x, at)
         return self._guided(x, at, x_cond=xc)
