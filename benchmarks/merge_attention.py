@@ -24,12 +24,10 @@ Writes ``benchmarks/results/merge_attention.json`` atomically and prints a summa
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import platform
 import statistics
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -40,6 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from retouch.bench.provenance import cpu_model, git_commit
+from retouch.io import save_json
 from retouch.merging.kernels import MergePlan, plan_merge
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -214,20 +213,6 @@ def bench_config(
 # ------------------------------------------------------------------------------------------------ main
 
 
-def _write_json(path: Path, payload: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(payload, f, indent=2)
-            f.write("\n")
-        os.chmod(tmp, 0o644)  # mkstemp makes it owner-only
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _summary(rows: list[dict[str, Any]]) -> str:
     lines = [
         "| width | heads | batch | variant | ratio req → applied | stride | tokens | time (s) | plan (s) "
@@ -323,7 +308,7 @@ def main(argv: list[str] | None = None) -> None:
         },
         "results": rows,
     }
-    _write_json(args.out, payload)
+    save_json(payload, args.out)
     print(_summary(rows))
     verdict = {True: "met", False: "NOT met", None: "not measured"}[payload["target"]["met"]]
     print(f"target ≥{TARGET_SPEEDUP}x self-attention speed-up at ratio {TARGET_RATIO}: {verdict}")
