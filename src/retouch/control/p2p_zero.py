@@ -285,16 +285,17 @@ class _HalfLatents(WrappedModel):
     """The guided model with the conditional half evaluated at the editor's conditional latents when it has set
     them for this step (``released_guidance``); otherwise the model itself."""
 
+    inner: GuidedModel
+
     def __init__(self, model: GuidedModel, editor: PixToPixZero) -> None:
         super().__init__(model)
-        self._guided = model
         self._editor = editor
 
     def __call__(self, x: Tensor, at: Point) -> Pred:
         xc = self._editor.take_cond_latents()
         if xc is None or xc.shape != x.shape:
-            return self._guided(x, at)
-        return self._guided(x, at, x_cond=xc)
+            return self.inner(x, at)
+        return self.inner(x, at, x_cond=xc)
 
 
 def _text_layers(backbone: Backbone, start_layer: float | int) -> list[LayerInfo]:
